@@ -1,0 +1,286 @@
+"""The bridge role: guests' TCP side of the bus.
+
+An asyncio server of ``GuestConnection``s (see ``session``) plus the bridge's two
+ZeroMQ sockets: a PUB into the proxy (publishes, events) and a SUB out of it (commit
+results for this bridge, committed messages, journal health). A publish is
+forwarded as ``pub`` and answered only when the journal's result comes back; a
+publish the journal does not answer within ``commit_timeout`` gets an error ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import time
+
+import msgspec
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from . import runtime, topics
+from .config import Settings, settings_from_env
+from .events import EventKind, SessionInfo, event_message
+from .framing import encode_frame
+from .handshake import Hello
+from .session import GuestConnection
+from .wire import (
+    SUBSCRIBE_ALL,
+    MessageId,
+    Publish,
+    PublishRequest,
+    compact_payload,
+    decode_commit_batch,
+    json_encode,
+)
+
+LISTEN_FD_ENV = "CASTRA_LISTEN_FD"
+_SHUTDOWN_GRACE = 1.0  # seconds to wait for in-flight commits when stopping
+_DRAIN_MAX = 4096  # bus messages handled per wake-up before yielding to guests
+
+
+class PendingPublish(msgspec.Struct):
+    connection: GuestConnection
+    topic: str
+    message_id: MessageId
+    deadline: float
+
+
+class Bridge:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        endpoints = settings.endpoints
+        self.origin = f"bridge-{os.getpid()}-{os.urandom(4).hex()}"
+        self.connections: set[GuestConnection] = set()
+        self.sessions: dict[str, GuestConnection] = {}  # vm -> its current session
+        self.subscribers: dict[str, set[GuestConnection]] = {}  # topic -> sessions
+        self.pending: dict[int, PendingPublish] = {}  # in commit order, so deadlines too
+        self.corr = itertools.count(1)
+        self.journal_seen = float("-inf")
+        self.journal_stale_after = max(2.0, settings.health_interval * 4)
+        self.context = zmq.asyncio.Context()
+        self.outbox = self.context.socket(zmq.PUB)
+        self.inbox = self.context.socket(zmq.SUB)
+        for sock in (self.outbox, self.inbox):
+            sock.linger = 0
+            sock.sndhwm = settings.hwm
+            sock.rcvhwm = settings.hwm
+        self.inbox.subscribe(topics.ack(self.origin))
+        self.inbox.subscribe(topics.event(EventKind.JOURNAL.value))
+        # Every committed message: a per-topic ZeroMQ subscription would only take
+        # effect some milliseconds after the guest's subscribe ack, losing messages.
+        self.inbox.subscribe(topics.BUS_ALL)
+        self.outbox.connect(endpoints.publish)
+        self.inbox.connect(endpoints.subscribe)
+        self._inbox_now = zmq.Socket.shadow(self.inbox.underlying)  # non-blocking drains
+        self.server: asyncio.AbstractServer | None = None
+        self.stopping = asyncio.Event()
+
+    # -- guests: called by GuestConnection --------------------------------------------
+
+    def admit(self, connection: GuestConnection) -> str | None:
+        """A reason to refuse a new connection, or None."""
+        if len(self.connections) >= self.settings.max_connections:
+            return "too many connections"
+        self.connections.add(connection)
+        return None
+
+    def release(self, connection: GuestConnection) -> None:
+        self.connections.discard(connection)
+
+    def open_session(self, connection: GuestConnection, hello: Hello) -> None:
+        previous = self.sessions.get(hello.vm)
+        if previous is not None:
+            previous.log.bind(reason="replaced").info("session replaced by a new one")
+            previous.close("replaced")
+        self.sessions[hello.vm] = connection
+        self.emit(EventKind.HANDSHAKE, vm=hello.vm, outcome="session", capabilities=list(hello.capabilities),
+                  bus_protocol=hello.bus_protocol)
+        self.emit(EventKind.SESSION_OPEN, vm=hello.vm, session=connection.token, bus_protocol=hello.bus_protocol)
+        connection.log.info("session open")
+
+    def close_session(self, connection: GuestConnection, reason: str) -> None:
+        for topic in connection.topics:
+            self._drop_subscriber(connection, topic)
+        connection.topics.clear()
+        if self.sessions.get(connection.vm) is connection:
+            del self.sessions[connection.vm]
+        self.emit(EventKind.SESSION_CLOSE, vm=connection.vm, session=connection.token, reason=reason)
+        connection.log.bind(reason=reason).info("session closed")
+
+    def publish(self, connection: GuestConnection, frame: Publish) -> str | None:
+        """Forward one publish to the journal; returns a reason when it cannot be."""
+        if frame.topic == SUBSCRIBE_ALL:
+            return "topic * is only for subscribe"
+        if time.monotonic() - self.journal_seen > self.journal_stale_after:
+            return "journal_unavailable"
+        corr = next(self.corr)
+        deadline = time.monotonic() + self.settings.commit_timeout
+        self.pending[corr] = PendingPublish(connection, frame.topic, frame.id, deadline)
+        header = json_encode(PublishRequest(self.origin, corr, connection.vm, frame.topic, deadline))
+        self.outbox.send_multipart([topics.PUBLISH, header, compact_payload(bytes(frame.payload))])
+        return None
+
+    def subscribe(self, connection: GuestConnection, topic: str) -> None:
+        self.subscribers.setdefault(topic, set()).add(connection)
+        self.emit(EventKind.SUBSCRIBE, vm=connection.vm, session=connection.token, topics=sorted(connection.topics))
+
+    def unsubscribe(self, connection: GuestConnection, topic: str) -> None:
+        self._drop_subscriber(connection, topic)
+        self.emit(EventKind.UNSUBSCRIBE, vm=connection.vm, session=connection.token, topics=sorted(connection.topics))
+
+    def _drop_subscriber(self, connection: GuestConnection, topic: str) -> None:
+        members = self.subscribers.get(topic)
+        if members is not None:
+            members.discard(connection)
+            if not members:
+                del self.subscribers[topic]
+
+    def emit(self, kind: EventKind, **fields) -> None:
+        self.outbox.send_multipart(event_message(kind, **fields))
+
+    # -- bus side ---------------------------------------------------------------------
+
+    async def read_bus(self) -> None:
+        while True:
+            parts = await self.inbox.recv_multipart()
+            self.dispatch(parts)
+            for _ in range(_DRAIN_MAX):
+                try:
+                    parts = self._inbox_now.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.dispatch(parts)
+
+    def dispatch(self, parts: list[bytes]) -> None:
+        head = parts[0]
+        if head.startswith(topics.BUS_ALL):
+            self.deliver(topics.bus_topic(head), parts[1], parts[2])
+        elif head.startswith(topics.ACK_PREFIX):
+            self.handle_commit_batch(parts[1])
+        else:  # journal health
+            self.journal_seen = time.monotonic()
+
+    def handle_commit_batch(self, body: bytes) -> None:
+        for result in decode_commit_batch(body).results:
+            pending = self.pending.pop(result.corr, None)
+            if pending is None:
+                continue  # already answered as timed out
+            if pending.connection.phase == "bus":
+                pending.connection.handle_commit(pending.topic, pending.message_id, result.seq, result.reason)
+
+    def deliver(self, topic: str, sender: bytes, body: bytes) -> None:
+        """Push one committed message to every subscriber of its topic but its sender."""
+        exact = self.subscribers.get(topic)
+        every = self.subscribers.get(SUBSCRIBE_ALL)
+        if not exact and not every:
+            return
+        frame = encode_frame(body)
+        targets = (exact | every) if exact and every else (exact or every)
+        for connection in list(targets):
+            if connection.sender != sender:
+                connection.deliver(frame)
+
+    # -- periodic work ----------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """Commit timeouts, heartbeat timeouts and the session sync for status."""
+        tick = min(0.25, self.settings.health_interval)
+        next_sync = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            self.expire_pending(now)
+            limit = now - self.settings.heartbeat_timeout
+            for connection in [c for c in self.sessions.values() if c.last_frame < limit]:
+                connection.log.bind(reason="heartbeat_timeout").info("session timed out")
+                connection.close("heartbeat_timeout")
+            if now >= next_sync:
+                next_sync = now + self.settings.health_interval
+                self.emit(EventKind.SESSIONS, sessions=[
+                    SessionInfo(c.vm, c.token, c.bus_protocol, sorted(c.topics), c.last_heartbeat_ms)
+                    for c in self.sessions.values()
+                ])
+
+    def expire_pending(self, now: float) -> None:
+        # A short grace past the deadline: the journal refuses stale work itself, so
+        # this only fires when the journal is gone or stuck.
+        cutoff = now - 0.5
+        expired = []
+        for corr, pending in self.pending.items():
+            if pending.deadline > cutoff:
+                break
+            expired.append(corr)
+        for corr in expired:
+            pending = self.pending.pop(corr)
+            if pending.connection.phase == "bus":
+                pending.connection.handle_commit(pending.topic, pending.message_id, None, "commit_timeout")
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def serve(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: GuestConnection(self), sock=listener, backlog=1024)
+        tasks = [asyncio.create_task(self.read_bus()), asyncio.create_task(self.sweep())]
+        host, port = listener.getsockname()[:2]
+        logger.info("bridge ready", listen=f"{host}:{port}", origin=self.origin)
+        runtime.notify_ready()
+        await self.stopping.wait()
+        self.server.close()
+        for connection in self.sessions.values():
+            connection.pause()
+        deadline = time.monotonic() + _SHUTDOWN_GRACE
+        while self.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.close("shutdown")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.outbox.close(linger=0)
+        self.inbox.close(linger=0)
+        self.context.term()
+
+
+def listener_socket(settings: Settings) -> socket.socket:
+    """The listening socket handed over by the supervisor, or a new one."""
+    fd = os.environ.pop(LISTEN_FD_ENV, None)
+    if fd is not None:
+        return socket.socket(fileno=int(fd))
+    return bind_listener(settings.host, settings.port)
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def run(settings: Settings) -> None:
+    bridge = Bridge(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, bridge.stopping.set)
+    await bridge.serve(listener_socket(settings))
+
+
+def main() -> None:
+    runtime.setup_logging("bridge")
+    runtime.die_with_parent()
+    asyncio.run(run(settings_from_env()))
+    logger.info("bridge stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Host-tool API: publish with a durable ack, subscribe to committed messages.
+
+```python
+from castra_zmq import client
+
+seq = client.publish("vm:alpha", {"cmd": "reload"})      # returns once it is in bus.log
+for message in client.subscribe(["vm:alpha", "broadcast"]):
+    print(message.seq, message.sender, message.topic, bytes(message.payload))
+```
+
+Everything goes over the router's ipc endpoints under ``<state_root>/run/``; the
+README documents the framing for tools written in other languages.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from . import topics
+from .endpoints import Endpoints, default_state_root
+from .errors import PublishFailed, RouterUnavailable
+from .handshake import HOST_SENDER
+from .owner import router_pid
+from .wire import (
+    Delivery,
+    PublishRequest,
+    compact_payload,
+    decode_commit_batch,
+    decode_delivery,
+    json_encode,
+)
+
+DEFAULT_TIMEOUT = 5.0
+_validate = msgspec.json.Decoder(msgspec.Raw).decode
+
+
+def _endpoints(state_root: os.PathLike | str | None) -> Endpoints:
+    return Endpoints(state_root if state_root is not None else default_state_root())
+
+
+def require_router(endpoints: Endpoints) -> None:
+    if router_pid(endpoints) is None:
+        raise RouterUnavailable(
+            f"no router is running on {endpoints.state_root}; start one with `castra up`"
+            + ("" if endpoints.state_root == Path(default_state_root()).absolute()
+               else f" --state-root {endpoints.state_root}")
+        )
+
+
+def encode_payload(payload) -> bytes:
+    """JSON bytes for ``payload``: bytes/str are taken as JSON text and checked."""
+    if isinstance(payload, (bytes, bytearray, memoryview, str)):
+        raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+        try:
+            _validate(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise PublishFailed(f"payload is not valid JSON: {exc}") from None
+        return compact_payload(raw)
+    return json_encode(payload)
+
+
+def publish(
+    topic: str,
+    payload=None,
+    *,
+    state_root: os.PathLike | str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> int:
+    """Publish as ``host`` and return the message's ``seq`` once it is in the bus log.
+
+    Raises ``RouterUnavailable`` when no router runs on the state root and
+    ``PublishFailed`` (with the journal's reason) when the message was not
+    committed within ``timeout`` seconds. It is never half-written.
+    """
+    endpoints = _endpoints(state_root)
+    body = encode_payload(payload)
+    require_router(endpoints)
+    deadline = time.monotonic() + timeout
+    header = json_encode(PublishRequest(origin="", corr=1, vm=HOST_SENDER, topic=topic, deadline=deadline))
+    with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.connect(endpoints.journal)
+        sock.send_multipart([b"", header, body])
+        # A little past the deadline: the journal answers commit_timeout itself.
+        if not sock.poll(int((timeout + 0.5) * 1000)):
+            raise PublishFailed(f"no commit within {timeout:g}s (is the journal running? see `castra status`)")
+        result = decode_commit_batch(sock.recv_multipart()[-1]).results[0]
+    if result.reason is not None:
+        raise PublishFailed(result.reason)
+    return result.seq
+
+
+def _bus_subscriptions(sock: zmq.Socket, topic_names: Iterable[str]) -> None:
+    names = list(topic_names)
+    if not names or "*" in names:
+        sock.subscribe(topics.BUS_ALL)
+    else:
+        for name in names:
+            sock.subscribe(topics.bus(name))
+
+
+def subscribe(topic_names: Iterable[str] = ("*",), *, state_root=None) -> Iterator[Delivery]:
+    """Yield every committed message on ``topic_names`` (``*``: all) as it arrives.
+
+    Like any ZeroMQ subscriber it sees messages committed after its subscription
+    reached the bus (a few milliseconds); older ones are in the log.
+    """
+    endpoints = _endpoints(state_root)
+    with zmq.Context() as context, context.socket(zmq.SUB) as sock:
+        sock.linger = 0
+        _bus_subscriptions(sock, topic_names)
+        sock.connect(endpoints.subscribe)
+        while True:
+            yield decode_delivery(sock.recv_multipart()[2])
+
+
+async def subscribe_async(topic_names: Iterable[str] = ("*",), *, state_root=None) -> AsyncIterator[Delivery]:
+    """``subscribe`` for asyncio programs."""
+    endpoints = _endpoints(state_root)
+    context = zmq.asyncio.Context()
+    sock = context.socket(zmq.SUB)
+    try:
+        sock.linger = 0
+        _bus_subscriptions(sock, topic_names)
+        sock.connect(endpoints.subscribe)
+        while True:
+            yield decode_delivery((await sock.recv_multipart())[2])
+    finally:
+        sock.close(linger=0)
+        context.term()
+
+
+def query_status(*, state_root=None, timeout: float = 0.25) -> bytes | None:
+    """The status role's answer (``StatusView`` JSON), or None if it does not answer."""
+    endpoints = _endpoints(state_root)
+    if not endpoints.status_socket.exists():
+        return None
+    with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.connect(endpoints.status)
+        sock.send_multipart([b"", b"status"])
+        if not sock.poll(int(timeout * 1000)):
+            return None
+        return sock.recv_multipart()[-1]

@@ -1,0 +1,78 @@
+"""Every path and ipc endpoint under ``<state_root>``, in one place.
+
+```
+<state_root>/            0700
+  run/                   0700  ipc sockets, lock and router.json (live only)
+  logs/bus/bus.log             every committed message
+  logs/bus/<vm>.log            per-VM logs (names encoded by ``logfiles``)
+  state/status.json            the status role's last snapshot
+```
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_IPC_PATH = 107
+
+
+def default_state_root() -> Path:
+    env = os.environ.get("CASTRA_STATE_ROOT")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "castra"
+
+
+class Endpoints:
+    """Paths of one router instance, derived from its state root."""
+
+    def __init__(self, state_root: os.PathLike | str):
+        self.state_root = Path(state_root).absolute()
+        self.run_dir = self.state_root / "run"
+        self.logs_dir = self.state_root / "logs" / "bus"
+        self.state_dir = self.state_root / "state"
+        self.bus_log = self.logs_dir / "bus.log"
+        self.snapshot = self.state_dir / "status.json"
+        self.lock_file = self.run_dir / "router.lock"
+        self.router_info = self.run_dir / "router.json"
+        self.publish_socket = self.run_dir / "bus-in.sock"  # proxy XSUB: publishers connect
+        self.subscribe_socket = self.run_dir / "bus-out.sock"  # proxy XPUB: subscribers connect
+        self.status_socket = self.run_dir / "status.sock"  # status ROUTER: queries
+        self.journal_socket = self.run_dir / "journal.sock"  # journal ROUTER: host publishes
+
+    @property
+    def publish(self) -> str:
+        return _ipc(self.publish_socket)
+
+    @property
+    def subscribe(self) -> str:
+        return _ipc(self.subscribe_socket)
+
+    @property
+    def status(self) -> str:
+        return _ipc(self.status_socket)
+
+    @property
+    def journal(self) -> str:
+        return _ipc(self.journal_socket)
+
+    def prepare(self) -> None:
+        """Create the directories with owner-only modes (0700), fixing looser ones."""
+        for directory in (self.state_root, self.run_dir, self.logs_dir.parent, self.logs_dir, self.state_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        for sock in (self.publish_socket, self.subscribe_socket, self.status_socket, self.journal_socket):
+            if len(os.fsencode(sock)) > _MAX_IPC_PATH:
+                raise ConfigError(
+                    f"state root {self.state_root} is too long for ipc socket paths "
+                    f"({_MAX_IPC_PATH} bytes max); choose a shorter --state-root"
+                )
+
+
+def _ipc(path: Path) -> str:
+    return f"ipc://{path}"

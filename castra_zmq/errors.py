@@ -1,0 +1,45 @@
+"""One exception root for everything castra-zmq raises on purpose.
+
+Every error carries a short machine-readable ``reason``: it is what a guest sees in
+``error: <reason>`` or in an error ack, and what the CLI prints.
+"""
+
+
+class CastraError(Exception):
+    """Root of castra-zmq's own errors; ``reason`` is safe to show to a peer."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class HandshakeError(CastraError):
+    """The hello line is refused; the connection gets ``error: <reason>`` and closes."""
+
+
+class FrameError(CastraError):
+    """A frame cannot be decoded.
+
+    ``fatal`` is true when the stream itself can no longer be trusted (a length
+    violation): the session is closed after the error frame.
+    """
+
+    def __init__(self, reason: str, *, fatal: bool = False):
+        super().__init__(reason)
+        self.fatal = fatal
+
+
+class ConfigError(CastraError):
+    """A setting is invalid (bad state root, port, policy...)."""
+
+
+class RouterBusy(CastraError):
+    """Another router owns the state root, or the listen address is taken."""
+
+
+class RouterUnavailable(CastraError):
+    """No router answers on the state root's ipc endpoints."""
+
+
+class PublishFailed(CastraError):
+    """A publish was not committed to the bus log (error ack or no ack in time)."""

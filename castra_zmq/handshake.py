@@ -1,0 +1,97 @@
+"""The line-mode handshake of PROTOCOL.md section 1, as pure functions.
+
+``parse_hello`` turns one hello line into a ``Hello`` or raises ``HandshakeError``
+whose reason goes back to the guest verbatim as ``error: <reason>``.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+import msgspec
+
+from . import __version__
+from .errors import HandshakeError
+
+MAX_LINE = 512
+MAX_NAME = 128
+HOST_SENDER = "host"
+# Bus protocol versions this broker speaks, best first.
+BUS_PROTOCOLS = ("bus-v1",)
+
+GREETING = f"castra-broker {__version__} ready capabilities={','.join(BUS_PROTOCOLS)}\n".encode()
+OK_HANDSHAKE_ONLY = b"ok\n"
+
+
+class Hello(msgspec.Struct, frozen=True):
+    vm: str
+    capabilities: tuple[str, ...]
+    bus_protocol: str | None
+
+
+def ok_session_line(token: str) -> bytes:
+    return f"ok session={token}\n".encode()
+
+
+def error_line(reason: str) -> bytes:
+    return f"error: {reason}\n".encode()
+
+
+def take_line(buffer: bytes) -> tuple[bytes, bytes] | None:
+    """Split ``buffer`` at the first newline: ``(line, rest)``, or None if incomplete.
+
+    Raises ``HandshakeError`` once the line can no longer fit in ``MAX_LINE`` bytes.
+    A trailing ``\\r`` is not part of the line.
+    """
+    end = buffer.find(b"\n", 0, MAX_LINE + 2)
+    if end < 0:
+        if len(buffer) > MAX_LINE + 1:  # room is left for a final "\r"
+            raise HandshakeError("line too long")
+        return None
+    line = buffer[:end]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if len(line) > MAX_LINE:
+        raise HandshakeError("line too long")
+    return line, buffer[end + 1 :]
+
+
+def validate_vm_name(name: str) -> str:
+    """Check an identity: 1..128 printable characters, not the reserved ``host``."""
+    if not name:
+        raise HandshakeError("missing vm name")
+    if len(name) > MAX_NAME:
+        raise HandshakeError("vm name too long")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for ch in name):
+        raise HandshakeError("invalid vm name")
+    if name.lower() == HOST_SENDER:
+        raise HandshakeError("reserved vm name")
+    return name
+
+
+def parse_hello(line: bytes) -> Hello:
+    """Parse ``hello vm:<name> [capabilities=a,b] [key=value ...]``."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HandshakeError("invalid utf-8") from None
+    tokens = text.split()
+    if not tokens or tokens[0].lower() != "hello":
+        raise HandshakeError("expected hello")
+    if len(tokens) < 2 or "=" in tokens[1]:
+        raise HandshakeError("missing vm name")
+    name = tokens[1]
+    if name[:3].lower() == "vm:":
+        name = name[3:]
+    vm = validate_vm_name(name)
+    capabilities: list[str] = []
+    for token in tokens[2:]:
+        key, sep, value = token.partition("=")
+        if not sep or key.lower() != "capabilities":
+            continue  # other key=value tokens are room for future fields
+        for cap in value.split(","):
+            cap = cap.strip().lower()
+            if cap and cap not in capabilities:
+                capabilities.append(cap)
+    bus_protocol = next((p for p in BUS_PROTOCOLS if p in capabilities), None)
+    return Hello(vm=vm, capabilities=tuple(capabilities), bus_protocol=bus_protocol)

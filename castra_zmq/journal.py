@@ -1,0 +1,307 @@
+"""The journal role: single writer of ``logs/bus/*.log``.
+
+It subscribes to ``pub`` on the bus, and per batch of whatever arrived (group
+commit): assigns each message its ``seq``, appends one JSON line to ``bus.log``, to
+the sender's log and, for ``vm:<target>`` topics, to the target's log, fsyncs (per
+the ``fsync`` setting), and only then publishes the commit results (``ack``) and the
+committed messages (``bus``). A batch that cannot be written is rolled back whole and
+every publish in it gets an error result: nothing is half-written, nothing is acked
+that is not in the log.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+import msgspec
+import zmq
+from loguru import logger
+
+from . import runtime, topics
+from .config import Settings, settings_from_env
+from .endpoints import Endpoints
+from .errors import CastraError
+from .events import EventKind, event_message
+from .handshake import HOST_SENDER, validate_vm_name
+from .logfiles import AppendFile, last_complete_line, log_file_name
+from .wire import (
+    MAX_TOPIC,
+    CommitBatch,
+    CommitResult,
+    Delivery,
+    LogRecord,
+    PublishRequest,
+    decode_log_record,
+    decode_publish_request,
+    json_encode,
+)
+
+_MAX_OPEN_FILES = 256
+_validate_raw = msgspec.json.Decoder(msgspec.Raw).decode
+
+
+class Pending(msgspec.Struct):
+    """One publish of the batch being committed."""
+
+    key: tuple
+    request: PublishRequest
+    payload: bytes
+    seq: int = 0
+
+
+class LogSet:
+    """``bus.log`` plus per-VM logs, with a bounded set of open files."""
+
+    def __init__(self, endpoints: Endpoints):
+        self.dir = endpoints.logs_dir
+        self.bus = AppendFile(endpoints.bus_log)
+        self._vm_files: collections.OrderedDict[str, AppendFile] = collections.OrderedDict()
+
+    def vm_file(self, vm: str) -> AppendFile:
+        handle = self._vm_files.get(vm)
+        if handle is None:
+            if len(self._vm_files) >= _MAX_OPEN_FILES:
+                self._vm_files.popitem(last=False)[1].close()
+            handle = self._vm_files[vm] = AppendFile(self.dir / log_file_name(vm))
+        else:
+            self._vm_files.move_to_end(vm)
+        return handle
+
+    def append(self, lines: dict[AppendFile, bytearray], sync: bool) -> None:
+        """Write every file's lines; on any error restore every file and re-raise."""
+        sizes = {handle: handle.size for handle in lines}
+        try:
+            for handle, data in lines.items():
+                handle.write(data)
+            if sync:
+                for handle in lines:
+                    handle.sync()
+        except OSError:
+            for handle, size in sizes.items():
+                try:
+                    handle.rollback(size)
+                except OSError as exc:  # the line stays torn on disk; cut at next open
+                    logger.error("rollback failed", path=str(handle.path), reason=exc.strerror)
+            raise
+
+    def close(self) -> None:
+        self.bus.close()
+        for handle in self._vm_files.values():
+            handle.close()
+        self._vm_files.clear()
+
+
+def recover_seq(endpoints: Endpoints) -> int:
+    """The last committed ``seq``: read from the last whole line of ``bus.log``."""
+    line = last_complete_line(endpoints.bus_log)
+    if line is None:
+        return 0
+    try:
+        return decode_log_record(line).seq
+    except msgspec.DecodeError as exc:
+        raise CastraError(f"cannot read seq from the last line of {endpoints.bus_log}: {exc}") from None
+
+
+def target_of(topic: str) -> str | None:
+    """The VM a ``vm:<target>`` topic is addressed to, if it names a valid VM."""
+    if not topic.startswith("vm:"):
+        return None
+    try:
+        return validate_vm_name(topic[3:])
+    except CastraError:
+        return None
+
+
+class Journal:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.endpoints = settings.endpoints
+        self.seq = recover_seq(self.endpoints)
+        self.logs: LogSet | None = None
+        self.failure: str | None = None  # why the last commit failed, until one succeeds
+        self.context = zmq.Context()
+        self.inbox = self.context.socket(zmq.SUB)
+        self.outbox = self.context.socket(zmq.PUB)
+        for sock in (self.inbox, self.outbox):
+            sock.linger = 0
+            sock.rcvhwm = settings.hwm
+            sock.sndhwm = settings.hwm
+        self.inbox.subscribe(topics.PUBLISH)
+        self.inbox.connect(self.endpoints.subscribe)
+        self.outbox.connect(self.endpoints.publish)
+        # Host publishes come straight here (DEALER -> ROUTER) and get their result on
+        # the same socket: no PUB/SUB slow-joiner between a short-lived CLI and us.
+        self.direct = self.context.socket(zmq.ROUTER)
+        self.direct.linger = 0
+        previous = os.umask(0o077)
+        try:
+            self.direct.bind(self.endpoints.journal)
+        finally:
+            os.umask(previous)
+        self.running = True
+
+    def open_logs(self) -> LogSet:
+        if self.logs is None:
+            self.endpoints.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.logs = LogSet(self.endpoints)
+        return self.logs
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        poller.register(self.direct, zmq.POLLIN)
+        interval_ms = int(self.settings.health_interval * 1000)
+        next_health = 0.0
+        logger.info("journal ready", seq=self.seq, log=str(self.endpoints.bus_log))
+        runtime.notify_ready()
+        while self.running:
+            if poller.poll(interval_ms):
+                self.commit(*self.drain())
+            now = time.monotonic()
+            if now >= next_health:
+                next_health = now + self.settings.health_interval
+                self.announce_health()
+
+    def drain(self) -> tuple[list[list[bytes]], list[list[bytes]]]:
+        """What arrived: bus publishes and direct ``[identity, b"", header, payload]``."""
+        bus, direct = [], []
+        for sock, batch in ((self.inbox, bus), (self.direct, direct)):
+            for _ in range(self.settings.batch_max):
+                try:
+                    batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        return bus, direct
+
+    def commit(self, bus: list[list[bytes]], direct: list[list[bytes]]) -> None:
+        """Group commit: write the batch, then answer and deliver what was written.
+
+        Results are keyed by where they go back: ``(None, origin)`` for a bus
+        publisher's ``ack`` topic, ``(identity, "")`` for a direct request.
+        """
+        results: dict[tuple[bytes | None, str], list[CommitResult]] = collections.defaultdict(list)
+        accepted: list[Pending] = []
+        now = time.monotonic()
+        for parts in bus:
+            if len(parts) == 3:
+                self.admit(parts[1], parts[2], None, now, results, accepted)
+            else:
+                logger.warning("dropped malformed pub message", reason=f"{len(parts)} frames")
+        for parts in direct:
+            if len(parts) == 4 and not parts[1]:
+                self.admit(parts[2], parts[3], parts[0], now, results, accepted)
+            else:
+                logger.warning("dropped malformed direct publish", reason=f"{len(parts)} frames")
+        if accepted:
+            self.write(accepted, results)
+        for (identity, origin), batch in results.items():
+            body = json_encode(CommitBatch(results=batch))
+            if identity is None:
+                self.outbox.send_multipart([topics.ack(origin), body])
+            else:
+                self.direct.send_multipart([identity, b"", body])
+
+    def admit(self, header: bytes, payload: bytes, identity: bytes | None, now: float, results, accepted) -> None:
+        """Check one publish: it joins ``accepted`` or its refusal goes to ``results``."""
+        try:
+            request = decode_publish_request(header)
+        except msgspec.DecodeError as exc:
+            logger.warning("dropped malformed publish request", reason=str(exc))
+            return
+        key = (identity, "") if identity is not None else (None, request.origin)
+        reason = None
+        if now > request.deadline:
+            reason = "commit_timeout"
+        elif not request.topic or len(request.topic) > MAX_TOPIC or "\0" in request.topic:
+            reason = "invalid topic"
+        elif request.vm != HOST_SENDER and target_of("vm:" + request.vm) is None:
+            reason = "invalid vm name"
+        else:
+            try:
+                _validate_raw(payload)
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                reason = "payload is not valid JSON"
+        if reason is not None:
+            results[key].append(CommitResult(corr=request.corr, reason=reason))
+        else:
+            accepted.append(Pending(key=key, request=request, payload=payload))
+
+    def write(self, accepted: list[Pending], results) -> None:
+        ts_ns = time.time_ns()
+        ts_ms = ts_ns // 1_000_000
+        timestamp = ts_ms / 1000
+        try:
+            logs = self.open_logs()
+            lines: dict[AppendFile, bytearray] = collections.defaultdict(bytearray)
+            seq = self.seq
+            for pending in accepted:
+                seq += 1
+                pending.seq = seq
+                request = pending.request
+                line = json_encode(
+                    LogRecord(timestamp, ts_ms, seq, request.vm, request.topic, msgspec.Raw(pending.payload))
+                )
+                lines[logs.bus] += line + b"\n"
+                lines[logs.vm_file(request.vm)] += line + b"\n"
+                target = target_of(request.topic)
+                if target is not None and target != request.vm:
+                    lines[logs.vm_file(target)] += line + b"\n"
+            logs.append(lines, sync=self.settings.fsync == "batch")
+        except OSError as exc:
+            reason = f"log_write_failed: {exc.strerror or exc}"
+            if reason != self.failure:
+                logger.error("commit failed", reason=reason, count=len(accepted))
+            self.failure = reason
+            if self.logs is not None:  # reopen next time: the directory may be back
+                self.logs.close()
+                self.logs = None
+            for pending in accepted:
+                results[pending.key].append(CommitResult(corr=pending.request.corr, reason=reason))
+            return
+        if self.failure is not None:
+            logger.info("commits recovered", seq=seq)
+            self.failure = None
+        self.seq = seq
+        per_vm: collections.Counter[str] = collections.Counter()
+        send = self.outbox.send_multipart
+        for pending in accepted:
+            request = pending.request
+            results[pending.key].append(CommitResult(corr=request.corr, seq=pending.seq))
+            sender = HOST_SENDER if request.vm == HOST_SENDER else "vm:" + request.vm
+            delivery = Delivery(request.topic, sender, ts_ms, pending.seq, msgspec.Raw(pending.payload))
+            send([topics.bus(request.topic), sender.encode(), json_encode(delivery)])
+            per_vm[request.vm] += 1
+        for vm, count in per_vm.items():
+            send(event_message(EventKind.PUBLISH, vm=vm, count=count, seq=self.seq))
+
+    def announce_health(self) -> None:
+        outcome = "error" if self.failure else "ok"
+        self.outbox.send_multipart(event_message(EventKind.JOURNAL, outcome=outcome, reason=self.failure, seq=self.seq))
+
+    def stop(self) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        if self.logs is not None:
+            self.logs.close()
+        for sock in (self.inbox, self.outbox, self.direct):
+            sock.close(linger=0)
+        self.context.term()
+
+
+def main() -> None:
+    runtime.setup_logging("journal")
+    runtime.die_with_parent()
+    journal = Journal(settings_from_env())
+    runtime.stop_on_signals(journal.stop)
+    try:
+        journal.serve()
+    finally:
+        journal.close()
+        logger.info("journal stopped", seq=journal.seq)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Bus log files: VM names to safe file names, and crash-safe appends.
+
+A VM name is an identity, never a path. A plain name (letters, digits, ``.``, ``_``,
+``-``, not starting with ``.``) is its own file name. Any other name, and ``bus``
+(``bus.log`` is the shared log), is percent-encoded byte by byte with its first byte
+always encoded: ``a/b`` -> ``%61%2Fb.log``, ``..`` -> ``%2E%2E.log``. Encoded names
+start with ``%`` and plain ones never contain it, so two names never share a file and
+``vm_from_file_name`` reverses the encoding. An encoding longer than ``_MAX_STEM``
+bytes (only long non-ASCII names) becomes ``%%<sha256>``; the name is then in the
+``vm`` field of every line of that file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+_PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_RESERVED_STEMS = frozenset({"bus"})
+_MAX_STEM = 200
+SUFFIX = ".log"
+_TAIL_CHUNK = 64 * 1024
+
+
+def log_file_name(vm: str) -> str:
+    if _PLAIN.fullmatch(vm) and vm not in _RESERVED_STEMS:
+        return vm + SUFFIX
+    raw = vm.encode("utf-8")
+    stem = "".join(chr(b) if i and b in _SAFE_BYTES else f"%{b:02X}" for i, b in enumerate(raw))
+    if len(stem) > _MAX_STEM:
+        stem = "%%" + hashlib.sha256(raw).hexdigest()
+    return stem + SUFFIX
+
+
+def vm_from_file_name(name: str) -> str | None:
+    """Inverse of ``log_file_name``; None for hashed names and other files."""
+    if not name.endswith(SUFFIX) or name.startswith("%%"):
+        return None
+    stem = name[: -len(SUFFIX)]
+    if not stem.startswith("%"):
+        return stem
+    out = bytearray()
+    i = 0
+    while i < len(stem):
+        if stem[i] == "%":
+            out.append(int(stem[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(stem[i]))
+            i += 1
+    return out.decode("utf-8")
+
+
+def _line_start(fd: int, end: int) -> int:
+    """Offset just after the last newline before ``end`` (0 when there is none)."""
+    while end > 0:
+        start = max(0, end - _TAIL_CHUNK)
+        cut = os.pread(fd, end - start, start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
+
+
+def _complete_size(fd: int, size: int) -> int:
+    """Size of the file without a torn (newline-less) last line."""
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        return _line_start(fd, size)
+    return size
+
+
+def last_complete_line(path: Path) -> bytes | None:
+    """The last newline-terminated line of ``path``; a torn tail is ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        end = _complete_size(fd, os.fstat(fd).st_size)
+        if not end:
+            return None
+        start = _line_start(fd, end - 1)
+        return os.pread(fd, end - start, start)
+    finally:
+        os.close(fd)
+
+
+class AppendFile:
+    """One log file opened for appending, owner-only (0600).
+
+    A torn tail (a process killed mid-write) is cut off at open, so every line in
+    the file stays whole; ``rollback`` restores the size before a failed batch.
+    """
+
+    __slots__ = ("fd", "path", "size")
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        size = os.fstat(self.fd).st_size
+        self.size = _complete_size(self.fd, size)
+        if self.size != size:
+            os.ftruncate(self.fd, self.size)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        self.size += len(data)
+
+    def rollback(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        self.size = size
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)

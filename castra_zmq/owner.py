@@ -1,0 +1,56 @@
+"""Who owns a state root: the supervisor's lock and its ``run/router.json``.
+
+Read by ``castra status`` and host tools to tell whether a router runs, without
+importing the supervisor.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import msgspec
+
+from .endpoints import Endpoints
+
+
+class RoleState(msgspec.Struct):
+    state: str  # starting | running | restarting | stopped
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: str | None = None
+
+
+class RouterInfo(msgspec.Struct):
+    pid: int
+    listen: str
+    state_root: str
+    started_ms: int
+    processes: dict[str, RoleState]
+
+
+def read_router_info(endpoints: Endpoints) -> RouterInfo | None:
+    try:
+        return msgspec.json.decode(endpoints.router_info.read_bytes(), type=RouterInfo)
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def router_pid(endpoints: Endpoints) -> int | None:
+    """The pid of the router owning ``endpoints``' state root, or None if none runs.
+
+    The lock, not a pid file, is the truth: the kernel drops it when the owner dies,
+    even by kill -9.
+    """
+    try:
+        fd = os.open(endpoints.lock_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+    return None

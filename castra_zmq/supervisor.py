@@ -1,0 +1,232 @@
+"""The supervisor (``castra up``): owns the state root and the four role processes.
+
+Start-up: prepare ``<state_root>`` (0700), take ``run/router.lock`` so one router
+owns it, bind the guest port (so a taken port is refused before anything starts,
+and a restarted bridge inherits the same listening socket without dropping queued
+connections), then start proxy, journal, status and bridge in that order, each
+waiting for its ready line. A role that exits is restarted with back-off; on
+SIGINT/SIGTERM the roles stop in reverse order. ``run/router.json`` tells
+``castra status`` the listen address, uptime and each role's state.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import msgspec
+from loguru import logger
+
+from .bridge import LISTEN_FD_ENV, bind_listener
+from .config import Settings
+from .errors import CastraError, RouterBusy
+from .events import now_ms
+from .owner import RoleState, RouterInfo, router_pid
+from .runtime import READY_FD_ENV
+
+ROLES = ("proxy", "journal", "status", "bridge")
+_READY_TIMEOUT = 15.0
+_STOP_TIMEOUT = 5.0
+_BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
+_STABLE_AFTER = 10.0  # a role up this long has its back-off reset
+
+
+class Role:
+    def __init__(self, name: str):
+        self.name = name
+        self.process: subprocess.Popen | None = None
+        self.ready_fd = -1
+        self.state = RoleState(state="stopped")
+        self.started = 0.0
+        self.backoff = _BACKOFF_MIN
+        self.restart_at: float | None = None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings):
+        self.settings = settings.validate()
+        self.endpoints = settings.endpoints
+        self.roles = {name: Role(name) for name in ROLES}
+        self.lock_fd: int | None = None
+        self.listener = None
+        self.stopping = False
+        self.started_ms = now_ms()
+
+    @property
+    def listen(self) -> str:
+        host, port = self.listener.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    # -- start-up ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.endpoints.prepare()
+        self.take_lock()
+        try:
+            self.listener = bind_listener(self.settings.host, self.settings.port)
+        except OSError as exc:
+            self.release()
+            if exc.errno == errno.EADDRINUSE:
+                raise RouterBusy(
+                    f"{self.settings.host}:{self.settings.port} is already in use; "
+                    "stop what listens there or choose another --port"
+                ) from None
+            raise CastraError(f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}") from None
+        if not _is_loopback(self.settings.host):
+            logger.warning("listening beyond loopback: any host that can reach this address can connect",
+                           listen=self.listen)
+        for name in ROLES:
+            role = self.roles[name]
+            self.spawn(role)
+            if not self.wait_ready(role):
+                self.stop()
+                raise CastraError(f"the {name} process did not start; see the log lines above")
+        self.write_info()
+
+    def take_lock(self) -> None:
+        fd = os.open(self.endpoints.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = router_pid(self.endpoints)
+            raise RouterBusy(
+                f"another router (pid {pid}) already owns {self.endpoints.state_root}; "
+                "stop it first, or use another --state-root"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.lock_fd = fd
+
+    def spawn(self, role: Role) -> None:
+        read_end, write_end = os.pipe()
+        env = dict(os.environ, **self.settings.to_env(), **{READY_FD_ENV: str(write_end)})
+        fds = [write_end]
+        if role.name == "bridge":
+            env[LISTEN_FD_ENV] = str(self.listener.fileno())
+            fds.append(self.listener.fileno())
+        try:
+            role.process = subprocess.Popen(
+                [sys.executable, "-m", f"castra_zmq.{role.name}"],
+                env=env,
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches the supervisor only: it stops roles in order
+            )
+        finally:
+            os.close(write_end)
+        role.started = time.monotonic()
+        role.ready_fd = read_end
+        role.restart_at = None
+        role.state.state = "starting"
+        role.state.pid = role.process.pid
+
+    def wait_ready(self, role: Role) -> bool:
+        """Wait for the role's ready line; False if it exits or times out first."""
+        fd = role.ready_fd
+        try:
+            readable, _, _ = select.select([fd], [], [], _READY_TIMEOUT)
+            ready = bool(readable) and os.read(fd, 64).startswith(b"ready")
+        finally:
+            os.close(fd)
+        role.state.state = "running" if ready else "failed"
+        logger.bind(pid=role.process.pid).log("INFO" if ready else "ERROR",
+                                              f"{role.name} {'ready' if ready else 'failed to start'}")
+        return ready
+
+    # -- supervision ------------------------------------------------------------------
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle_signal)
+        signal.signal(signal.SIGINT, self.handle_signal)
+        while not self.stopping:
+            self.check_roles()
+            time.sleep(0.05)
+        self.stop()
+
+    def handle_signal(self, signum, _frame) -> None:
+        if not self.stopping:
+            logger.info("stopping", reason=signal.Signals(signum).name)
+        self.stopping = True
+
+    def check_roles(self) -> None:
+        now = time.monotonic()
+        for role in self.roles.values():
+            if role.restart_at is not None:
+                if now >= role.restart_at and not self.stopping:
+                    self.spawn(role)
+                    role.state.restarts += 1
+                    self.wait_ready(role)
+                    self.write_info()
+                continue
+            code = role.process.poll() if role.process else None
+            if code is None:
+                continue
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if now - role.started >= _STABLE_AFTER:
+                role.backoff = _BACKOFF_MIN
+            role.restart_at = now + role.backoff
+            logger.bind(pid=role.process.pid, reason=how).warning(
+                f"{role.name} died; restarting in {role.backoff:.1f}s")
+            role.backoff = min(role.backoff * 2, _BACKOFF_MAX)
+            role.state = RoleState(state="restarting", restarts=role.state.restarts, last_exit=how)
+            self.write_info()
+
+    def write_info(self) -> None:
+        info = RouterInfo(
+            pid=os.getpid(),
+            listen=self.listen,
+            state_root=str(self.endpoints.state_root),
+            started_ms=self.started_ms,
+            processes={name: role.state for name, role in self.roles.items()},
+        )
+        tmp = self.endpoints.router_info.with_suffix(".tmp")
+        tmp.write_bytes(msgspec.json.encode(info))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.endpoints.router_info)
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        for name in reversed(ROLES):
+            role = self.roles[name]
+            process = role.process
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                logger.bind(pid=process.pid, reason="no exit after SIGTERM").warning(f"killing {name}")
+                process.kill()
+                process.wait()
+            role.state = RoleState(state="stopped", restarts=role.state.restarts)
+        self.release()
+        logger.info("router stopped")
+
+    def release(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        for path in (self.endpoints.router_info,):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # drops the flock
+            self.lock_fd = None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

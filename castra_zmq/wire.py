@@ -1,0 +1,205 @@
+"""Every message shape castra-zmq speaks, declared once as ``msgspec.Struct``.
+
+Three families:
+
+* guest frames (JSON objects tagged on ``"type"``) and the broker's replies, as in
+  PROTOCOL.md section 2. Replies are compact JSON with ``type`` first: guests match
+  substrings such as ``"type":"ack"`` and ``"status":"ok"``;
+* the bus log record (PROTOCOL.md section 4);
+* the internal bus bodies carried through the ZeroMQ proxy (see ``topics``).
+
+Payloads are ``msgspec.Raw``: the JSON bytes a guest sent pass through to the log and
+to subscribers without being decoded and re-encoded.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from .errors import FrameError
+
+MAX_FRAME = 65536
+MAX_TOPIC = 256
+MAX_SUBSCRIPTIONS = 16
+SUBSCRIBE_ALL = "*"
+DEFAULT_TOPIC = "broadcast"
+NULL = msgspec.Raw(b"null")
+
+# A NUL would let one topic frame be the prefix of another (see topics.py).
+Topic = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TOPIC, pattern="^[^\x00]*$")]
+MessageId = str | int | None
+
+
+# -- guest -> broker ---------------------------------------------------------------
+
+
+class GuestFrame(msgspec.Struct, tag_field="type"):
+    """Base of the frames a guest sends in bus mode."""
+
+
+class Publish(GuestFrame, tag="publish"):
+    topic: Topic = DEFAULT_TOPIC
+    payload: msgspec.Raw = NULL
+    id: MessageId = None
+
+
+class Subscribe(GuestFrame, tag="subscribe"):
+    topic: Topic
+
+
+class Unsubscribe(GuestFrame, tag="unsubscribe"):
+    topic: Topic
+
+
+class Heartbeat(GuestFrame, tag="heartbeat"):
+    pass
+
+
+class Acknowledge(GuestFrame, tag="ack"):
+    """A guest's receipt for a delivered message; it needs no reply."""
+
+    seq: int | None = None
+    id: MessageId = None
+
+
+GUEST_FRAME_TYPES = ("publish", "subscribe", "unsubscribe", "heartbeat", "ack")
+_guest_decoder = msgspec.json.Decoder(Publish | Subscribe | Unsubscribe | Heartbeat | Acknowledge)
+
+
+class FrameRejected(Exception):
+    """A well-formed JSON object that is not a valid frame of a known ``type``.
+
+    The session stays open and the guest gets an error ack for ``frame_type``.
+    """
+
+    def __init__(self, frame_type: str, reason: str):
+        super().__init__(reason)
+        self.frame_type = frame_type
+        self.reason = reason
+
+
+def decode_guest_frame(body: bytes) -> GuestFrame:
+    """Decode one frame body.
+
+    Raises ``FrameError`` for bodies that are not a JSON object with a string
+    ``type`` (the guest gets ``{"type":"error",...}``) and ``FrameRejected`` for a
+    known object shape with bad fields or an unknown ``type`` (an error ack).
+    """
+    try:
+        return _guest_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        validation_error = str(exc)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise FrameError("invalid JSON: frame is not UTF-8 JSON") from None
+    except RecursionError:
+        raise FrameError("invalid JSON: nested too deeply") from None
+    # The slow path only runs for rejected frames: find out which answer they get.
+    try:
+        obj = msgspec.json.decode(body)
+    except RecursionError:
+        raise FrameError("invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise FrameError("frame is not a JSON object")
+    frame_type = obj.get("type")
+    if frame_type is None:
+        raise FrameError("missing type")
+    if not isinstance(frame_type, str):
+        raise FrameError("type must be a string")
+    if frame_type not in GUEST_FRAME_TYPES:
+        raise FrameRejected(frame_type[:MAX_TOPIC], "unknown type")
+    raise FrameRejected(frame_type, validation_error)
+
+
+def compact_payload(payload: bytes) -> bytes:
+    """Return ``payload`` as single-line JSON, so it fits in one log line.
+
+    A raw newline can only be whitespace between JSON tokens (inside strings it must
+    be escaped), so most payloads pass through untouched.
+    """
+    if b"\n" in payload or b"\r" in payload:
+        return msgspec.json.format(payload, indent=0)
+    return payload
+
+
+# -- broker -> guest ---------------------------------------------------------------
+
+
+class Reply(msgspec.Struct, tag_field="type", omit_defaults=True):
+    """Base of the frames the broker sends; ``type`` is always encoded first."""
+
+
+class AckReply(Reply, tag="ack"):
+    ack: str
+    status: str
+    topic: str | None = None
+    seq: int | None = None
+    id: MessageId = None
+    reason: str | None = None
+
+
+class ErrorReply(Reply, tag="error"):
+    reason: str
+
+
+class Delivery(Reply, tag="message"):
+    """A committed message pushed to a subscribed guest or a host tool."""
+
+    topic: str
+    sender: str = msgspec.field(name="from")
+    ts_ms: int = 0
+    seq: int = 0
+    payload: msgspec.Raw = NULL
+
+
+# -- bus log -----------------------------------------------------------------------
+
+
+class LogRecord(msgspec.Struct):
+    """One line of ``logs/bus/*.log``."""
+
+    timestamp: float
+    ts_ms: int
+    seq: int
+    vm: str
+    topic: str
+    payload: msgspec.Raw
+
+
+# -- internal bus bodies -----------------------------------------------------------
+
+
+class PublishRequest(msgspec.Struct):
+    """Header frame of a ``pub`` message; the payload travels as the next frame.
+
+    ``deadline`` is a ``time.monotonic()`` value: CLOCK_MONOTONIC is one clock for
+    every process of the host, so the journal can refuse work its sender gave up on.
+    """
+
+    origin: str
+    corr: int
+    vm: str
+    topic: str
+    deadline: float
+
+
+class CommitResult(msgspec.Struct, array_like=True):
+    """Outcome of one publish: ``seq`` when committed, ``reason`` when not."""
+
+    corr: int
+    seq: int | None = None
+    reason: str | None = None
+
+
+class CommitBatch(msgspec.Struct):
+    """Body of an ``ack`` message: the results of one commit for one origin."""
+
+    results: list[CommitResult]
+
+
+json_encode = msgspec.json.Encoder().encode
+decode_publish_request = msgspec.json.Decoder(PublishRequest).decode
+decode_commit_batch = msgspec.json.Decoder(CommitBatch).decode
+decode_delivery = msgspec.json.Decoder(Delivery).decode
+decode_log_record = msgspec.json.Decoder(LogRecord).decode

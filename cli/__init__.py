@@ -1,0 +1,1 @@
+"""The ``castra`` command: a thin click layer over ``castra_zmq``."""

@@ -1,0 +1,57 @@
+"""``castra up``: start and supervise the router in the foreground."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from castra_zmq.config import DEFAULT_HOST, DEFAULT_PORT, Settings
+from castra_zmq.errors import CastraError
+from castra_zmq.runtime import setup_logging
+from castra_zmq.supervisor import Supervisor
+
+from .options import state_root_option
+
+
+@click.command()
+@state_root_option
+@click.option("--host", default=DEFAULT_HOST, show_default=True,
+              help="Address guests connect to. Anything but loopback is logged as a warning.")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              help="TCP port for guests (0 picks a free one).")
+@click.option("--fsync", type=click.Choice(["batch", "never"]), default="batch", show_default=True,
+              help="batch: fsync every group commit before acking; never: leave it to the OS.")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds of silence after which a bus session is closed.")
+@click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds a new connection has to send its hello line.")
+@click.option("--commit-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds after which an uncommitted publish gets an error ack.")
+def up(state_root: Path, host: str, port: int, fsync: str, heartbeat_timeout: float,
+       handshake_timeout: float, commit_timeout: float) -> None:
+    """Start the router (proxy, journal, status, bridge) and supervise it.
+
+    Prints one line when guests can connect, restarts any process that dies, and
+    stops everything cleanly on Ctrl-C or SIGTERM. Logs go to stderr.
+
+    \b
+    Examples:
+      castra up
+      castra up --state-root /tmp/castra --port 7071
+      CASTRA_STATE_ROOT=/srv/castra castra up --host 0.0.0.0   # beyond loopback
+    """
+    setup_logging("supervisor")
+    settings = Settings(
+        state_root=str(state_root), host=host, port=port, fsync=fsync,
+        heartbeat_timeout=heartbeat_timeout, handshake_timeout=handshake_timeout,
+        commit_timeout=commit_timeout,
+    )
+    try:
+        supervisor = Supervisor(settings)
+        supervisor.start()
+    except CastraError as exc:
+        raise click.ClickException(exc.reason) from None
+    click.echo(f"castra router ready on {supervisor.listen} (state root {supervisor.endpoints.state_root})",
+               err=False)
+    supervisor.run()
