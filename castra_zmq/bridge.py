@@ -59,17 +59,17 @@ class Bridge:
         self.subscribers: dict[str, set[GuestConnection]] = {}  # topic -> sessions
         self.pending: dict[int, PendingPublish] = {}  # in commit order, so deadlines too
         self.corr = itertools.count(1)
-        self.journal_seen = float("-inf")
-        self.journal_stale_after = max(2.0, settings.health_interval * 4)
+        # The outbox is an XPUB so that it sees the journal's subscription to ``pub``
+        # arrive and leave: publishing before it arrived would be dropped unseen.
+        self.journal_subscribed = False
         self.context = zmq.asyncio.Context()
-        self.outbox = self.context.socket(zmq.PUB)
+        self.outbox = self.context.socket(zmq.XPUB)
         self.inbox = self.context.socket(zmq.SUB)
         for sock in (self.outbox, self.inbox):
             sock.linger = 0
             sock.sndhwm = settings.hwm
             sock.rcvhwm = settings.hwm
         self.inbox.subscribe(topics.ack(self.origin))
-        self.inbox.subscribe(topics.event(EventKind.JOURNAL.value))
         # Every committed message: a per-topic ZeroMQ subscription would only take
         # effect some milliseconds after the guest's subscribe ack, losing messages.
         self.inbox.subscribe(topics.BUS_ALL)
@@ -115,7 +115,7 @@ class Bridge:
         """Forward one publish to the journal; returns a reason when it cannot be."""
         if frame.topic == SUBSCRIBE_ALL:
             return "topic * is only for subscribe"
-        if time.monotonic() - self.journal_seen > self.journal_stale_after:
+        if not self.journal_subscribed:
             return "journal_unavailable"
         corr = next(self.corr)
         deadline = time.monotonic() + self.settings.commit_timeout
@@ -159,10 +159,19 @@ class Bridge:
         head = parts[0]
         if head.startswith(topics.BUS_ALL):
             self.deliver(topics.bus_topic(head), parts[1], parts[2])
-        elif head.startswith(topics.ACK_PREFIX):
+        else:
             self.handle_commit_batch(parts[1])
-        else:  # journal health
-            self.journal_seen = time.monotonic()
+
+    async def watch_journal(self) -> None:
+        """Follow the journal's subscription to ``pub`` as the proxy forwards it."""
+        while True:
+            message = await self.outbox.recv()
+            if message[1:] == topics.PUBLISH:
+                subscribed = message[0] == 1
+                if subscribed != self.journal_subscribed:
+                    self.journal_subscribed = subscribed
+                    logger.log("INFO" if subscribed else "WARNING",
+                               "journal attached" if subscribed else "journal detached: publishes get error acks")
 
     def handle_commit_batch(self, body: bytes) -> None:
         for result in decode_commit_batch(body).results:
@@ -224,9 +233,12 @@ class Bridge:
     async def serve(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: GuestConnection(self), sock=listener, backlog=1024)
-        tasks = [asyncio.create_task(self.read_bus()), asyncio.create_task(self.sweep())]
+        tasks = [asyncio.create_task(coro) for coro in (self.read_bus(), self.watch_journal(), self.sweep())]
         host, port = listener.getsockname()[:2]
-        logger.info("bridge ready", listen=f"{host}:{port}", origin=self.origin)
+        deadline = time.monotonic() + 2.0  # a restarted bridge finds the journal at once
+        while not self.journal_subscribed and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        logger.info("bridge ready", listen=f"{host}:{port}", origin=self.origin, journal=self.journal_subscribed)
         runtime.notify_ready()
         await self.stopping.wait()
         self.server.close()

@@ -67,6 +67,8 @@ class Supervisor:
     # -- start-up ---------------------------------------------------------------------
 
     def start(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle_signal)
+        signal.signal(signal.SIGINT, self.handle_signal)
         self.endpoints.prepare()
         self.take_lock()
         try:
@@ -144,8 +146,6 @@ class Supervisor:
     # -- supervision ------------------------------------------------------------------
 
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, self.handle_signal)
-        signal.signal(signal.SIGINT, self.handle_signal)
         while not self.stopping:
             self.check_roles()
             time.sleep(0.05)
@@ -215,7 +215,9 @@ class Supervisor:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-        for path in (self.endpoints.router_info,):
+        endpoints = self.endpoints
+        for path in (endpoints.router_info, endpoints.publish_socket, endpoints.subscribe_socket,
+                     endpoints.status_socket, endpoints.journal_socket):
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -1,0 +1,119 @@
+"""Fixtures: a real router (``castra up`` as a subprocess) on a temp state root.
+
+State roots live in short ``/tmp`` paths because ipc socket paths are limited to
+107 bytes. The router binds port 0 on 127.0.0.1 and its ready line tells the port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+READY = re.compile(r"castra router ready on 127\.0\.0\.1:(\d+)")
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class Router:
+    """One ``castra up`` process; ``port`` is known once it is ready."""
+
+    def __init__(self, state_root: Path, *args: str):
+        self.state_root = state_root
+        self.args = args
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.log_path = state_root.parent / (state_root.name + ".router.log")
+
+    @property
+    def logs(self) -> Path:
+        return self.state_root / "logs" / "bus"
+
+    def start(self, timeout: float = 20.0) -> Router:
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "up", "--state-root", str(self.state_root), "--port", "0", *self.args],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=dict(os.environ, CASTRA_LOG_LEVEL=os.environ.get("CASTRA_LOG_LEVEL", "DEBUG")),
+        )
+        line = self.process.stdout.readline().decode()
+        match = READY.search(line)
+        if not match:
+            self.process.kill()
+            raise AssertionError(f"router did not start: {line!r}\n{self.log_path.read_text()[-3000:]}")
+        self.port = int(match.group(1))
+        return self
+
+    def role_pid(self, role: str) -> int:
+        info = json.loads((self.state_root / "run" / "router.json").read_text())
+        return info["processes"][role]["pid"]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def read_log(self, name: str = "bus.log") -> list[dict]:
+        path = self.logs / name
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("router did not stop in time")
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def state_root():
+    path = Path(tempfile.mkdtemp(prefix="cz", dir="/tmp"))
+    yield path / "root"
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def router_factory(state_root):
+    """Start routers with extra ``castra up`` arguments; all are stopped afterwards."""
+    routers: list[Router] = []
+
+    def start(*args: str, root: Path | None = None) -> Router:
+        router = Router(root or state_root, *args).start()
+        routers.append(router)
+        return router
+
+    yield start
+    for router in routers:
+        if router.process and router.process.poll() is None:
+            router.stop()
+
+
+@pytest.fixture
+def router(router_factory) -> Router:
+    return router_factory()

@@ -1,0 +1,193 @@
+"""End-to-end: real router processes, real TCP guests on loopback."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+from castra_zmq import client
+from castra_zmq.statusview import collect_status
+
+from .conftest import wait_for
+from .guest import Guest, connect_bus
+
+
+def test_greeting_and_handshake_only_guest(router):
+    with Guest(router.port) as guest:
+        assert "ready" in guest.greeting and "capabilities=bus-v1" in guest.greeting
+        assert guest.hello("legacy", capabilities=None) == "ok"
+        assert guest.is_closed()
+
+
+def test_unknown_bus_version_is_handshake_only(router):
+    with Guest(router.port) as guest:
+        assert guest.hello("future", capabilities="bus-v9,other") == "ok"
+        assert guest.is_closed()
+
+
+def test_publish_is_acked_after_it_is_in_the_logs(router):
+    with connect_bus(router.port, "alpha") as guest:
+        ack = guest.publish({"n": 1}, topic="vm:beta", id="m1")
+        assert ack == {"type": "ack", "ack": "publish", "status": "ok", "topic": "vm:beta", "seq": 1, "id": "m1"}
+    [line] = router.read_log("bus.log")
+    assert line["seq"] == 1 and line["vm"] == "alpha" and line["topic"] == "vm:beta"
+    assert line["payload"] == {"n": 1}
+    assert isinstance(line["ts_ms"], int) and abs(line["timestamp"] * 1000 - line["ts_ms"]) < 1
+    assert router.read_log("alpha.log") == [line]
+    assert router.read_log("beta.log") == [line]  # addressed to beta: in its log too
+
+
+def test_reply_bytes_are_compact_for_substring_matching(router):
+    with connect_bus(router.port, "alpha") as guest:
+        guest.send({"type": "publish", "payload": {"spaced": [1, 2]}})
+        raw = guest.recv_raw()
+        assert b'"type":"ack"' in raw and b'"ack":"publish"' in raw and b'"status":"ok"' in raw
+        assert raw.startswith(b'{"type":"ack"') and b", " not in raw and b": " not in raw
+        guest.send({"type": "heartbeat"})
+        assert guest.recv_raw() == b'{"type":"ack","ack":"heartbeat","status":"ok"}'
+
+
+def test_default_topic_and_payload(router):
+    with connect_bus(router.port, "alpha") as guest:
+        ack = guest.request({"type": "publish"})
+        assert ack["status"] == "ok" and ack["topic"] == "broadcast"
+    assert router.read_log()[0]["payload"] is None
+
+
+def test_multiline_payload_stays_one_log_line(router):
+    with connect_bus(router.port, "alpha") as guest:
+        body = b'{"type":"publish","payload":{"a":\n[1,\r\n2]}}'
+        guest.send_raw(len(body).to_bytes(4, "big") + body)
+        assert guest.recv()["status"] == "ok"
+    assert router.read_log() [0]["payload"] == {"a": [1, 2]}
+    assert len((router.logs / "bus.log").read_bytes().splitlines()) == 1
+
+
+def test_subscriber_receives_other_guests_publish_but_not_its_own(router):
+    with connect_bus(router.port, "sub") as sub, connect_bus(router.port, "pub") as pub:
+        assert sub.subscribe("news") == {"type": "ack", "ack": "subscribe", "status": "ok", "topic": "news"}
+        assert sub.publish({"own": True}, topic="news")["status"] == "ok"
+        ack = pub.publish({"hello": "world"}, topic="news")
+        message = sub.recv()
+        assert message == {"type": "message", "topic": "news", "from": "vm:pub", "ts_ms": message["ts_ms"],
+                           "seq": ack["seq"], "payload": {"hello": "world"}}
+
+
+def test_topic_match_is_exact_and_star_gets_everything(router):
+    with connect_bus(router.port, "a") as exact, connect_bus(router.port, "b") as every, \
+            connect_bus(router.port, "c") as pub:
+        exact.subscribe("vm:alpha")
+        every.subscribe("*")
+        pub.publish(1, topic="vm:alpha2")
+        pub.publish(2, topic="vm:alpha")
+        assert exact.recv()["payload"] == 2  # vm:alpha2 did not match vm:alpha
+        assert [every.recv()["payload"], every.recv()["payload"]] == [1, 2]
+
+
+def test_host_publish_reaches_guest_and_logs(router):
+    with connect_bus(router.port, "alpha") as guest:
+        guest.subscribe("vm:alpha")
+        seq = client.publish("vm:alpha", {"cmd": "reload"}, state_root=router.state_root)
+        message = guest.recv()
+        assert message["from"] == "host" and message["seq"] == seq and message["payload"] == {"cmd": "reload"}
+    assert router.read_log("host.log")[0]["vm"] == "host"
+    assert router.read_log("alpha.log")[0]["seq"] == seq
+
+
+def test_unsubscribe_stops_delivery(router):
+    with connect_bus(router.port, "sub") as sub, connect_bus(router.port, "pub") as pub:
+        sub.subscribe("t")
+        assert sub.request({"type": "unsubscribe", "topic": "t"})["status"] == "ok"
+        pub.publish(1, topic="t")
+        sub.send({"type": "heartbeat"})
+        assert sub.recv()["ack"] == "heartbeat"  # the next frame is the heartbeat ack, no message
+
+
+def test_seventeenth_subscription_is_refused(router):
+    with connect_bus(router.port, "greedy") as guest:
+        for n in range(16):
+            assert guest.subscribe(f"t{n}")["status"] == "ok"
+        reply = guest.subscribe("t16")
+        assert reply["status"] == "error" and "16" in reply["reason"]
+        assert guest.subscribe("t3")["status"] == "ok"  # re-subscribing is not a new topic
+
+
+def test_new_session_replaces_old_one(router):
+    first = connect_bus(router.port, "dup")
+    second = connect_bus(router.port, "dup")
+    assert first.is_closed()
+    assert second.publish(1)["status"] == "ok"
+    first.close()
+    second.close()
+
+
+def test_heartbeat_timeout_closes_session_and_clears_subscriptions(router_factory):
+    router = router_factory("--heartbeat-timeout", "1")
+    with connect_bus(router.port, "quiet") as quiet:
+        quiet.subscribe("t")
+        assert quiet.is_closed(timeout=4)
+    wait_for(lambda: "vm=quiet" in router.log_text() and "reason=heartbeat_timeout" in router.log_text(),
+             what="timeout log line")
+    [vm] = collect_status(router.state_root).vms
+    assert vm.name == "quiet" and not vm.bus_subscribed and vm.subscribed_topics == []
+    assert vm.last_reason == "heartbeat_timeout"
+
+
+def test_heartbeats_keep_a_quiet_session_open(router_factory):
+    router = router_factory("--heartbeat-timeout", "1")
+    with connect_bus(router.port, "chatty") as guest:
+        for _ in range(6):
+            assert guest.request({"type": "heartbeat"})["status"] == "ok"
+            assert not guest.is_closed(timeout=0.4)
+
+
+def test_state_root_is_private(router):
+    for path in (router.state_root, router.state_root / "run", router.logs):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    for sock in (router.state_root / "run").glob("*.sock"):
+        assert stat.S_IMODE(os.stat(sock).st_mode) & 0o077 == 0
+    with connect_bus(router.port, "alpha") as guest:
+        guest.publish(1)
+    assert stat.S_IMODE(os.stat(router.logs / "bus.log").st_mode) == 0o600
+
+
+def test_second_router_on_same_state_root_is_refused(router):
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "up", "--state-root", str(router.state_root), "--port", "0"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert "another router" in result.stderr and "owns" in result.stderr
+
+
+def test_taken_port_is_refused(router, tmp_path_factory):
+    import tempfile
+    other = tempfile.mkdtemp(prefix="cz", dir="/tmp")
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "up", "--state-root", other, "--port", str(router.port)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert "already in use" in result.stderr
+
+
+def test_clean_shutdown_removes_sockets_and_stops_roles(router):
+    pids = [router.role_pid(role) for role in ("proxy", "journal", "status", "bridge")]
+    assert router.stop() == 0
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    assert not list((router.state_root / "run").glob("*.sock"))
+
+
+def test_seq_continues_after_restart(router_factory, state_root):
+    router = router_factory()
+    with connect_bus(router.port, "alpha") as guest:
+        guest.publish(1)
+        guest.publish(2)
+    router.stop()
+    router = router_factory()
+    with connect_bus(router.port, "alpha") as guest:
+        assert guest.publish(3)["seq"] == 3
+    assert [line["seq"] for line in router.read_log()] == [1, 2, 3]
