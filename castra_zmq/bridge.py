@@ -172,6 +172,10 @@ class Bridge:
                     self.journal_subscribed = subscribed
                     logger.log("INFO" if subscribed else "WARNING",
                                "journal attached" if subscribed else "journal detached: publishes get error acks")
+                if not subscribed:
+                    # Their results died with the journal (it may have committed some):
+                    # answer now rather than at the commit timeout. Never a false ok.
+                    self.fail_pending(lambda pending: True, "journal_unavailable")
 
     def handle_commit_batch(self, body: bytes) -> None:
         for result in decode_commit_batch(body).results:
@@ -202,7 +206,10 @@ class Bridge:
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            self.expire_pending(now)
+            # A short grace past the deadline: the journal refuses stale work itself,
+            # so this only fires when the journal is stuck. Deadlines grow with corr.
+            cutoff = now - 0.5
+            self.fail_pending(lambda pending: pending.deadline <= cutoff, "commit_timeout")
             limit = now - self.settings.heartbeat_timeout
             for connection in [c for c in self.sessions.values() if c.last_frame < limit]:
                 connection.log.bind(reason="heartbeat_timeout").info("session timed out")
@@ -214,19 +221,17 @@ class Bridge:
                     for c in self.sessions.values()
                 ])
 
-    def expire_pending(self, now: float) -> None:
-        # A short grace past the deadline: the journal refuses stale work itself, so
-        # this only fires when the journal is gone or stuck.
-        cutoff = now - 0.5
-        expired = []
+    def fail_pending(self, expired, reason: str) -> None:
+        """Answer ``reason`` to the oldest pending publishes while ``expired(p)`` holds."""
+        corrs = []
         for corr, pending in self.pending.items():
-            if pending.deadline > cutoff:
+            if not expired(pending):
                 break
-            expired.append(corr)
-        for corr in expired:
+            corrs.append(corr)
+        for corr in corrs:
             pending = self.pending.pop(corr)
             if pending.connection.phase == "bus":
-                pending.connection.handle_commit(pending.topic, pending.message_id, None, "commit_timeout")
+                pending.connection.handle_commit(pending.topic, pending.message_id, None, reason)
 
     # -- life cycle -------------------------------------------------------------------
 

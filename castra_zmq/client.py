@@ -55,9 +55,10 @@ def require_router(endpoints: Endpoints) -> None:
 
 
 def encode_payload(payload) -> bytes:
-    """JSON bytes for ``payload``: bytes/str are taken as JSON text and checked."""
-    if isinstance(payload, (bytes, bytearray, memoryview, str)):
-        raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+    """JSON bytes for ``payload``: any Python value is encoded; ``bytes`` and
+    ``msgspec.Raw`` are taken as JSON text, checked and sent as they are."""
+    if isinstance(payload, (bytes, bytearray, memoryview, msgspec.Raw)):
+        raw = bytes(payload)
         try:
             _validate(raw)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:

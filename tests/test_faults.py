@@ -1,0 +1,121 @@
+"""Faults on real processes: a role killed, the log directory unwritable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from castra_zmq import client
+from castra_zmq.errors import PublishFailed
+from castra_zmq.statusview import collect_status
+
+from .conftest import wait_for
+from .guest import connect_bus
+
+
+def kill_role(router, role: str) -> int:
+    pid = router.role_pid(role)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def restarted(router, role: str, old_pid: int) -> bool:
+    info = collect_status(router.state_root).router["processes"][role]
+    return info["pid"] != old_pid and info["state"] == "running"
+
+
+def test_killed_journal_gives_error_acks_then_recovers(router):
+    with connect_bus(router.port, "alpha") as guest:
+        assert guest.publish(1)["status"] == "ok"
+        old = kill_role(router, "journal")
+        # Until the supervisor has it back, every publish is refused with a reason.
+        ack = guest.publish(2)
+        if ack["status"] == "error":
+            assert ack["reason"] in ("journal_unavailable", "commit_timeout")
+        wait_for(lambda: restarted(router, "journal", old), timeout=10, what="journal restart")
+        wait_for(lambda: guest.publish(3)["status"] == "ok", timeout=5, what="publishes recover")
+    seqs = [line["seq"] for line in router.read_log()]
+    assert seqs == list(range(1, len(seqs) + 1))  # no gap, no duplicate across the restart
+    assert "journal died" in router.log_text()
+
+
+def test_every_ok_ack_is_in_the_log_when_journal_is_killed_mid_stream(router):
+    acked = []
+    with connect_bus(router.port, "alpha") as guest:
+        for n in range(300):
+            if n == 100:
+                old = kill_role(router, "journal")
+            ack = guest.publish({"n": n}, id=n)
+            if ack["status"] == "ok":
+                acked.append((n, ack["seq"]))
+            else:
+                assert ack["reason"] in ("journal_unavailable", "commit_timeout")
+        wait_for(lambda: restarted(router, "journal", old), timeout=10, what="journal restart")
+    logged = {line["payload"]["n"]: line["seq"] for line in router.read_log()}
+    for n, seq in acked:
+        assert logged.get(n) == seq
+    seqs = [line["seq"] for line in router.read_log()]
+    assert seqs == sorted(set(seqs))
+
+
+def test_killed_bridge_is_restarted_and_guests_reconnect(router):
+    with connect_bus(router.port, "alpha") as guest:
+        guest.publish(1)
+        old = kill_role(router, "bridge")
+        assert guest.is_closed(timeout=5)
+    wait_for(lambda: restarted(router, "bridge", old), timeout=10, what="bridge restart")
+    with connect_bus(router.port, "alpha") as guest:
+        assert guest.publish(2)["seq"] == 2
+
+
+@pytest.fixture
+def small_log_disk(state_root):
+    """A 256 KiB tmpfs mounted where the bus logs go (needs root, as in CI)."""
+    logs = state_root / "logs" / "bus"
+    logs.mkdir(parents=True, mode=0o700)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(logs)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield logs
+    subprocess.run(["umount", "-l", str(logs)], check=False)
+
+
+def fill(directory, name="filler"):
+    """Write zeros until the file system is full; returns the filler path."""
+    path = directory / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_full_log_disk_gives_error_acks_and_recovers(router_factory, small_log_disk):
+    router = router_factory()
+    with connect_bus(router.port, "alpha") as guest:
+        assert guest.publish(1)["status"] == "ok"
+        filler = fill(small_log_disk)
+        big = "x" * 8000  # larger than any slack left in a partly filled page
+        ack = guest.publish(big)
+        assert ack["status"] == "error" and ack["reason"].startswith("log_write_failed"), ack
+        with pytest.raises(PublishFailed, match="log_write_failed"):
+            client.publish("broadcast", big, state_root=router.state_root)
+        wait_for(lambda: collect_status(router.state_root).journal.state == "error", timeout=5,
+                 what="status showing the journal error")
+        assert "log_write_failed" in collect_status(router.state_root).journal.reason
+        assert guest.request({"type": "heartbeat"})["status"] == "ok"  # the session survived
+        filler.unlink()
+        ack = guest.publish(4)
+        assert ack["status"] == "ok" and ack["seq"] == 2
+    # Nothing half-written: every line of every log parses, and only 1 and 4 are there.
+    for name in ("bus.log", "alpha.log"):
+        assert [line["payload"] for line in router.read_log(name)] == [1, 4]
+    wait_for(lambda: collect_status(router.state_root).journal.state == "ok", timeout=5, what="journal ok")
