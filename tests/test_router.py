@@ -191,3 +191,14 @@ def test_seq_continues_after_restart(router_factory, state_root):
     with connect_bus(router.port, "alpha") as guest:
         assert guest.publish(3)["seq"] == 3
     assert [line["seq"] for line in router.read_log()] == [1, 2, 3]
+
+
+def test_bash_dev_tcp_guest_handshakes_publishes_and_heartbeats(router):
+    script = os.path.join(os.path.dirname(__file__), "bash_guest.sh")
+    result = subprocess.run(["bash", script, str(router.port), "bashvm"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "handshake: ok session=" in result.stdout
+    assert '"status":"ok"' in result.stdout.split("publish: ")[1]
+    [line] = router.read_log("bashvm.log")
+    assert line["payload"] == {"from": "bash"} and line["topic"] == "vm:bashvm"
