@@ -175,7 +175,7 @@ class Bridge:
                 if not subscribed:
                     # Their results died with the journal (it may have committed some):
                     # answer now rather than at the commit timeout. Never a false ok.
-                    self.fail_pending(lambda pending: True, "journal_unavailable")
+                    self.fail_pending("journal_unavailable")
 
     def handle_commit_batch(self, body: bytes) -> None:
         for result in decode_commit_batch(body).results:
@@ -207,9 +207,8 @@ class Bridge:
             await asyncio.sleep(tick)
             now = time.monotonic()
             # A short grace past the deadline: the journal refuses stale work itself,
-            # so this only fires when the journal is stuck. Deadlines grow with corr.
-            cutoff = now - 0.5
-            self.fail_pending(lambda pending: pending.deadline <= cutoff, "commit_timeout")
+            # so this only fires when the journal is stuck.
+            self.fail_pending("commit_timeout", deadline_before=now - 0.5)
             limit = now - self.settings.heartbeat_timeout
             for connection in [c for c in self.sessions.values() if c.last_frame < limit]:
                 connection.log.bind(reason="heartbeat_timeout").info("session timed out")
@@ -221,11 +220,12 @@ class Bridge:
                     for c in self.sessions.values()
                 ])
 
-    def fail_pending(self, expired, reason: str) -> None:
-        """Answer ``reason`` to the oldest pending publishes while ``expired(p)`` holds."""
+    def fail_pending(self, reason: str, deadline_before: float = float("inf")) -> None:
+        """Answer ``reason`` to pending publishes whose deadline is before the given
+        one (all by default). Deadlines grow with ``corr``, so this stops early."""
         corrs = []
         for corr, pending in self.pending.items():
-            if not expired(pending):
+            if pending.deadline > deadline_before:
                 break
             corrs.append(corr)
         for corr in corrs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+from pathlib import Path
 
 import msgspec
 import zmq
@@ -25,7 +26,7 @@ from .endpoints import Endpoints
 from .errors import CastraError
 from .events import EventKind, event_message
 from .handshake import HOST_SENDER, validate_vm_name
-from .logfiles import AppendFile, last_complete_line, log_file_name
+from .logfiles import AppendFile, last_lines, log_file_name
 from .wire import (
     MAX_TOPIC,
     CommitBatch,
@@ -93,15 +94,21 @@ class LogSet:
         self._vm_files.clear()
 
 
-def recover_seq(endpoints: Endpoints) -> int:
-    """The last committed ``seq``: read from the last whole line of ``bus.log``."""
-    line = last_complete_line(endpoints.bus_log)
-    if line is None:
+def last_seq(path: Path) -> int:
+    """The ``seq`` of the last whole line of a bus log (0 when it has none)."""
+    lines = last_lines(path, 1)
+    if not lines:
         return 0
     try:
-        return decode_log_record(line).seq
+        return decode_log_record(lines[0]).seq
     except msgspec.DecodeError as exc:
-        raise CastraError(f"cannot read seq from the last line of {endpoints.bus_log}: {exc}") from None
+        raise CastraError(f"cannot read seq from the last line of {path}: {exc}") from None
+
+
+def files_of(vm: str, topic: str) -> tuple[str, ...]:
+    """The per-VM logs a message belongs in: its sender's and its target's."""
+    target = target_of(topic)
+    return (vm,) if target is None or target == vm else (vm, target)
 
 
 def target_of(topic: str) -> str | None:
@@ -118,7 +125,7 @@ class Journal:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.endpoints = settings.endpoints
-        self.seq = recover_seq(self.endpoints)
+        self.seq = last_seq(self.endpoints.bus_log)
         self.logs: LogSet | None = None
         self.failure: str | None = None  # why the last commit failed, until one succeeds
         self.context = zmq.Context()
@@ -146,7 +153,33 @@ class Journal:
         if self.logs is None:
             self.endpoints.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.logs = LogSet(self.endpoints)
+            self.reconcile(self.logs)
         return self.logs
+
+    def reconcile(self, logs: LogSet) -> None:
+        """Copy to the per-VM logs what a crash left only in ``bus.log``.
+
+        ``bus.log`` is written first, so after a crash mid-commit the per-VM logs
+        lag it by at most one batch: re-derive that batch's lines from it.
+        """
+        appended = 0
+        lines = last_lines(self.endpoints.bus_log, self.settings.batch_max)
+        records = []
+        for line in lines:
+            try:
+                record = decode_log_record(line)
+            except msgspec.DecodeError:
+                continue  # not ours to judge here; last_seq reports a bad last line
+            records.append((record.seq, files_of(record.vm, record.topic), line))
+        for vm in {vm for _, vms, _ in records for vm in vms}:
+            handle = logs.vm_file(vm)
+            have = last_seq(handle.path)
+            missing = b"".join(line for seq, vms, line in records if seq > have and vm in vms)
+            if missing:
+                logs.append({handle: missing}, sync=self.settings.fsync == "batch")
+                appended += missing.count(b"\n")
+        if appended:
+            logger.warning("per-VM logs completed from bus.log after a crash", count=appended)
 
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -154,6 +187,11 @@ class Journal:
         poller.register(self.direct, zmq.POLLIN)
         interval_ms = int(self.settings.health_interval * 1000)
         next_health = 0.0
+        try:
+            self.open_logs()  # trim torn tails and repair per-VM logs before anything else
+        except OSError as exc:
+            self.failure = f"log_write_failed: {exc.strerror or exc}"
+            logger.error("logs not writable yet", reason=self.failure)
         logger.info("journal ready", seq=self.seq, log=str(self.endpoints.bus_log))
         runtime.notify_ready()
         while self.running:
@@ -244,10 +282,8 @@ class Journal:
                     LogRecord(timestamp, ts_ms, seq, request.vm, request.topic, msgspec.Raw(pending.payload))
                 )
                 lines[logs.bus] += line + b"\n"
-                lines[logs.vm_file(request.vm)] += line + b"\n"
-                target = target_of(request.topic)
-                if target is not None and target != request.vm:
-                    lines[logs.vm_file(target)] += line + b"\n"
+                for vm in files_of(request.vm, request.topic):
+                    lines[logs.vm_file(vm)] += line + b"\n"
             logs.append(lines, sync=self.settings.fsync == "batch")
         except OSError as exc:
             reason = f"log_write_failed: {exc.strerror or exc}"

@@ -72,18 +72,24 @@ def _complete_size(fd: int, size: int) -> int:
     return size
 
 
-def last_complete_line(path: Path) -> bytes | None:
-    """The last newline-terminated line of ``path``; a torn tail is ignored."""
+def last_lines(path: Path, count: int) -> list[bytes]:
+    """Up to ``count`` last newline-terminated lines of ``path``, oldest first.
+
+    A torn tail (no final newline) is not a line.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return None
+        return []
     try:
         end = _complete_size(fd, os.fstat(fd).st_size)
-        if not end:
-            return None
-        start = _line_start(fd, end - 1)
-        return os.pread(fd, end - start, start)
+        lines: list[bytes] = []
+        while end > 0 and len(lines) < count:
+            start = _line_start(fd, end - 1)
+            lines.append(os.pread(fd, end - start, start))
+            end = start
+        lines.reverse()
+        return lines
     finally:
         os.close(fd)
 

@@ -119,3 +119,24 @@ def test_full_log_disk_gives_error_acks_and_recovers(router_factory, small_log_d
     for name in ("bus.log", "alpha.log"):
         assert [line["payload"] for line in router.read_log(name)] == [1, 4]
     wait_for(lambda: collect_status(router.state_root).journal.state == "ok", timeout=5, what="journal ok")
+
+
+def test_restart_after_crash_mid_commit_repairs_the_logs(router_factory):
+    """A crash after bus.log was written but before the per-VM logs (and with a torn
+    line at the end) leaves logs that the next start completes and trims."""
+    router = router_factory()
+    with connect_bus(router.port, "alpha") as guest:
+        guest.publish(1, topic="vm:beta")
+    router.stop()
+    # What a kill -9 between the two writes of seq 2 leaves behind, plus a torn line.
+    crashed = b'{"timestamp":1.0,"ts_ms":1000,"seq":2,"vm":"alpha","topic":"vm:beta","payload":2}\n'
+    with open(router.logs / "bus.log", "ab") as bus_log:
+        bus_log.write(crashed + b'{"timestamp":1.0,"ts_ms":1000,"seq":3,"vm":"al')
+    with open(router.logs / "beta.log", "ab") as beta_log:
+        beta_log.write(b'{"timestamp":1.0,"ts_')
+    router = router_factory()
+    with connect_bus(router.port, "alpha") as guest:
+        assert guest.publish(3)["seq"] == 3
+    assert [line["seq"] for line in router.read_log("bus.log")] == [1, 2, 3]
+    assert [line["seq"] for line in router.read_log("alpha.log")] == [1, 2, 3]
+    assert [line["seq"] for line in router.read_log("beta.log")] == [1, 2]
