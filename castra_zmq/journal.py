@@ -40,6 +40,7 @@ from .wire import (
 )
 
 _MAX_OPEN_FILES = 256
+_SUBSCRIPTIONS_WAIT_MS = 1000  # for the bus's subscriptions to reach a new outbox
 _validate_raw = msgspec.json.Decoder(msgspec.Raw).decode
 
 
@@ -130,14 +131,19 @@ class Journal:
         self.failure: str | None = None  # why the last commit failed, until one succeeds
         self.context = zmq.Context()
         self.inbox = self.context.socket(zmq.SUB)
-        self.outbox = self.context.socket(zmq.PUB)
+        # XPUB, not PUB: it shows when the bus's subscriptions have reached it.
+        # Results sent before that would be dropped unseen.
+        self.outbox = self.context.socket(zmq.XPUB)
         for sock in (self.inbox, self.outbox):
             sock.linger = 0
             sock.rcvhwm = settings.hwm
             sock.sndhwm = settings.hwm
+        self.outbox.connect(self.endpoints.publish)
+        if self.outbox.poll(_SUBSCRIPTIONS_WAIT_MS):
+            self.drop_subscription_notices()
+        # Only now may publishers see us (they watch for our subscription to pub).
         self.inbox.subscribe(topics.PUBLISH)
         self.inbox.connect(self.endpoints.subscribe)
-        self.outbox.connect(self.endpoints.publish)
         # Host publishes come straight here (DEALER -> ROUTER) and get their result on
         # the same socket: no PUB/SUB slow-joiner between a short-lived CLI and us.
         self.direct = self.context.socket(zmq.ROUTER)
@@ -185,6 +191,7 @@ class Journal:
         poller = zmq.Poller()
         poller.register(self.inbox, zmq.POLLIN)
         poller.register(self.direct, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
         interval_ms = int(self.settings.health_interval * 1000)
         next_health = 0.0
         try:
@@ -195,12 +202,23 @@ class Journal:
         logger.info("journal ready", seq=self.seq, log=str(self.endpoints.bus_log))
         runtime.notify_ready()
         while self.running:
-            if poller.poll(interval_ms):
+            ready = dict(poller.poll(interval_ms))
+            if self.outbox in ready:
+                self.drop_subscription_notices()
+            if self.inbox in ready or self.direct in ready:
                 self.commit(*self.drain())
             now = time.monotonic()
             if now >= next_health:
                 next_health = now + self.settings.health_interval
                 self.announce_health()
+
+    def drop_subscription_notices(self) -> None:
+        """Read the outbox's (un)subscription messages: unread, they would pile up."""
+        while True:
+            try:
+                self.outbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
 
     def drain(self) -> tuple[list[list[bytes]], list[list[bytes]]]:
         """What arrived: bus publishes and direct ``[identity, b"", header, payload]``."""
@@ -259,6 +277,7 @@ class Journal:
         else:
             try:
                 _validate_raw(payload)
+                payload.decode("utf-8")  # msgspec keeps a Raw's strings unchecked
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 reason = "payload is not valid JSON"
         if reason is not None:
