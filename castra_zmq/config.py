@@ -15,14 +15,12 @@ from .endpoints import Endpoints, default_state_root
 from .errors import ConfigError
 
 SETTINGS_ENV = "CASTRA_SETTINGS"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7070
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     state_root: str
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
+    host: str = "127.0.0.1"
+    port: int = 7070
     # Guest connections (PROTOCOL.md section 1 and 3).
     handshake_timeout: float = 5.0
     heartbeat_timeout: float = 60.0
@@ -55,6 +53,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def to_env(self) -> dict[str, str]:
         return {SETTINGS_ENV: msgspec.json.encode(self).decode()}
+
+
+DEFAULTS = Settings(state_root="")  # what every option defaults to, for --help
 
 
 def settings_from_env() -> Settings:

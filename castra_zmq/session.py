@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from .bridge import Bridge
 
 HELLO, BUS, CLOSED = "hello", "bus", "closed"
+_THROTTLE_NOTICE_S = 10.0
+_LINGER_OFF = struct.pack("ii", 1, 0)
 
 
 class GuestConnection(asyncio.Protocol):
@@ -67,6 +70,7 @@ class GuestConnection(asyncio.Protocol):
         self.topics: set[str] = set()
         self.in_flight = 0
         self.paused = False
+        self.throttle_noticed = float("-inf")
         self.last_frame = time.monotonic()
         self.last_heartbeat_ms: int | None = None
         self.log = logger
@@ -104,12 +108,6 @@ class GuestConnection(asyncio.Protocol):
         if self.phase is not CLOSED:
             self.finish("disconnect" if exc is None else f"disconnect: {exc}")
         self.bridge.release(self)
-
-    def pause_writing(self) -> None:  # the outbound limit is enforced in deliver()
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- handshake (line mode) --------------------------------------------------------
 
@@ -163,7 +161,7 @@ class GuestConnection(asyncio.Protocol):
         window = self.bridge.settings.publish_window
         while self.phase is BUS:
             if self.in_flight >= window:
-                self.pause()
+                self.throttle()
                 return
             try:
                 body = self.decoder.next_frame()
@@ -258,14 +256,35 @@ class GuestConnection(asyncio.Protocol):
             return
         self.transport.write(frame)
 
+    def throttle(self) -> None:
+        """Stop reading while the publish window is full: TCP pushes back on the guest.
+
+        Under load a window fills many times a second, so it is told (log line and
+        event) at most once per ``_THROTTLE_NOTICE_S`` per session.
+        """
+        self.pause()
+        now = time.monotonic()
+        if now - self.throttle_noticed >= _THROTTLE_NOTICE_S:
+            self.throttle_noticed = now
+            self.bridge.emit(EventKind.BACKPRESSURE, vm=self.vm, session=self.token,
+                             action="pause_reading", reason="publish_window_full")
+            self.log.bind(reason="publish_window_full").info("publish window full: reading paused")
+
     def pause(self) -> None:
         if not self.paused:
             self.paused = True
             self.transport.pause_reading()
 
     def close(self, reason: str, abort: bool = False) -> None:
+        """Close the session; ``abort`` also discards what is queued for the guest."""
         if self.phase is CLOSED:
             return
+        if abort:
+            # SO_LINGER 0: reset now instead of the kernel trickling megabytes to a
+            # guest that stopped reading.
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
         self.finish(reason)
         if abort:
             self.transport.abort()

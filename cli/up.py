@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from castra_zmq.config import DEFAULT_HOST, DEFAULT_PORT, Settings
+from castra_zmq.config import DEFAULTS, Settings
 from castra_zmq.errors import CastraError
 from castra_zmq.runtime import setup_logging
 from castra_zmq.supervisor import Supervisor
@@ -16,20 +16,23 @@ from .options import state_root_option
 
 @click.command()
 @state_root_option
-@click.option("--host", default=DEFAULT_HOST, show_default=True,
+@click.option("--host", default=DEFAULTS.host, show_default=True,
               help="Address guests connect to. Anything but loopback is logged as a warning.")
-@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULTS.port, show_default=True,
               help="TCP port for guests (0 picks a free one).")
-@click.option("--fsync", type=click.Choice(["batch", "never"]), default="batch", show_default=True,
+@click.option("--fsync", type=click.Choice(["batch", "never"]), default=DEFAULTS.fsync, show_default=True,
               help="batch: fsync every group commit before acking; never: leave it to the OS.")
-@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.1), default=DEFAULTS.heartbeat_timeout, show_default=True,
               help="Seconds of silence after which a bus session is closed.")
-@click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+@click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=DEFAULTS.handshake_timeout, show_default=True,
               help="Seconds a new connection has to send its hello line.")
-@click.option("--commit-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+@click.option("--commit-timeout", type=click.FloatRange(min=0.1), default=DEFAULTS.commit_timeout, show_default=True,
               help="Seconds after which an uncommitted publish gets an error ack.")
+@click.option("--subscriber-queue", "subscriber_queue_bytes", type=click.IntRange(min=1024),
+              default=DEFAULTS.subscriber_queue_bytes, show_default=True,
+              help="Bytes queued to one subscribed guest before it is dropped as slow_consumer.")
 def up(state_root: Path, host: str, port: int, fsync: str, heartbeat_timeout: float,
-       handshake_timeout: float, commit_timeout: float) -> None:
+       handshake_timeout: float, commit_timeout: float, subscriber_queue_bytes: int) -> None:
     """Start the router (proxy, journal, status, bridge) and supervise it.
 
     Prints one line when guests can connect, restarts any process that dies, and
@@ -45,7 +48,7 @@ def up(state_root: Path, host: str, port: int, fsync: str, heartbeat_timeout: fl
     settings = Settings(
         state_root=str(state_root), host=host, port=port, fsync=fsync,
         heartbeat_timeout=heartbeat_timeout, handshake_timeout=handshake_timeout,
-        commit_timeout=commit_timeout,
+        commit_timeout=commit_timeout, subscriber_queue_bytes=subscriber_queue_bytes,
     )
     try:
         supervisor = Supervisor(settings)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -13,7 +15,7 @@ from castra_zmq.errors import PublishFailed
 from castra_zmq.statusview import collect_status
 
 from .conftest import wait_for
-from .guest import connect_bus
+from .guest import Guest, connect_bus
 
 
 def kill_role(router, role: str) -> int:
@@ -140,3 +142,29 @@ def test_restart_after_crash_mid_commit_repairs_the_logs(router_factory):
     assert [line["seq"] for line in router.read_log("bus.log")] == [1, 2, 3]
     assert [line["seq"] for line in router.read_log("alpha.log")] == [1, 2, 3]
     assert [line["seq"] for line in router.read_log("beta.log")] == [1, 2]
+
+
+def test_subscriber_that_stops_reading_is_dropped_as_slow_consumer(router_factory):
+    router = router_factory("--subscriber-queue", "65536")
+    stalled = Guest(router.port)
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert stalled.hello("stalled").startswith("ok session=")
+    assert stalled.subscribe("flood")["status"] == "ok"
+    big = "x" * 1000
+    with connect_bus(router.port, "flooder") as flooder:
+        deadline = time.monotonic() + 30
+        sent = 0
+        # Bounded: stop as soon as the broker has dropped the stalled subscriber.
+        while "reason=slow_consumer" not in router.log_text():
+            assert sent < 50_000 and time.monotonic() < deadline, "slow subscriber was never dropped"
+            for _ in range(50):
+                flooder.send({"type": "publish", "topic": "flood", "payload": big})
+            for _ in range(50):
+                assert flooder.recv()["status"] == "ok"  # the publisher is never held back
+            sent += 50
+        assert flooder.publish(1)["status"] == "ok"
+    assert stalled.is_closed(timeout=5)
+    stalled.close()
+    wait_for(lambda: "stalled" in {vm.name for vm in collect_status(router.state_root).vms}, what="status row")
+    [vm] = [vm for vm in collect_status(router.state_root).vms if vm.name == "stalled"]
+    assert not vm.bus_subscribed and vm.last_reason == "slow_consumer"
