@@ -245,7 +245,13 @@ class Bridge:
             await asyncio.sleep(0.005)
         logger.info("bridge ready", listen=f"{host}:{port}", origin=self.origin, journal=self.journal_subscribed)
         runtime.notify_ready()
-        await self.stopping.wait()
+        stop = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed = next((task for task in tasks if task.done()), None)
+        if failed is not None:
+            # A loop that died would leave guests without acks: exit and be restarted.
+            stop.cancel()
+            raise RuntimeError("bridge loop ended") from failed.exception()
         self.server.close()
         for connection in self.sessions.values():
             connection.pause()
