@@ -10,6 +10,7 @@ publish the journal does not answer within ``commit_timeout`` gets an error ack.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import signal
@@ -26,6 +27,7 @@ from .config import Settings, settings_from_env
 from .events import EventKind, SessionInfo, event_message
 from .framing import encode_frame
 from .handshake import Hello
+from .identity import load_identities
 from .session import GuestConnection
 from .wire import (
     SUBSCRIBE_ALL,
@@ -54,7 +56,9 @@ class Bridge:
         self.settings = settings
         endpoints = settings.endpoints
         self.origin = f"bridge-{os.getpid()}-{os.urandom(4).hex()}"
-        self.connections: set[GuestConnection] = set()
+        self.connections: dict[GuestConnection, str] = {}  # -> source address
+        self.per_address: collections.Counter[str] = collections.Counter()
+        self.identities = load_identities(settings.identities_file)
         self.sessions: dict[str, GuestConnection] = {}  # vm -> its current session
         self.subscribers: dict[str, set[GuestConnection]] = {}  # topic -> sessions
         self.pending: dict[int, PendingPublish] = {}  # in commit order, so deadlines too
@@ -81,15 +85,28 @@ class Bridge:
 
     # -- guests: called by GuestConnection --------------------------------------------
 
-    def admit(self, connection: GuestConnection) -> str | None:
-        """A reason to refuse a new connection, or None."""
+    def admit(self, connection: GuestConnection, address: str) -> str | None:
+        """A reason to refuse a new connection, or None (then it is counted)."""
         if len(self.connections) >= self.settings.max_connections:
             return "too many connections"
-        self.connections.add(connection)
+        cap = self.settings.max_connections_per_address
+        if cap and self.per_address[address] >= cap:
+            return "too many connections from this address"
+        self.connections[connection] = address
+        self.per_address[address] += 1
         return None
 
     def release(self, connection: GuestConnection) -> None:
-        self.connections.discard(connection)
+        address = self.connections.pop(connection, None)
+        if address is not None:
+            self.per_address[address] -= 1
+            if not self.per_address[address]:
+                del self.per_address[address]
+
+    def check_identity(self, hello: Hello) -> None:
+        """Raise ``HandshakeError`` when an identities file refuses ``hello``."""
+        if self.identities is not None:
+            self.identities.check(hello)
 
     def open_session(self, connection: GuestConnection, hello: Hello) -> None:
         previous = self.sessions.get(hello.vm)

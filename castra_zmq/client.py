@@ -21,7 +21,6 @@ from pathlib import Path
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from . import topics
 from .endpoints import Endpoints, default_state_root
@@ -47,11 +46,9 @@ def _endpoints(state_root: os.PathLike | str | None) -> Endpoints:
 
 def require_router(endpoints: Endpoints) -> None:
     if router_pid(endpoints) is None:
-        raise RouterUnavailable(
-            f"no router is running on {endpoints.state_root}; start one with `castra up`"
-            + ("" if endpoints.state_root == Path(default_state_root()).absolute()
-               else f" --state-root {endpoints.state_root}")
-        )
+        default = endpoints.state_root == Path(default_state_root()).absolute()
+        start = "castra up" if default else f"castra up --state-root {endpoints.state_root}"
+        raise RouterUnavailable(f"no router is running on {endpoints.state_root}; start one with `{start}`")
 
 
 def encode_payload(payload) -> bytes:
@@ -124,6 +121,8 @@ def subscribe(topic_names: Iterable[str] = ("*",), *, state_root=None) -> Iterat
 
 async def subscribe_async(topic_names: Iterable[str] = ("*",), *, state_root=None) -> AsyncIterator[Delivery]:
     """``subscribe`` for asyncio programs."""
+    import zmq.asyncio  # ~30 ms of asyncio imports that only asyncio tools should pay
+
     endpoints = _endpoints(state_root)
     context = zmq.asyncio.Context()
     sock = context.socket(zmq.SUB)

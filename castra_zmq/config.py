@@ -28,6 +28,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     publish_window: int = 64  # un-acked publishes per session before reading pauses
     subscriber_queue_bytes: int = 4 * 1024 * 1024  # past this: slow_consumer
     max_connections: int = 20_000
+    # 0: no cap. Guests behind QEMU user networking all arrive from 127.0.0.1, so a
+    # per-address cap only makes sense for guests on a bridged network.
+    max_connections_per_address: int = 0
+    identities_file: str | None = None  # allow-list and per-VM secrets (see identity.py)
     # Journal: "batch" fsyncs once per group commit, "never" leaves it to the OS.
     fsync: Literal["batch", "never"] = "batch"
     commit_timeout: float = 5.0  # a publish not committed by then gets an error ack

@@ -27,6 +27,7 @@ class Hello(msgspec.Struct, frozen=True):
     vm: str
     capabilities: tuple[str, ...]
     bus_protocol: str | None
+    token: str | None = None  # shared secret, for deployments with an identities file
 
 
 def ok_session_line(token: str) -> bytes:
@@ -85,13 +86,19 @@ def parse_hello(line: bytes) -> Hello:
         name = name[3:]
     vm = validate_vm_name(name)
     capabilities: list[str] = []
+    secret = None
     for token in tokens[2:]:
         key, sep, value = token.partition("=")
-        if not sep or key.lower() != "capabilities":
-            continue  # other key=value tokens are room for future fields
-        for cap in value.split(","):
-            cap = cap.strip().lower()
-            if cap and cap not in capabilities:
-                capabilities.append(cap)
+        key = key.lower()
+        if not sep:
+            continue
+        if key == "token":
+            secret = value
+        elif key == "capabilities":
+            for cap in value.split(","):
+                cap = cap.strip().lower()
+                if cap and cap not in capabilities:
+                    capabilities.append(cap)
+        # other key=value tokens are room for future fields
     bus_protocol = next((p for p in BUS_PROTOCOLS if p in capabilities), None)
-    return Hello(vm=vm, capabilities=tuple(capabilities), bus_protocol=bus_protocol)
+    return Hello(vm=vm, capabilities=tuple(capabilities), bus_protocol=bus_protocol, token=secret)

@@ -5,9 +5,10 @@ A VM name is an identity, never a path. A plain name (letters, digits, ``.``, ``
 (``bus.log`` is the shared log), is percent-encoded byte by byte with its first byte
 always encoded: ``a/b`` -> ``%61%2Fb.log``, ``..`` -> ``%2E%2E.log``. Encoded names
 start with ``%`` and plain ones never contain it, so two names never share a file and
-``vm_from_file_name`` reverses the encoding. An encoding longer than ``_MAX_STEM``
-bytes (only long non-ASCII names) becomes ``%%<sha256>``; the name is then in the
-``vm`` field of every line of that file.
+``vm_from_file_name`` reverses the encoding. A stem longer than ``_MAX_STEM`` bytes
+(only names with many unsafe bytes, or names longer than a VM name may be) becomes
+``%%<sha256>``, so a file name stays under the 255-byte limit; the name is then in
+the ``vm`` field of every line of that file.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _TAIL_CHUNK = 64 * 1024
 
 
 def log_file_name(vm: str) -> str:
-    if _PLAIN.fullmatch(vm) and vm not in _RESERVED_STEMS:
+    if _PLAIN.fullmatch(vm) and vm not in _RESERVED_STEMS and len(vm) <= _MAX_STEM:
         return vm + SUFFIX
     raw = vm.encode("utf-8")
     stem = "".join(chr(b) if i and b in _SAFE_BYTES else f"%{b:02X}" for i, b in enumerate(raw))
@@ -41,17 +42,23 @@ def vm_from_file_name(name: str) -> str | None:
         return None
     stem = name[: -len(SUFFIX)]
     if not stem.startswith("%"):
-        return stem
-    out = bytearray()
-    i = 0
-    while i < len(stem):
-        if stem[i] == "%":
-            out.append(int(stem[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(ord(stem[i]))
-            i += 1
-    return out.decode("utf-8")
+        vm = stem
+    else:
+        out = bytearray()
+        i = 0
+        try:
+            while i < len(stem):
+                if stem[i] == "%":
+                    out.append(int(stem[i + 1 : i + 3], 16))
+                    i += 3
+                else:
+                    out.append(ord(stem[i]))
+                    i += 1
+            vm = out.decode("utf-8")
+        except ValueError:  # not %XX, not a byte, not UTF-8: not a name we wrote
+            return None
+    # ``bus.log``, ``a%41.log``, ``%4.log``: files log_file_name never makes.
+    return vm if log_file_name(vm) == name else None
 
 
 def _line_start(fd: int, end: int) -> int:

@@ -85,7 +85,7 @@ class GuestConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        refusal = self.bridge.admit(self)
+        refusal = self.bridge.admit(self, peer[0] if peer else "?")
         if refusal:
             self.refuse(refusal, vm=None)
             return
@@ -120,6 +120,11 @@ class GuestConnection(asyncio.Protocol):
             hello = parse_hello(line)
         except HandshakeError as exc:
             self.refuse(exc.reason, vm=None)
+            return
+        try:
+            self.bridge.check_identity(hello)
+        except HandshakeError as exc:
+            self.refuse(exc.reason, vm=hello.vm)
             return
         self.deadline.cancel()
         self.line = b""

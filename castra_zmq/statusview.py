@@ -7,7 +7,6 @@ last snapshot file is read instead, and ``router.source`` says which was used.
 from __future__ import annotations
 
 import os
-import sys
 
 import msgspec
 
@@ -29,10 +28,13 @@ def collect_status(state_root: os.PathLike | str, timeout: float = 0.25) -> Stat
     else:
         snapshot = load_snapshot(endpoints)
         source = "snapshot" if snapshot is not None else "none"
-        result = view(snapshot or StatusTable(), now_ms())
-        if pid is None:  # no router: no session can be open, whatever the file says
-            for vm in result.vms:
-                vm.bus_subscribed, vm.session, vm.subscribed_topics = False, None, []
+        table = snapshot or StatusTable()
+        if pid is None:
+            # No router, no bridge: no session is open, whatever the file says, and
+            # only a fresh handshake keeps a VM reachable.
+            table.bridge_sync_ms = None
+        result = view(table, now_ms())
+        if pid is None:
             result.journal = None
     info = read_router_info(endpoints) if pid is not None else None
     result.router = {
@@ -59,10 +61,8 @@ def _age_text(age_ms: int | None) -> str:
     return f"{age_ms // 3_600_000}h"
 
 
-def render_table(result: StatusView, color: bool | None = None) -> str:
-    """An aligned table with a legend; colour only when writing to a terminal."""
-    if color is None:
-        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+def render_table(result: StatusView, color: bool = False) -> str:
+    """An aligned table with a legend, styled when ``color`` (the CLI decides)."""
     import click  # only the CLI renders tables
 
     headers = ("VM", "BROKER", "HANDSHAKE AGE", "BUS", "BUS AGE", "TOPICS")
@@ -93,6 +93,6 @@ def render_table(result: StatusView, color: bool | None = None) -> str:
         head += f"\njournal: {result.journal.state}" + (f" ({result.journal.reason})" if result.journal.reason else "")
     out = [head, "", line(headers, bold=True)]
     out += [line(r) for r in rows] or ["(no VMs seen yet)"]
-    out += ["", "BROKER reachable: handshake under 45 s old or a live bus session; "
-                "BUS subscribed: session open, idle: no session now, —: handshake-only."]
+    out += ["", ("BROKER reachable: handshake under 45 s old or a live bus session; "
+                "BUS subscribed: session open, idle: no session now, —: handshake-only.")]
     return "\n".join(out)

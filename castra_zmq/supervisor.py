@@ -28,6 +28,7 @@ from .bridge import LISTEN_FD_ENV, bind_listener
 from .config import Settings
 from .errors import CastraError, RouterBusy
 from .events import now_ms
+from .identity import load_identities
 from .owner import RoleState, RouterInfo, router_pid
 from .runtime import READY_FD_ENV
 
@@ -69,6 +70,7 @@ class Supervisor:
     def start(self) -> None:
         signal.signal(signal.SIGTERM, self.handle_signal)
         signal.signal(signal.SIGINT, self.handle_signal)
+        load_identities(self.settings.identities_file)  # refuse a bad file here, not in a restart loop
         self.endpoints.prepare()
         self.take_lock()
         try:
@@ -81,7 +83,7 @@ class Supervisor:
                     "stop what listens there or choose another --port"
                 ) from None
             raise CastraError(f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}") from None
-        if not _is_loopback(self.settings.host):
+        if not is_loopback(self.settings.host):
             logger.warning("listening beyond loopback: any host that can reach this address can connect",
                            listen=self.listen)
         for name in ROLES:
@@ -227,7 +229,7 @@ class Supervisor:
             self.lock_fd = None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

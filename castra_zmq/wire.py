@@ -87,6 +87,13 @@ def decode_guest_frame(body: bytes) -> GuestFrame:
     ``type`` (the guest gets ``{"type":"error",...}``) and ``FrameRejected`` for a
     known object shape with bad fields or an unknown ``type`` (an error ack).
     """
+    # msgspec does not check the UTF-8 of strings it skips or keeps raw (payloads,
+    # unknown fields), so the whole body is checked once: no invalid byte gets logged.
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FrameError("invalid JSON: frame is not UTF-8 JSON") from None
     try:
         return _guest_decoder.decode(body)
     except msgspec.ValidationError as exc:
@@ -96,8 +103,11 @@ def decode_guest_frame(body: bytes) -> GuestFrame:
     except RecursionError:
         raise FrameError("invalid JSON: nested too deeply") from None
     # The slow path only runs for rejected frames: find out which answer they get.
+    # The typed decoder stops at the first bad field, so the rest may not be JSON.
     try:
         obj = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise FrameError("invalid JSON: frame is not UTF-8 JSON") from None
     except RecursionError:
         raise FrameError("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):

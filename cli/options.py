@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -15,3 +17,8 @@ state_root_option = click.option(
     show_default="$CASTRA_STATE_ROOT or ~/.local/state/castra",
     help="Directory holding the router's sockets, logs and status.",
 )
+
+
+def stdout_wants_color() -> bool:
+    """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")

@@ -9,7 +9,7 @@ import msgspec
 
 from castra_zmq.statusview import collect_status, render_table
 
-from .options import state_root_option
+from .options import state_root_option, stdout_wants_color
 
 
 @click.command()
@@ -30,4 +30,4 @@ def status(state_root: Path, as_json: bool) -> None:
     if as_json:
         click.echo(msgspec.json.encode(result).decode())
     else:
-        click.echo(render_table(result))
+        click.echo(render_table(result, color=stdout_wants_color()))

@@ -31,8 +31,16 @@ from .options import state_root_option
 @click.option("--subscriber-queue", "subscriber_queue_bytes", type=click.IntRange(min=1024),
               default=DEFAULTS.subscriber_queue_bytes, show_default=True,
               help="Bytes queued to one subscribed guest before it is dropped as slow_consumer.")
-def up(state_root: Path, host: str, port: int, fsync: str, heartbeat_timeout: float,
-       handshake_timeout: float, commit_timeout: float, subscriber_queue_bytes: int) -> None:
+@click.option("--identities", "identities_file", type=click.Path(dir_okay=False, exists=True),
+              help="Allow-list of VM names, optionally with a secret each (`beta token=...`); "
+                   "others get `error: unknown vm`.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=DEFAULTS.max_connections,
+              show_default=True, help="Guest connections open at once.")
+@click.option("--max-per-address", "max_connections_per_address", type=click.IntRange(min=0),
+              default=DEFAULTS.max_connections_per_address, show_default=True,
+              help="Guest connections from one source address (0: no cap; guests behind QEMU "
+                   "user networking all come from 127.0.0.1).")
+def up(state_root: Path, identities_file: str | None, **options) -> None:
     """Start the router (proxy, journal, status, bridge) and supervise it.
 
     Prints one line when guests can connect, restarts any process that dies, and
@@ -45,10 +53,11 @@ def up(state_root: Path, host: str, port: int, fsync: str, heartbeat_timeout: fl
       CASTRA_STATE_ROOT=/srv/castra castra up --host 0.0.0.0   # beyond loopback
     """
     setup_logging("supervisor")
+    # Option names are Settings field names: the rest pass straight through.
     settings = Settings(
-        state_root=str(state_root), host=host, port=port, fsync=fsync,
-        heartbeat_timeout=heartbeat_timeout, handshake_timeout=handshake_timeout,
-        commit_timeout=commit_timeout, subscriber_queue_bytes=subscriber_queue_bytes,
+        state_root=str(state_root),
+        identities_file=str(Path(identities_file).absolute()) if identities_file else None,
+        **options,
     )
     try:
         supervisor = Supervisor(settings)

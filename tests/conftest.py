@@ -49,7 +49,7 @@ class Router:
         return self.state_root / "logs" / "bus"
 
     def start(self, timeout: float = 20.0) -> Router:
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - the router's stderr until stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "up", "--state-root", str(self.state_root), "--port", "0", *self.args],
             stdout=subprocess.PIPE,

@@ -13,11 +13,12 @@ import time
 
 
 class Guest:
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0):
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0, greeting: bool = True):
+        """Connect; with ``greeting`` false the first line is left for the test to read."""
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = b""
-        self.greeting = self.read_line()
+        self.greeting = self.read_line() if greeting else None
         self.session: str | None = None
 
     # -- line mode --------------------------------------------------------------------

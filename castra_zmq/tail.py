@@ -1,0 +1,309 @@
+"""What ``castra bus tail`` does: the last lines of a bus log, then each new one.
+
+Only complete lines are read. Bytes after the last newline are a line still being
+written, or one torn by a crash; they are read again, whole, once their newline
+lands, and never shown before.
+
+Following tracks the path, not the open file, like ``tail -F``: a log truncated in
+place is read again from its start, a replaced one (rotation, a new state root) is
+read to its end and then swapped for the new file, and a log that does not exist
+yet is waited for. Wake-ups come from inotify on the log's directory, so a new line
+shows within milliseconds; a short ``select`` timeout is the safety net for a missed
+event, and without inotify (or while the directory does not exist) a 30 ms poll
+takes over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import os
+import select
+import struct
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import click
+import msgspec
+
+from .endpoints import Endpoints
+from .errors import CastraError
+from .logfiles import log_file_name
+from .wire import LogRecord, decode_log_record
+
+DEFAULT_COUNT = 10
+POLL_INTERVAL = 0.03  # seconds between checks without inotify
+SAFETY_INTERVAL = 0.25  # with inotify: check anyway this often, in case an event was missed
+_READ_CHUNK = 1 << 20  # far above the longest record (a 64 KiB payload plus its fields)
+_BACKWARD_CHUNK = 64 * 1024  # reading back from the end: most lines are short
+_VM_WIDTH = 12
+_TOPIC_WIDTH = 16
+
+Notify = Callable[[str], None]
+
+
+class Entry(NamedTuple):
+    """One log line, as read (without its newline) and decoded."""
+
+    line: bytes
+    record: LogRecord
+
+
+def log_path(state_root: os.PathLike | str, vm: str | None = None) -> Path:
+    """The shared log, or ``vm``'s own log (what it sent and what was addressed to it)."""
+    endpoints = Endpoints(state_root)
+    return endpoints.bus_log if vm is None else endpoints.logs_dir / log_file_name(vm)
+
+
+# -- turning lines into entries and entries into text ---------------------------------
+
+
+def parse_entries(lines: Iterable[bytes], topics: Collection[str], notify: Notify) -> Iterator[Entry]:
+    """Decode log lines, keeping those on ``topics`` (every topic when empty).
+
+    A line that is not a log record is skipped, with a note through ``notify``.
+    """
+    for line in lines:
+        try:
+            record = decode_log_record(line)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            notify(f"skipped a line that is not a bus log record ({exc}): {line[:60]!r}")
+            continue
+        if not topics or record.topic in topics:
+            yield Entry(line, record)
+
+
+def format_record(record: LogRecord, color: bool = False) -> str:
+    """``HH:MM:SS.mmm  vm  topic  payload``: local time, the payload as compact JSON."""
+    seconds, millis = divmod(record.ts_ms, 1000)
+    clock = time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{millis:03d}"
+    payload = msgspec.json.format(record.payload, indent=-1).decode("utf-8", "replace")
+    cells = (
+        (clock, {"dim": True}),
+        (printable(record.vm).ljust(_VM_WIDTH), {"fg": "cyan"}),
+        (printable(record.topic).ljust(_TOPIC_WIDTH), {"fg": "yellow"}),
+        (printable(payload), {}),
+    )
+    return "  ".join(click.style(text, **style) if color and style else text for text, style in cells)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``).
+
+    Topics and payloads are chosen by guests: they must not drive the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+# -- reading a log file -----------------------------------------------------------
+
+
+def complete_end(fd: int, size: int) -> int:
+    """``size`` less the bytes after the last newline (a line being written, or torn)."""
+    end = size
+    while end > 0:
+        start = max(0, end - _BACKWARD_CHUNK)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
+def lines_before(fd: int, end: int) -> Iterator[bytes]:
+    """The lines of ``fd`` before ``end`` (a line boundary), newest first, without newlines.
+
+    The file is read backwards in chunks, each byte once, so a filtered scan of a
+    large log stays linear.
+    """
+    head = b""  # what was read of the oldest line so far (with its newline); it began further back
+    while end > 0:
+        start = max(0, end - _BACKWARD_CHUNK)
+        pieces = (os.pread(fd, end - start, start) + head).split(b"\n")
+        pieces.pop()  # the empty piece after the newline at ``end``
+        head = pieces.pop(0) + b"\n" if start else b""
+        yield from reversed(pieces)
+        end = start
+
+
+class LogFollower:
+    """The complete lines of the log at ``path``: those already there, then new ones.
+
+    ``offset`` is the end of the last line handed out. A file shorter than that was
+    truncated in place; a path that names another file (or none) was replaced.
+    Either is told through ``notify``, so a reader knows why lines repeat or skip.
+    """
+
+    def __init__(self, path: Path, notify: Notify):
+        self.path = path
+        self.notify = notify
+        self.fd: int | None = None
+        self.identity: tuple[int, int] | None = None
+        self.offset = 0
+        if self._open():
+            self.offset = complete_end(self.fd, os.fstat(self.fd).st_size)
+
+    def existing_lines(self) -> Iterator[bytes]:
+        """The lines in the log when it was opened, newest first; call before ``new_lines``."""
+        return lines_before(self.fd, self.offset) if self.fd is not None else iter(())
+
+    def new_lines(self) -> Iterator[bytes]:
+        """The lines completed since the last call, oldest first."""
+        if self.fd is None:
+            if not self._open():
+                return
+            self.notify(f"{self.path} appeared; reading it")
+        yield from self._drain()
+        if self._replaced():
+            self.close()  # the old file was read to its end just above
+            self.notify(f"{self.path} was replaced or removed; following the file by that name")
+            if self._open():
+                yield from self._drain()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _open(self) -> bool:
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise CastraError(f"cannot read {self.path}: {exc.strerror}") from None
+        stat = os.fstat(self.fd)
+        self.identity = (stat.st_dev, stat.st_ino)
+        self.offset = 0
+        return True
+
+    def _drain(self) -> Iterator[bytes]:
+        while True:
+            size = os.fstat(self.fd).st_size
+            if size < self.offset:
+                self.notify(f"{self.path} was truncated; reading it from the start")
+                self.offset = 0
+            data = os.pread(self.fd, min(size - self.offset, _READ_CHUNK), self.offset)
+            lines = data.split(b"\n")
+            unfinished = lines.pop()  # after the last newline: not a line yet
+            if not lines and len(data) == _READ_CHUNK:
+                # No record is this long: hand it on to be reported rather than wait forever.
+                lines, unfinished = [unfinished], b""
+            self.offset += len(data) - len(unfinished)
+            yield from lines
+            if len(data) < _READ_CHUNK:
+                return
+
+    def _replaced(self) -> bool:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (stat.st_dev, stat.st_ino) != self.identity
+
+
+# -- waiting for a change ---------------------------------------------------------
+
+_IN_MODIFY = 0x002
+_IN_ATTRIB = 0x004
+_IN_MOVED_FROM = 0x040
+_IN_MOVED_TO = 0x080
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_IN_IGNORED = 0x8000  # the watch is gone (its directory was removed)
+_WATCH_MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+               | _IN_DELETE_SELF | _IN_MOVE_SELF)
+_EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+
+
+def _load_inotify():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):  # not Linux, or no libc symbols to find
+        return None
+    return libc
+
+
+class DirectoryWatch:
+    """Waits until an entry of ``directory`` may have changed.
+
+    The watch is on the directory, not on the file, so a log created, replaced or
+    truncated wakes the follower as surely as an append does. A directory removed
+    and made again (a new state root) is watched anew.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.libc = _load_inotify()
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC) if self.libc else -1
+        self.watching = False
+        self._watch()
+
+    def wait(self) -> None:
+        if not self.watching and not self._watch():
+            time.sleep(POLL_INTERVAL)
+            return
+        readable, _, _ = select.select([self.fd], [], [], SAFETY_INTERVAL)
+        if readable:
+            self._read_events()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _watch(self) -> bool:
+        if self.fd >= 0:
+            self.watching = self.libc.inotify_add_watch(self.fd, os.fsencode(self.directory), _WATCH_MASK) >= 0
+        return self.watching
+
+    def _read_events(self) -> None:
+        """Drain the queued events: one check of the file answers them all."""
+        while True:
+            try:
+                data = os.read(self.fd, 64 * 1024)
+            except BlockingIOError:
+                return
+            offset = 0
+            while offset < len(data):
+                wd, mask, _cookie, name_len = _EVENT_HEADER.unpack_from(data, offset)
+                offset += _EVENT_HEADER.size + name_len
+                if mask & _IN_MOVE_SELF:  # the path may name another directory now
+                    self.libc.inotify_rm_watch(self.fd, wd)
+                if mask & (_IN_IGNORED | _IN_MOVE_SELF):
+                    self.watching = False
+
+
+# -- the whole command ------------------------------------------------------------
+
+
+def tail_entries(
+    path: Path,
+    *,
+    count: int = DEFAULT_COUNT,
+    follow: bool = False,
+    topics: Collection[str] = (),
+    notify: Notify,
+) -> Iterator[Entry]:
+    """The last ``count`` entries of the log at ``path``, oldest first; with ``follow``,
+    then every new one as it is appended, until the caller stops iterating.
+    """
+    with contextlib.ExitStack() as cleanup:
+        # Watching starts before the first read, so no append falls between the two.
+        watch = cleanup.enter_context(contextlib.closing(DirectoryWatch(path.parent))) if follow else None
+        follower = cleanup.enter_context(contextlib.closing(LogFollower(path, notify)))
+        recent = list(itertools.islice(parse_entries(follower.existing_lines(), topics, notify), count))
+        yield from reversed(recent)
+        while watch is not None:
+            watch.wait()
+            yield from parse_entries(follower.new_lines(), topics, notify)

@@ -1,0 +1,486 @@
+"""The operator commands as an operator runs them: real subprocesses, real routers.
+
+``castra bus publish``, ``castra status`` and ``castra bus tail`` each run as
+``python -m cli.main ...``; the example host tool runs as a script. The pure parts
+of ``castra_zmq.tail`` (formatting, torn lines, truncation) are tested first, on
+plain files, without processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from castra_zmq import client, tail
+from castra_zmq.endpoints import Endpoints
+from castra_zmq.events import now_ms
+from castra_zmq.status import StatusTable, VmRecord, write_snapshot
+from castra_zmq.statusview import collect_status
+from castra_zmq.wire import decode_log_record
+
+from .conftest import wait_for
+from .guest import Guest, connect_bus
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+VM_KEYS = {
+    "name", "reachable", "last_handshake_age_ms", "capabilities", "bus_protocol", "bus_subscribed",
+    "subscribed_topics", "last_publish_age_ms", "last_heartbeat_age_ms", "session",
+}
+AGE_KEYS = ("last_handshake_age_ms", "last_publish_age_ms", "last_heartbeat_age_ms")
+ROLES = {"proxy", "journal", "status", "bridge"}
+
+
+def record_line(seq: int, topic: str = "broadcast", payload=None, vm: str = "alpha") -> bytes:
+    """A bus log line as PROTOCOL.md section 4 describes it."""
+    ts_ms = 1_700_000_000_000 + seq
+    record = {"timestamp": ts_ms / 1000, "ts_ms": ts_ms, "seq": seq, "vm": vm, "topic": topic, "payload": payload}
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def write_log(state_root: Path, *lines: bytes, tail_bytes: bytes = b"") -> Path:
+    """A shared log holding ``lines`` and then ``tail_bytes`` (no newline: a torn line)."""
+    path = Endpoints(state_root).bus_log
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(line + b"\n" for line in lines) + tail_bytes)
+    return path
+
+
+def castra(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], check=False, input=input,
+                          capture_output=True, text=True, timeout=30)
+
+
+class Lines:
+    """The lines of a pipe, read on a thread, each with its time of arrival."""
+
+    def __init__(self, pipe):
+        self.queue: queue.Queue[tuple[float, str | None]] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
+
+    def _read(self, pipe) -> None:
+        for line in iter(pipe.readline, b""):
+            self.queue.put((time.monotonic(), line.decode().rstrip("\n")))
+        self.queue.put((time.monotonic(), None))
+
+    def next(self, timeout: float = 5.0) -> tuple[float, str]:
+        """The next line and when it arrived."""
+        arrived, line = self._get(timeout)
+        if line is None:
+            raise AssertionError(f"stream closed (seen: {self.seen})")
+        self.seen.append(line)
+        return arrived, line
+
+    def remaining(self, timeout: float = 5.0) -> list[str]:
+        """Every line still to come, up to the end of the stream."""
+        lines = []
+        while (line := self._get(timeout)[1]) is not None:
+            lines.append(line)
+        return lines
+
+    def _get(self, timeout: float) -> tuple[float, str | None]:
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout}s (seen: {self.seen})") from None
+
+    def until(self, predicate, timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            _, line = self.next(max(0.0, deadline - time.monotonic()))
+            if predicate(line):
+                return line
+
+
+class Follow:
+    """``castra bus tail -f`` running in the background."""
+
+    def __init__(self, state_root: Path, *args: str):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "bus", "tail", "-f", "--state-root", str(state_root), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self.stdout = Lines(self.process.stdout)
+        self.stderr = Lines(self.process.stderr)
+
+    def next_record(self, timeout: float = 5.0) -> dict:
+        return json.loads(self.stdout.next(timeout)[1])
+
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(10)
+
+
+@pytest.fixture
+def follow():
+    """Start ``castra bus tail -f`` processes; any left running is killed afterwards."""
+    started: list[Follow] = []
+
+    def start(state_root: Path, *args: str) -> Follow:
+        started.append(Follow(state_root, *args))
+        return started[-1]
+
+    yield start
+    for each in started:
+        if each.process.poll() is None:
+            each.process.kill()
+            each.process.wait()
+
+
+# -- pure: castra_zmq.tail on plain files -----------------------------------------------
+
+
+def test_format_record_is_local_time_vm_topic_and_compact_payload():
+    record = decode_log_record(b'{"timestamp":1700000000.042,"ts_ms":1700000000042,"seq":7,'
+                               b'"vm":"alpha","topic":"vm:beta","payload":{"a": [1, 2], "s": "x y"}}')
+    clock = time.strftime("%H:%M:%S", time.localtime(1_700_000_000)) + ".042"
+    assert tail.format_record(record).split() == [clock, "alpha", "vm:beta", '{"a":[1,2],"s":"x', 'y"}']
+
+
+def test_format_record_escapes_control_characters_and_colours_only_when_asked():
+    # A topic may hold any character but NUL; U+009B is a one-character CSI on some terminals.
+    record = decode_log_record(b'{"timestamp":1,"ts_ms":1000,"seq":1,"vm":"a",'
+                               b'"topic":"x\\u001b[2Jy","payload":"\xc2\x9b"}')
+    plain = tail.format_record(record)
+    assert "\x1b" not in plain and "\x9b" not in plain
+    assert "x\\x1b[2Jy" in plain and '"\\x9b"' in plain
+    coloured = tail.format_record(record, color=True)
+    assert coloured.count("\x1b[") > plain.count("\x1b[") and "\x1b[2J" not in coloured
+
+
+def test_parse_entries_keeps_chosen_topics_and_notes_undecodable_lines():
+    notes = []
+    lines = [record_line(1, "a"), b"not json", record_line(2, "b"), b'{"seq":3}', record_line(3, "c")]
+    entries = list(tail.parse_entries(lines, {"a", "c"}, notes.append))
+    assert [entry.record.seq for entry in entries] == [1, 3]
+    assert entries[0].line == lines[0]
+    assert len(notes) == 2 and all("not a bus log record" in note for note in notes)
+    assert [e.record.seq for e in tail.parse_entries(lines, (), notes.append)] == [1, 2, 3]
+
+
+def test_lines_before_reads_back_across_chunk_boundaries(tmp_path):
+    # Lines longer than the 64 KiB backward chunk, and lines split by its boundaries.
+    lines = [b"a" * 70_000, b"", b"b", b"c" * 65_535, b"d" * 200_000, b"e"]
+    path = tmp_path / "log"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert list(tail.lines_before(fd, path.stat().st_size)) == lines[::-1]
+        assert tail.complete_end(fd, path.stat().st_size) == path.stat().st_size
+    finally:
+        os.close(fd)
+
+
+def test_follower_holds_a_torn_line_until_its_newline_lands(tmp_path):
+    path = write_log(tmp_path, record_line(1), record_line(2), tail_bytes=record_line(3)[:20])
+    follower = tail.LogFollower(path, notify=pytest.fail)
+    try:
+        assert list(follower.existing_lines()) == [record_line(2), record_line(1)]
+        assert list(follower.new_lines()) == []
+        with open(path, "ab") as log:
+            log.write(record_line(3)[20:])
+            assert list(follower.new_lines()) == []  # still no newline
+            log.write(b"\n" + record_line(4)[:5])
+        assert list(follower.new_lines()) == [record_line(3)]
+    finally:
+        follower.close()
+
+
+def test_follower_reads_a_truncated_or_replaced_log_from_its_start(tmp_path):
+    path = write_log(tmp_path, record_line(1), record_line(2))
+    notes = []
+    follower = tail.LogFollower(path, notes.append)
+    try:
+        os.truncate(path, 0)
+        assert list(follower.new_lines()) == [] and "truncated" in notes[-1]
+        path.write_bytes(record_line(3) + b"\n")
+        assert list(follower.new_lines()) == [record_line(3)]
+        # Rotation: lines added to the old file before the swap are still read.
+        with open(path, "ab") as old:
+            old.write(record_line(4) + b"\n")
+        path.rename(tmp_path / "bus.log.1")
+        write_log(tmp_path, record_line(5))
+        assert list(follower.new_lines()) == [record_line(4), record_line(5)]
+        assert "replaced" in notes[-1]
+        path.unlink()
+        assert list(follower.new_lines()) == [] and follower.fd is None
+        write_log(tmp_path, record_line(6))
+        assert list(follower.new_lines()) == [record_line(6)] and "appeared" in notes[-1]
+    finally:
+        follower.close()
+
+
+def test_tail_entries_gives_the_last_n_matching_oldest_first(tmp_path):
+    path = write_log(tmp_path, *(record_line(seq, "odd" if seq % 2 else "even") for seq in range(1, 30)))
+    picked = tail.tail_entries(path, count=3, topics={"even"}, notify=pytest.fail)
+    assert [entry.record.seq for entry in picked] == [24, 26, 28]
+    assert list(tail.tail_entries(tmp_path / "none.log", count=3, notify=pytest.fail)) == []
+
+
+# -- castra bus publish -----------------------------------------------------------------
+
+
+def test_publish_prints_seq_and_the_line_is_in_the_bus_log(router):
+    root = str(router.state_root)
+    result = castra("bus", "publish", "--state-root", root, "--topic", "vm:alpha", "--payload", '{"cmd":"reload"}')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"seq=1 topic=vm:alpha log={router.logs / 'bus.log'}\n"
+    result = castra("bus", "publish", "--state-root", root, "--payload", "[1, 2]", "--json")
+    assert json.loads(result.stdout) == {"seq": 2, "topic": "broadcast", "log": str(router.logs / "bus.log")}
+    first, second = router.read_log()
+    assert (first["seq"], first["vm"], first["topic"], first["payload"]) == (1, "host", "vm:alpha", {"cmd": "reload"})
+    assert (second["seq"], second["payload"]) == (2, [1, 2])
+
+
+def test_publish_reads_the_payload_from_stdin(router):
+    result = castra("bus", "publish", "--state-root", str(router.state_root), "--topic", "builds",
+                    "--payload", "-", input='{"build": 42,\n "ok": true}\n')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("seq=1 ")
+    [line] = router.read_log()
+    assert line["topic"] == "builds" and line["payload"] == {"build": 42, "ok": True}
+
+
+@pytest.mark.parametrize(("payload", "stdin", "message"), [
+    ("{oops", None, "payload is not valid JSON"),
+    ("-", "not json", "payload is not valid JSON"),
+    ("-", "", "no payload on stdin"),
+])
+def test_publish_refuses_a_payload_that_is_not_json(router, payload, stdin, message):
+    result = castra("bus", "publish", "--state-root", str(router.state_root), "--payload", payload, input=stdin)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert router.read_log() == []
+
+
+def test_publish_without_a_router_says_how_to_start_one(state_root):
+    result = castra("bus", "publish", "--state-root", str(state_root), "--payload", "1")
+    assert result.returncode == 1
+    assert "no router is running" in result.stderr
+    assert f"`castra up --state-root {state_root}`" in result.stderr
+
+
+def test_publish_not_committed_in_time_exits_1(router):
+    journal = router.role_pid("journal")
+    os.kill(journal, signal.SIGSTOP)
+    try:
+        result = castra("bus", "publish", "--state-root", str(router.state_root), "--payload", "1",
+                        "--timeout", "0.3")
+    finally:
+        os.kill(journal, signal.SIGCONT)
+    assert result.returncode == 1
+    assert "no commit within 0.3s" in result.stderr
+
+
+# -- castra status ------------------------------------------------------------------------
+
+
+def status_json(state_root: Path) -> dict:
+    result = castra("status", "--json", "--state-root", str(state_root))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def check_vm_schema(vm: dict) -> None:
+    assert VM_KEYS <= vm.keys()
+    assert isinstance(vm["name"], str) and isinstance(vm["capabilities"], list)
+    assert isinstance(vm["reachable"], bool) and isinstance(vm["bus_subscribed"], bool)
+    assert isinstance(vm["subscribed_topics"], list)
+    for key in AGE_KEYS:
+        assert vm[key] is None or (type(vm[key]) is int and vm[key] >= 0), (key, vm[key])
+
+
+def live_vm(router, name: str):
+    """``name``'s entry in the live status, or None while the router has not seen it."""
+    return next((vm for vm in collect_status(router.state_root).vms if vm.name == name), None)
+
+
+def bus_subscribed(router, name: str) -> bool:
+    vm = live_vm(router, name)
+    return vm is not None and vm.bus_subscribed
+
+
+def test_status_json_for_handshake_only_subscribed_and_disconnected_guests(router):
+    with Guest(router.port) as legacy:
+        assert legacy.hello("legacy", capabilities=None) == "ok"
+    with connect_bus(router.port, "sub") as subscribed:
+        subscribed.subscribe("vm:sub")
+        subscribed.subscribe("news")
+        subscribed.publish({"n": 1})
+        with connect_bus(router.port, "gone") as gone:
+            gone.subscribe("news")
+            wait_for(lambda: bus_subscribed(router, "gone"), what="gone's session")
+        # Its session ends with the connection: no heartbeat timeout to wait for.
+        wait_for(lambda: not bus_subscribed(router, "gone"), timeout=0.5, what="gone unsubscribed")
+        wait_for(lambda: live_vm(router, "legacy") and live_vm(router, "sub").last_publish_age_ms is not None,
+                 what="legacy's handshake and sub's publish")
+        status = status_json(router.state_root)
+    vms = {vm["name"]: vm for vm in status["vms"]}
+    assert set(vms) == {"legacy", "sub", "gone"}
+    for vm in vms.values():
+        check_vm_schema(vm)
+    legacy, sub, gone = vms["legacy"], vms["sub"], vms["gone"]
+    assert legacy["reachable"] and legacy["bus_protocol"] is None and legacy["capabilities"] == []
+    assert not legacy["bus_subscribed"] and legacy["session"] is None
+    assert legacy["last_handshake_age_ms"] is not None and legacy["last_publish_age_ms"] is None
+    assert sub["reachable"] and sub["bus_subscribed"] and sub["bus_protocol"] == "bus-v1"
+    assert sorted(sub["subscribed_topics"]) == ["news", "vm:sub"]
+    assert sub["session"] == subscribed.session and sub["capabilities"] == ["bus-v1"]
+    assert sub["last_publish_age_ms"] is not None and sub["last_heartbeat_age_ms"] is not None
+    assert gone["reachable"]  # its handshake is still fresh
+    assert not gone["bus_subscribed"] and gone["subscribed_topics"] == [] and gone["session"] is None
+
+    info = status["router"]
+    assert info["running"] is True and info["listen"] == f"127.0.0.1:{router.port}"
+    assert type(info["uptime_ms"]) is int and info["uptime_ms"] >= 0
+    assert set(info["processes"]) == ROLES
+    assert all(role["state"] == "running" for role in info["processes"].values())
+
+
+def test_status_without_router_exits_0_and_shows_a_stale_vm_from_the_snapshot(state_root):
+    assert status_json(state_root)["vms"] == []
+    endpoints = Endpoints(state_root)
+    endpoints.prepare()
+    old = VmRecord(name="old", capabilities=["bus-v1"], bus_protocol="bus-v1", session="s1", session_open=True,
+                   topics=["t"], last_handshake_ms=now_ms() - 120_000)
+    write_snapshot(endpoints, StatusTable(vms={"old": old}, bridge_sync_ms=now_ms()))
+
+    status = status_json(state_root)
+    [vm] = status["vms"]
+    check_vm_schema(vm)
+    assert not vm["reachable"] and vm["last_handshake_age_ms"] >= 120_000
+    assert not vm["bus_subscribed"] and vm["session"] is None  # no router: no session can be open
+    assert status["router"]["running"] is False and status["router"]["source"] == "snapshot"
+    table = castra("status", "--state-root", str(state_root))
+    assert table.returncode == 0
+    assert "not running" in table.stdout and "stale" in table.stdout and "\x1b[" not in table.stdout
+
+
+# -- castra bus tail ----------------------------------------------------------------------
+
+
+def test_tail_shows_the_last_lines_filtered_by_topic(router):
+    for n in range(12):
+        client.publish("vm:alpha" if n % 3 == 0 else "broadcast", {"n": n}, state_root=router.state_root)
+    root = str(router.state_root)
+
+    result = castra("bus", "tail", "--state-root", root)
+    assert result.returncode == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert len(lines) == 10
+    assert lines[-1].split()[1:] == ["host", "broadcast", '{"n":11}']
+
+    result = castra("bus", "tail", "--state-root", root, "--topic", "vm:alpha", "-n", "3", "--json")
+    raw = [line for line in (router.logs / "bus.log").read_text().splitlines() if '"topic":"vm:alpha"' in line]
+    assert result.stdout.splitlines() == raw[-3:]  # the log's own lines, unchanged
+    assert [json.loads(line)["payload"]["n"] for line in raw[-3:]] == [3, 6, 9]
+
+    result = castra("bus", "tail", "--state-root", root, "--vm", "alpha", "--json")
+    assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == [1, 4, 7, 10]
+
+
+def test_tail_skips_a_torn_last_line_and_prints_it_once_complete(state_root, follow):
+    torn = record_line(3)
+    path = write_log(state_root, record_line(1), b"garbage", record_line(2), tail_bytes=torn[:30])
+    result = castra("bus", "tail", "--state-root", str(state_root), "--json")
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [record_line(1).decode(), record_line(2).decode()]
+    assert "skipped a line that is not a bus log record" in result.stderr and "Traceback" not in result.stderr
+
+    following = follow(state_root, "-n", "1", "--json")
+    assert following.next_record()["seq"] == 2
+    with open(path, "ab") as log:
+        log.write(torn[30:] + b"\n")
+    assert following.next_record()["seq"] == 3
+
+
+def test_tail_follow_sees_a_new_line_within_200ms_of_the_ack(router, follow):
+    client.publish("broadcast", {"n": 0}, state_root=router.state_root)
+    following = follow(router.state_root, "-n", "1", "--json")
+    assert following.next_record()["seq"] == 1  # it has read the log and is following
+    delays = []
+    for n in range(1, 6):
+        seq = client.publish("broadcast", {"n": n}, state_root=router.state_root)
+        acked = time.monotonic()
+        arrived, line = following.stdout.next()
+        assert json.loads(line)["seq"] == seq
+        delays.append(arrived - acked)
+    assert max(delays) < 0.2, delays
+
+
+def test_tail_follow_survives_truncation(router, follow):
+    client.publish("broadcast", "before", state_root=router.state_root)
+    following = follow(router.state_root, "-n", "1", "--json")
+    assert following.next_record()["payload"] == "before"
+    os.truncate(router.logs / "bus.log", 0)
+    following.stderr.until(lambda line: "truncated" in line)
+    seq = client.publish("broadcast", "after", state_root=router.state_root)
+    assert following.next_record()["seq"] == seq
+
+
+def test_tail_follow_waits_for_the_log_and_survives_a_router_restart(router_factory, state_root, follow):
+    following = follow(state_root, "--json")  # no state root yet, let alone a log
+    router = router_factory()
+    first = client.publish("broadcast", "first", state_root=state_root)
+    assert following.next_record()["seq"] == first
+    router.stop()
+    router_factory()
+    second = client.publish("broadcast", "second", state_root=state_root)
+    assert following.next_record()["seq"] == second == first + 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
+def test_tail_follow_stops_quietly_with_status_0(state_root, follow, sig):
+    write_log(state_root, record_line(1))
+    following = follow(state_root, "-n", "1")
+    following.stdout.next()
+    assert following.stop(sig) == 0
+    assert following.stderr.remaining() == []  # no traceback, no "Aborted!"
+
+
+# -- examples/watch_vm.py -----------------------------------------------------------------
+
+
+def test_watch_vm_example_prints_each_message_for_its_vm(router):
+    watcher = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "watch_vm.py"), "alpha", "--state-root", str(router.state_root),
+         "--count", "2"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        output = Lines(watcher.stdout)
+
+        def publish_pair() -> int:
+            """vm:alpha2 first: a prefix match would show it before vm:alpha."""
+            client.publish("vm:alpha2", {"not": "mine"}, state_root=router.state_root)
+            return client.publish("vm:alpha", {"cmd": "reload"}, state_root=router.state_root)
+
+        def received() -> str | None:
+            # The subscription reaches the bus a few ms after start: publish until it does.
+            publish_pair()
+            try:
+                return output.next(timeout=0.2)[1]
+            except AssertionError:
+                return None
+
+        first = wait_for(received, timeout=10, what="the watcher's first message")
+        publish_pair()
+        second = output.next()[1]
+        shown = [re.fullmatch(r'seq=(\d+) from=host topic=vm:alpha \{"cmd":"reload"\}', line)
+                 for line in (first, second)]
+        assert all(shown), (first, second)
+        assert int(shown[0].group(1)) < int(shown[1].group(1))
+        assert watcher.wait(10) == 0  # --count 2
+    finally:
+        watcher.kill()
+        watcher.wait()
