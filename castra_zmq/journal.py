@@ -180,7 +180,7 @@ class Journal:
         for vm in {vm for _, vms, _ in records for vm in vms}:
             handle = logs.vm_file(vm)
             have = last_seq(handle.path)
-            missing = b"".join(line for seq, vms, line in records if seq > have and vm in vms)
+            missing = b"".join(line + b"\n" for seq, vms, line in records if seq > have and vm in vms)
             if missing:
                 logs.append({handle: missing}, sync=self.settings.fsync == "batch")
                 appended += missing.count(b"\n")

@@ -14,8 +14,10 @@ the ``vm`` field of every line of that file.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 _PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -61,26 +63,36 @@ def vm_from_file_name(name: str) -> str | None:
     return vm if log_file_name(vm) == name else None
 
 
-def _line_start(fd: int, end: int) -> int:
-    """Offset just after the last newline before ``end`` (0 when there is none)."""
+def complete_end(fd: int, size: int) -> int:
+    """``size`` less the bytes after the last newline (a line being written, or torn)."""
+    end = size
     while end > 0:
         start = max(0, end - _TAIL_CHUNK)
-        cut = os.pread(fd, end - start, start).rfind(b"\n")
-        if cut >= 0:
-            return start + cut + 1
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
         end = start
     return 0
 
 
-def _complete_size(fd: int, size: int) -> int:
-    """Size of the file without a torn (newline-less) last line."""
-    if size and os.pread(fd, 1, size - 1) != b"\n":
-        return _line_start(fd, size)
-    return size
+def lines_before(fd: int, end: int) -> Iterator[bytes]:
+    """The lines of ``fd`` before ``end`` (a line boundary), newest first, without newlines.
+
+    The file is read backwards in chunks, each byte once, so a filtered scan of a
+    large log stays linear.
+    """
+    head = b""  # what was read of the oldest line so far (with its newline); it began further back
+    while end > 0:
+        start = max(0, end - _TAIL_CHUNK)
+        pieces = (os.pread(fd, end - start, start) + head).split(b"\n")
+        pieces.pop()  # the empty piece after the newline at ``end``
+        head = pieces.pop(0) + b"\n" if start else b""
+        yield from reversed(pieces)
+        end = start
 
 
 def last_lines(path: Path, count: int) -> list[bytes]:
-    """Up to ``count`` last newline-terminated lines of ``path``, oldest first.
+    """Up to ``count`` last complete lines of ``path`` (without newlines), oldest first.
 
     A torn tail (no final newline) is not a line.
     """
@@ -89,16 +101,11 @@ def last_lines(path: Path, count: int) -> list[bytes]:
     except FileNotFoundError:
         return []
     try:
-        end = _complete_size(fd, os.fstat(fd).st_size)
-        lines: list[bytes] = []
-        while end > 0 and len(lines) < count:
-            start = _line_start(fd, end - 1)
-            lines.append(os.pread(fd, end - start, start))
-            end = start
-        lines.reverse()
-        return lines
+        lines = list(itertools.islice(lines_before(fd, complete_end(fd, os.fstat(fd).st_size)), count))
     finally:
         os.close(fd)
+    lines.reverse()
+    return lines
 
 
 class AppendFile:
@@ -114,7 +121,7 @@ class AppendFile:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         size = os.fstat(self.fd).st_size
-        self.size = _complete_size(self.fd, size)
+        self.size = complete_end(self.fd, size)
         if self.size != size:
             os.ftruncate(self.fd, self.size)
 

@@ -31,14 +31,13 @@ import msgspec
 
 from .endpoints import Endpoints
 from .errors import CastraError
-from .logfiles import log_file_name
+from .logfiles import complete_end, lines_before, log_file_name
 from .wire import LogRecord, decode_log_record
 
 DEFAULT_COUNT = 10
 POLL_INTERVAL = 0.03  # seconds between checks without inotify
 SAFETY_INTERVAL = 0.25  # with inotify: check anyway this often, in case an event was missed
 _READ_CHUNK = 1 << 20  # far above the longest record (a 64 KiB payload plus its fields)
-_BACKWARD_CHUNK = 64 * 1024  # reading back from the end: most lines are short
 _VM_WIDTH = 12
 _TOPIC_WIDTH = 16
 
@@ -101,34 +100,6 @@ def printable(text: str) -> str:
 
 
 # -- reading a log file -----------------------------------------------------------
-
-
-def complete_end(fd: int, size: int) -> int:
-    """``size`` less the bytes after the last newline (a line being written, or torn)."""
-    end = size
-    while end > 0:
-        start = max(0, end - _BACKWARD_CHUNK)
-        newline = os.pread(fd, end - start, start).rfind(b"\n")
-        if newline >= 0:
-            return start + newline + 1
-        end = start
-    return 0
-
-
-def lines_before(fd: int, end: int) -> Iterator[bytes]:
-    """The lines of ``fd`` before ``end`` (a line boundary), newest first, without newlines.
-
-    The file is read backwards in chunks, each byte once, so a filtered scan of a
-    large log stays linear.
-    """
-    head = b""  # what was read of the oldest line so far (with its newline); it began further back
-    while end > 0:
-        start = max(0, end - _BACKWARD_CHUNK)
-        pieces = (os.pread(fd, end - start, start) + head).split(b"\n")
-        pieces.pop()  # the empty piece after the newline at ``end``
-        head = pieces.pop(0) + b"\n" if start else b""
-        yield from reversed(pieces)
-        end = start
 
 
 class LogFollower:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from castra_zmq import client, tail
+from castra_zmq import client, logfiles, tail
 from castra_zmq.endpoints import Endpoints
 from castra_zmq.events import now_ms
 from castra_zmq.status import StatusTable, VmRecord, write_snapshot
@@ -175,8 +175,8 @@ def test_lines_before_reads_back_across_chunk_boundaries(tmp_path):
     path.write_bytes(b"".join(line + b"\n" for line in lines))
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert list(tail.lines_before(fd, path.stat().st_size)) == lines[::-1]
-        assert tail.complete_end(fd, path.stat().st_size) == path.stat().st_size
+        assert list(logfiles.lines_before(fd, path.stat().st_size)) == lines[::-1]
+        assert logfiles.complete_end(fd, path.stat().st_size) == path.stat().st_size
     finally:
         os.close(fd)
 
