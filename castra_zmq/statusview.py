@@ -14,7 +14,7 @@ from .client import query_status
 from .endpoints import Endpoints
 from .events import now_ms
 from .owner import read_router_info, router_pid
-from .status import StatusTable, StatusView, load_snapshot, view
+from .statustable import StatusTable, StatusView, load_snapshot, view
 
 _decode_view = msgspec.json.Decoder(StatusView).decode
 

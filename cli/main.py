@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from castra_zmq import __version__
 
-from .bus import bus
-from .status import status
-from .up import up
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command runs (click's documented
+    lazy-loading pattern): ``castra bus publish`` need not load the router's roles."""
+
+    def __init__(self, *args, lazy_commands: dict[str, str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands  # name -> "module:attribute"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.lazy_commands:
+            return super().get_command(ctx, name)
+        module, attribute = self.lazy_commands[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup,
+    lazy_commands={"up": "cli.up:up", "status": "cli.status:status", "bus": "cli.bus:bus"},
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="castra")
 def cli() -> None:
     """Host side of the Castra guest bus.
@@ -23,11 +43,6 @@ def cli() -> None:
       castra bus publish --topic vm:alpha --payload '{"cmd":"reload"}'
       castra bus tail -f                     # follow the shared bus log
     """
-
-
-cli.add_command(up)
-cli.add_command(status)
-cli.add_command(bus)
 
 
 def main() -> None:

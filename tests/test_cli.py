@@ -24,7 +24,7 @@ import pytest
 from castra_zmq import client, logfiles, tail
 from castra_zmq.endpoints import Endpoints
 from castra_zmq.events import now_ms
-from castra_zmq.status import StatusTable, VmRecord, write_snapshot
+from castra_zmq.statustable import StatusTable, VmRecord, write_snapshot
 from castra_zmq.statusview import collect_status
 from castra_zmq.wire import decode_log_record
 
