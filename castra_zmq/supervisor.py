@@ -29,7 +29,7 @@ from .config import Settings
 from .errors import CastraError, RouterBusy
 from .events import now_ms
 from .identity import load_identities
-from .owner import RoleState, RouterInfo, router_pid
+from .owner import RoleState, RouterInfo, read_router_info, router_pid
 from .runtime import READY_FD_ENV
 
 ROLES = ("proxy", "journal", "status", "bridge")
@@ -73,6 +73,7 @@ class Supervisor:
         load_identities(self.settings.identities_file)  # refuse a bad file here, not in a restart loop
         self.endpoints.prepare()
         self.take_lock()
+        self.reap_orphans()
         try:
             self.listener = bind_listener(self.settings.host, self.settings.port)
         except OSError as exc:
@@ -108,6 +109,26 @@ class Supervisor:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.lock_fd = fd
+
+    def reap_orphans(self) -> None:
+        """Stop roles a killed supervisor left behind (its router.json names them).
+
+        They got SIGTERM from the kernel when it died (see ``runtime.die_with_parent``)
+        and are finishing; a bridge among them still holds the port, so wait for
+        them, and kill those that do not go.
+        """
+        stale = read_router_info(self.endpoints)
+        if stale is None:
+            return
+        orphans = [state.pid for name, state in stale.processes.items()
+                   if state.pid and _is_role_process(state.pid, name)]
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        for pid in orphans:
+            while _is_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if _is_alive(pid):
+                logger.bind(pid=pid, reason="left by a killed router").warning("killing orphaned role")
+                os.kill(pid, signal.SIGKILL)
 
     def spawn(self, role: Role) -> None:
         read_end, write_end = os.pipe()
@@ -227,6 +248,23 @@ class Supervisor:
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # drops the flock
             self.lock_fd = None
+
+
+def _is_role_process(pid: int, role: str) -> bool:
+    """Whether ``pid`` still runs ``castra_zmq.<role>`` (a pid may have been reused)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return f"castra_zmq.{role}".encode() in cmdline.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
 
 
 def is_loopback(host: str) -> bool:

@@ -23,8 +23,8 @@ import pytest
 from castra_zmq import client
 from castra_zmq.errors import PublishFailed
 
-from .conftest import Router
-from .guest import Guest, connect_bus
+from ..conftest import Router
+from ..guest import Guest, connect_bus
 
 ROLES = ("proxy", "journal", "status", "bridge")
 MAX_FRAME = 65536

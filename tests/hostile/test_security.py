@@ -12,8 +12,8 @@ from castra_zmq.handshake import parse_hello
 from castra_zmq.identity import parse_identities
 from castra_zmq.supervisor import is_loopback
 
-from .conftest import wait_for
-from .guest import Guest
+from ..conftest import wait_for
+from ..guest import Guest
 
 IDENTITIES = """
 # name      secret

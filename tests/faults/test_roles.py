@@ -14,8 +14,8 @@ from castra_zmq import client
 from castra_zmq.errors import PublishFailed
 from castra_zmq.statusview import collect_status
 
-from .conftest import wait_for
-from .guest import Guest, connect_bus
+from ..conftest import wait_for
+from ..guest import Guest, connect_bus
 
 
 def kill_role(router, role: str) -> int:

@@ -1,0 +1,540 @@
+"""The guest side of the bus (PROTOCOL.md): a client library and the ``castra-guest`` command.
+
+Guests are small, old VM images, so this module uses the standard library only,
+runs on Python 3.8+, and imports nothing else from ``castra_zmq`` (those modules
+need pyzmq and msgspec)::
+
+    from castra_zmq.guest import GuestSession
+
+    with GuestSession("10.0.2.2", 7070, "alpha", subscribe=["vm:alpha"]) as bus:
+        bus.publish("broadcast", {"event": "booted"})      # the ack, once it is in the bus log
+        for message in bus.messages():
+            print(message["topic"], message["payload"])
+
+Threads of a session: one reader owns the socket (it connects, hand-shakes,
+re-subscribes, reads every frame and routes it to whoever waits for it, and
+reconnects with back-off), one heartbeat thread, and any number of caller threads.
+Every write takes one lock, so frames from several threads never interleave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import struct
+import sys
+import threading
+from concurrent import futures
+
+# The guest's own defaults (it cannot import castra_zmq.config): the host as QEMU
+# user networking shows it, and the file existing guest images already write.
+DEFAULT_HOST = "10.0.2.2"
+DEFAULT_PORT = 7070
+HANDSHAKE_CONF = "/etc/conf.d/castra-handshake"
+CAPABILITY = "bus-v1"
+HEARTBEAT_INTERVAL = 25.0
+BACKOFF_INITIAL = 1.0
+BACKOFF_MAX = 30.0
+DEFAULT_TIMEOUT = 10.0
+MAX_QUEUED = 1000
+
+# Limits of PROTOCOL.md, checked here so a bad call fails in the caller instead of
+# earning an error ack (or, for a frame length, the end of the session).
+MAX_LINE = 512
+MAX_FRAME = 65536
+MAX_TOPIC = 256
+MAX_NAME = 128
+# A heartbeat ack slower than this means the connection is dead (a host that went
+# away without a FIN): short intervals in tests must not make a busy host look dead.
+HEARTBEAT_ACK_FLOOR = 5.0
+
+_LENGTH = struct.Struct(">I")
+log = logging.getLogger("castra_zmq.guest")
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+class GuestError(Exception):
+    """Root of the errors this module raises; ``reason`` is short and printable."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConnectFailed(GuestError):
+    """The host could not be reached, or the handshake did not open a session."""
+
+
+class HandshakeRefused(ConnectFailed):
+    """The host answered ``error: <reason>`` to the hello line."""
+
+
+class AckError(GuestError):
+    """The host answered with an error ack; ``ack`` is the whole reply."""
+
+    def __init__(self, ack: dict):
+        super().__init__(str(ack.get("reason", "error ack")))
+        self.ack = ack
+
+
+class GuestTimeout(GuestError, TimeoutError):
+    """No connection or no reply within the timeout."""
+
+
+class ConnectionLost(GuestError, ConnectionError):
+    """The session ended before the reply came: a publish may or may not be in the log."""
+
+
+class SessionClosed(GuestError):
+    """The session was closed by ``close()``."""
+
+
+# -- wire format (pure) -----------------------------------------------------------------
+
+
+def vm_name(name: str) -> str:
+    """``name`` without a ``vm:`` prefix, checked to fit in a hello line."""
+    if name.startswith("vm:"):
+        name = name[3:]
+    if not 1 <= len(name) <= MAX_NAME or any(ch.isspace() for ch in name):
+        raise ValueError(f"invalid vm name {name!r}: 1..{MAX_NAME} characters, no spaces")
+    return name
+
+
+def hello_line(vm: str, capability: str | None = CAPABILITY) -> bytes:
+    line = f"hello vm:{vm_name(vm)}" + (f" capabilities={capability}" if capability else "")
+    return line.encode() + b"\n"
+
+
+def check_topic(topic: str) -> str:
+    if not isinstance(topic, str) or not 1 <= len(topic) <= MAX_TOPIC or "\x00" in topic:
+        raise ValueError(f"invalid topic {topic!r}: 1..{MAX_TOPIC} characters, no NUL")
+    return topic
+
+
+def encode_frame(frame: dict) -> bytes:
+    """One frame: 4-byte big-endian length, then compact UTF-8 JSON."""
+    body = json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"frame too large: {len(body)} bytes (max {MAX_FRAME})")
+    return _LENGTH.pack(len(body)) + body
+
+
+def read_frame(stream) -> dict:
+    """The next frame from a buffered binary ``stream``; ``ConnectionLost`` at its end
+    or on a frame that breaks the contract (the stream can no longer be trusted)."""
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        raise ConnectionLost("closed by the host")
+    (length,) = _LENGTH.unpack(header)
+    if not 1 <= length <= MAX_FRAME:
+        raise ConnectionLost(f"bad frame length {length} from the host")
+    body = stream.read(length)
+    if len(body) < length:
+        raise ConnectionLost("closed by the host inside a frame")
+    try:
+        frame = json.loads(body)
+    except ValueError:
+        raise ConnectionLost("frame from the host is not UTF-8 JSON") from None
+    if not isinstance(frame, dict):
+        raise ConnectionLost("frame from the host is not a JSON object")
+    return frame
+
+
+def _read_line(stream) -> str:
+    line = stream.readline(MAX_LINE + 2)
+    if not line.endswith(b"\n"):
+        raise ConnectFailed("line too long from the host" if line else "closed by the host during the handshake")
+    return line.decode("utf-8", "replace").rstrip("\r\n")
+
+
+def handshake(host: str, port: int, hello: bytes, timeout: float):
+    """Connect, read the greeting, say ``hello``: ``(socket, stream, reply line)``.
+
+    Raises ``HandshakeRefused`` on ``error: <reason>``, ``ConnectFailed`` otherwise.
+    """
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise ConnectFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    stream = sock.makefile("rb")
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _read_line(stream)  # the greeting: its content is not part of the contract
+        sock.sendall(hello)
+        reply = _read_line(stream)
+    except (OSError, ConnectFailed) as exc:
+        _close(sock, stream)
+        reason = exc.reason if isinstance(exc, ConnectFailed) else str(exc)
+        raise ConnectFailed(f"handshake with {host}:{port} failed: {reason}") from None
+    if reply.startswith("error:"):
+        _close(sock, stream)
+        raise HandshakeRefused(reply[len("error:"):].strip())
+    return sock, stream, reply
+
+
+def _close(sock: socket.socket, stream) -> None:
+    stream.close()
+    sock.close()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """Wake the reader blocked on ``sock`` (it sees the end of the stream)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already disconnected
+
+
+def ping(host: str, port: int, vm: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Handshake-only hello (no bus capability): True when the host answers ``ok``.
+
+    This is all a reachability-only guest does; the host records the handshake and
+    closes the connection. Raises ``ConnectFailed``/``HandshakeRefused`` otherwise.
+    """
+    sock, stream, reply = handshake(host, port, hello_line(vm, None), timeout)
+    _close(sock, stream)
+    if reply != "ok":
+        raise ConnectFailed(f"unexpected handshake reply {reply!r}")
+    return True
+
+
+# -- the session ------------------------------------------------------------------------
+
+
+class GuestSession:
+    """A long-lived bus session that reconnects by itself.
+
+    ``wait=True`` connects before returning and raises ``ConnectFailed`` (or
+    ``HandshakeRefused``) if that first attempt fails; ``wait=False`` returns at once
+    and keeps trying in the background, for an agent that may start before the host.
+    After a lost connection it reconnects after ``backoff_initial`` seconds, doubling
+    up to ``backoff_max`` while attempts fail, and subscribes again to every topic of
+    ``subscribe``/``subscribe()``.
+
+    Delivered messages queue up to ``max_queued``; past that the reader stops reading,
+    so replies wait too and the host eventually drops the session as a slow consumer.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        vm: str,
+        *,
+        subscribe=(),
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_MAX,
+        connect_timeout: float = DEFAULT_TIMEOUT,
+        max_queued: int = MAX_QUEUED,
+        wait: bool = True,
+    ):
+        self.host, self.port = host, int(port)
+        self.vm = vm_name(vm)
+        self.heartbeat_interval = heartbeat_interval
+        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        self.connect_timeout = connect_timeout
+        self.max_queued = max_queued
+        self.session_token: str | None = None  # the host's token of the current connection
+        self._hello = hello_line(self.vm)
+        # Lock order: _send_lock, then _state. _state guards everything below it and
+        # is also the condition for "connected", "reply/message arrived", "closed".
+        self._send_lock = threading.Lock()
+        self._state = threading.Condition()
+        self._sock: socket.socket | None = None
+        self._topics = dict.fromkeys(check_topic(t) for t in subscribe)  # ordered set
+        self._publishes: dict = {}  # publish id -> Future of its ack (acks come in any order)
+        # Other replies come back in the order of their requests, one queue per kind.
+        self._replies = {kind: collections.deque() for kind in ("subscribe", "unsubscribe", "heartbeat")}
+        self._inbox: collections.deque = collections.deque()
+        self._ids = itertools.count(1)
+        self._closed = threading.Event()
+        self._first_attempt = threading.Event()
+        self._last_error: GuestError | None = None
+        self._reader = threading.Thread(target=self._run_reader, name=f"castra-guest-reader-{self.vm}", daemon=True)
+        self._heartbeat = threading.Thread(target=self._run_heartbeat, name=f"castra-guest-heartbeat-{self.vm}",
+                                           daemon=True)
+        self._reader.start()
+        self._heartbeat.start()
+        if wait:
+            self._first_attempt.wait()  # bounded: every step of an attempt has connect_timeout
+            if self._sock is None:
+                self.close()
+                raise self._last_error or SessionClosed("closed while connecting")
+
+    # -- public API ---------------------------------------------------------------------
+
+    def publish(self, topic: str = "broadcast", payload=None, timeout: float = DEFAULT_TIMEOUT) -> dict:
+        """Publish and return the ack ``{"type":"ack","ack":"publish","status":"ok","seq":N,...}``
+        once the message is in the host's bus log.
+
+        Raises ``AckError`` (with the host's ``reason``) on an error ack,
+        ``GuestTimeout`` without a connection or an ack in time, ``ConnectionLost``
+        if the connection dropped before the ack (the message may be in the log).
+        """
+        frame = {"type": "publish", "topic": check_topic(topic), "payload": payload, "id": next(self._ids)}
+        return self._request(frame, timeout)
+
+    def subscribe(self, topic: str, timeout: float = DEFAULT_TIMEOUT) -> dict:
+        """Receive messages on ``topic`` (``*``: all) from now on, across reconnects.
+
+        The topic is kept even if this call times out (it is subscribed on the next
+        connection); an error ack (say, past 16 topics) raises ``AckError`` and drops it.
+        """
+        with self._state:
+            self._topics[check_topic(topic)] = None
+        try:
+            return self._request({"type": "subscribe", "topic": topic}, timeout)
+        except AckError:
+            self._forget_topic(topic)
+            raise
+
+    def unsubscribe(self, topic: str, timeout: float = DEFAULT_TIMEOUT) -> dict:
+        self._forget_topic(topic)
+        return self._request({"type": "unsubscribe", "topic": check_topic(topic)}, timeout)
+
+    def heartbeat(self, timeout: float = DEFAULT_TIMEOUT) -> dict:
+        """Send a heartbeat now (the session also sends one every ``heartbeat_interval``)."""
+        return self._request({"type": "heartbeat"}, timeout)
+
+    def receive(self, timeout: float | None = None) -> dict:
+        """The next delivered message ``{"type":"message","topic":T,"from":...,"seq":N,"payload":...}``.
+
+        Raises ``GuestTimeout`` if none arrives in ``timeout`` seconds (None: wait),
+        ``SessionClosed`` once the session is closed and every message was taken.
+        """
+        with self._state:
+            if not self._state.wait_for(lambda: self._inbox or self._closed.is_set(), timeout):
+                raise GuestTimeout(f"no message within {timeout:g}s")
+            if not self._inbox:
+                raise SessionClosed("session closed")
+            self._state.notify_all()  # the reader may wait for room in the inbox
+            return self._inbox.popleft()
+
+    def messages(self, timeout: float | None = None):
+        """Yield delivered messages until the session is closed, or until none came
+        for ``timeout`` seconds."""
+        while True:
+            try:
+                yield self.receive(timeout)
+            except (GuestTimeout, SessionClosed):
+                return
+
+    __iter__ = messages
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def close(self) -> None:
+        """End the session; waiting calls raise ``SessionClosed`` (or ``ConnectionLost``)."""
+        self._closed.set()
+        with self._state:
+            sock = self._sock
+            self._state.notify_all()
+        if sock is not None:
+            _shutdown(sock)
+        for thread in (self._reader, self._heartbeat):
+            if thread is not threading.current_thread():
+                thread.join(self.connect_timeout + 1)
+
+    def __enter__(self) -> GuestSession:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- requests and their replies -------------------------------------------------------
+
+    def _request(self, frame: dict, timeout: float) -> dict:
+        """Send ``frame`` once connected and wait for its ok ack, all within ``timeout``."""
+        deadline = _monotonic() + timeout
+        with self._state:
+            if not self._state.wait_for(lambda: self._sock is not None or self._closed.is_set(), timeout):
+                raise GuestTimeout(f"not connected to {self.host}:{self.port} within {timeout:g}s"
+                                   + (f" ({self._last_error.reason})" if self._last_error else ""))
+        future = self._submit(frame)
+        try:
+            reply = future.result(max(0.0, deadline - _monotonic()))
+        except futures.TimeoutError:
+            if frame["type"] == "publish":
+                with self._state:
+                    self._publishes.pop(frame["id"], None)  # a late ack is then dropped
+            # Other kinds stay queued: their late reply must not be taken by a later request.
+            raise GuestTimeout(f"no {frame['type']} ack within {timeout:g}s") from None
+        if reply.get("status") != "ok":
+            raise AckError(reply)
+        return reply
+
+    def _submit(self, frame: dict) -> futures.Future:
+        """Write ``frame`` and return the future of its reply, registered before the
+        write so that the reader always finds it, and in wire order."""
+        data = encode_frame(frame)
+        future: futures.Future = futures.Future()
+        with self._send_lock:
+            with self._state:
+                sock = self._sock
+                if self._closed.is_set():
+                    raise SessionClosed("session closed")
+                if sock is None:
+                    raise ConnectionLost("not connected")
+                if frame["type"] == "publish":
+                    self._publishes[frame["id"]] = future
+                else:
+                    self._replies[frame["type"]].append(future)
+            try:
+                sock.sendall(data)
+            except OSError as exc:
+                # Part of the frame may be out: the stream is broken, so end it; the
+                # reader then fails every waiting future, this one included.
+                _shutdown(sock)
+                raise ConnectionLost(f"send failed: {exc}") from None
+        return future
+
+    def _handle_ack(self, ack: dict) -> None:
+        kind = ack.get("ack")
+        with self._state:
+            if kind == "publish":
+                future = self._publishes.pop(ack.get("id"), None)
+                if future is None and "id" not in ack and self._publishes:
+                    # The host answers a publish it could not parse without our id:
+                    # such refusals come before later acks, so it is the oldest.
+                    future = self._publishes.pop(next(iter(self._publishes)))
+            else:
+                waiting = self._replies.get(kind)
+                future = waiting.popleft() if waiting else None
+        if future is None:
+            log.debug("reply nobody waits for: %s", ack)
+        else:
+            future.set_result(ack)  # outside the lock: done callbacks may take it
+
+    def _handle_message(self, message: dict) -> None:
+        with self._state:
+            # Waits for room (the reader stops reading: back-pressure to the host).
+            self._state.wait_for(lambda: len(self._inbox) < self.max_queued or self._closed.is_set())
+            if not self._closed.is_set():
+                self._inbox.append(message)
+                self._state.notify_all()
+
+    def _dispatch(self, frame: dict) -> None:
+        kind = frame.get("type")
+        if kind == "message":
+            self._handle_message(frame)
+        elif kind == "ack":
+            self._handle_ack(frame)
+        else:  # {"type":"error"}: a frame we sent was malformed, which encode_frame prevents
+            log.warning("host reported an error: %s", frame)
+
+    def _forget_topic(self, topic: str) -> None:
+        with self._state:
+            self._topics.pop(topic, None)
+
+    # -- the reader: connection life ------------------------------------------------------
+
+    def _run_reader(self) -> None:
+        delay = self.backoff_initial
+        while not self._closed.is_set():
+            try:
+                sock, stream = self._connect()
+            except ConnectFailed as exc:
+                self._last_error = exc
+                self._first_attempt.set()
+                log.warning("%s; retrying in %gs", exc.reason, delay)
+            else:
+                delay = self.backoff_initial
+                reason = self._serve(sock, stream)
+                if self._closed.is_set():
+                    return
+                log.warning("connection to %s:%s lost: %s; reconnecting in %gs", self.host, self.port, reason, delay)
+            if self._closed.wait(delay):
+                return
+            delay = min(delay * 2, self.backoff_max)
+
+    def _connect(self):
+        sock, stream, reply = handshake(self.host, self.port, self._hello, self.connect_timeout)
+        if not reply.startswith("ok session="):
+            _close(sock, stream)
+            raise ConnectFailed(f"{self.host}:{self.port} did not open a bus session (reply {reply!r})")
+        sock.settimeout(None)  # from now on the reader blocks until a frame or the end
+        with self._state:
+            if self._closed.is_set():
+                _close(sock, stream)
+                raise ConnectFailed("closed while connecting")
+            self._sock = sock
+            self.session_token = reply.split("=", 1)[1]
+            topics = list(self._topics)
+        log.info("connected to %s:%s as vm:%s (session %s)", self.host, self.port, self.vm, self.session_token)
+        for topic in topics:
+            # Nobody waits for these acks: the reader itself must go on reading them.
+            future = self._submit({"type": "subscribe", "topic": topic})
+            future.add_done_callback(lambda done, topic=topic: self._handle_resubscribed(topic, done))
+        with self._state:
+            self._last_error = None
+            self._state.notify_all()
+        self._first_attempt.set()
+        return sock, stream
+
+    def _handle_resubscribed(self, topic: str, done: futures.Future) -> None:
+        if done.exception() is not None:
+            return  # the connection dropped; the next one subscribes again
+        ack = done.result()
+        if ack.get("status") == "ok":
+            log.info("subscribed to %s", topic)
+        else:
+            self._forget_topic(topic)
+            log.warning("subscription to %s refused: %s", topic, ack.get("reason"))
+
+    def _serve(self, sock: socket.socket, stream) -> str:
+        """Read and dispatch frames until the connection ends; return why it ended."""
+        try:
+            while True:
+                self._dispatch(read_frame(stream))
+        except ConnectionLost as exc:
+            reason = exc.reason
+        except OSError as exc:
+            reason = str(exc)
+        _shutdown(sock)
+        with self._send_lock:  # no writer is inside sendall on this socket when it closes
+            with self._state:
+                self._sock = None
+                pending = list(self._publishes.values())
+                self._publishes.clear()
+                for waiting in self._replies.values():
+                    pending.extend(waiting)
+                    waiting.clear()
+                self._state.notify_all()
+            _close(sock, stream)
+        error = SessionClosed("session closed") if self._closed.is_set() else ConnectionLost(reason)
+        for future in pending:
+            future.set_exception(error)
+        return reason
+
+    def _run_heartbeat(self) -> None:
+        ack_timeout = max(self.heartbeat_interval, HEARTBEAT_ACK_FLOOR)
+        while not self._closed.wait(self.heartbeat_interval):
+            sock = self._sock
+            if sock is None:
+                continue  # the reader is reconnecting
+            try:
+                self.heartbeat(ack_timeout)
+            except GuestTimeout:
+                log.warning("no heartbeat ack within %gs: dropping the connection", ack_timeout)
+                _shutdown(sock)
+            except (ConnectionLost, SessionClosed):
+                pass  # the reader already handles the end of this connection
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
