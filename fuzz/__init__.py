@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of the guest-facing parsers (atheris); see README."""
