@@ -13,6 +13,7 @@ import asyncio
 import collections
 import itertools
 import os
+import resource
 import signal
 import socket
 import time
@@ -315,9 +316,17 @@ async def run(settings: Settings) -> None:
     await bridge.serve(listener_socket(settings))
 
 
+def raise_fd_limit() -> None:
+    """Each guest session is a file descriptor: take the hard limit, not 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main() -> None:
     runtime.setup_logging("bridge")
     runtime.die_with_parent()
+    raise_fd_limit()
     asyncio.run(run(settings_from_env()))
     logger.info("bridge stopped")
 
