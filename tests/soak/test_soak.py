@@ -17,12 +17,12 @@ import pytest
 
 from ..conftest import Router
 
-pytestmark = pytest.mark.soak
-
 SECONDS = float(os.environ.get("CASTRA_SOAK_SECONDS", "300"))
 IDLE_SESSIONS, PUBLISHERS, RATE = 1000, 100, 50.0
 HEARTBEAT_EVERY = 20.0
 SAMPLE_EVERY = max(1.0, SECONDS / 30)
+
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(SECONDS + 180)]
 ROLES = ("proxy", "journal", "status", "bridge")
 
 
