@@ -31,7 +31,9 @@ import socket
 import struct
 import sys
 import threading
+import time
 from concurrent import futures
+from typing import NamedTuple
 
 # The guest's own defaults (it cannot import castra_zmq.config): the host as QEMU
 # user networking shows it, and the file existing guest images already write.
@@ -110,8 +112,14 @@ def vm_name(name: str) -> str:
     return name
 
 
-def hello_line(vm: str, capability: str | None = CAPABILITY) -> bytes:
+def hello_line(vm: str, capability: str | None = CAPABILITY, token: str | None = None) -> bytes:
+    """``hello vm:<name> [capabilities=<cap>] [token=<secret>]`` (the token is for hosts
+    with an identities file)."""
     line = f"hello vm:{vm_name(vm)}" + (f" capabilities={capability}" if capability else "")
+    if token:
+        if any(ch.isspace() for ch in token):
+            raise ValueError("a token has no spaces")
+        line += f" token={token}"
     return line.encode() + b"\n"
 
 
@@ -143,7 +151,7 @@ def read_frame(stream) -> dict:
         raise ConnectionLost("closed by the host inside a frame")
     try:
         frame = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ConnectionLost("frame from the host is not UTF-8 JSON") from None
     if not isinstance(frame, dict):
         raise ConnectionLost("frame from the host is not a JSON object")
@@ -195,13 +203,13 @@ def _shutdown(sock: socket.socket) -> None:
         pass  # already disconnected
 
 
-def ping(host: str, port: int, vm: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
+def ping(host: str, port: int, vm: str, timeout: float = DEFAULT_TIMEOUT, token: str | None = None) -> bool:
     """Handshake-only hello (no bus capability): True when the host answers ``ok``.
 
     This is all a reachability-only guest does; the host records the handshake and
     closes the connection. Raises ``ConnectFailed``/``HandshakeRefused`` otherwise.
     """
-    sock, stream, reply = handshake(host, port, hello_line(vm, None), timeout)
+    sock, stream, reply = handshake(host, port, hello_line(vm, None, token), timeout)
     _close(sock, stream)
     if reply != "ok":
         raise ConnectFailed(f"unexpected handshake reply {reply!r}")
@@ -232,6 +240,7 @@ class GuestSession:
         vm: str,
         *,
         subscribe=(),
+        token: str | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
@@ -239,6 +248,8 @@ class GuestSession:
         max_queued: int = MAX_QUEUED,
         wait: bool = True,
     ):
+        if not (heartbeat_interval > 0 and 0 < backoff_initial <= backoff_max):
+            raise ValueError("heartbeat_interval and backoff_initial must be > 0, and backoff_max >= backoff_initial")
         self.host, self.port = host, int(port)
         self.vm = vm_name(vm)
         self.heartbeat_interval = heartbeat_interval
@@ -246,20 +257,22 @@ class GuestSession:
         self.connect_timeout = connect_timeout
         self.max_queued = max_queued
         self.session_token: str | None = None  # the host's token of the current connection
-        self._hello = hello_line(self.vm)
+        self._hello = hello_line(self.vm, CAPABILITY, token)
         # Lock order: _send_lock, then _state. _state guards everything below it and
         # is also the condition for "connected", "reply/message arrived", "closed".
         self._send_lock = threading.Lock()
         self._state = threading.Condition()
         self._sock: socket.socket | None = None
-        self._topics = dict.fromkeys(check_topic(t) for t in subscribe)  # ordered set
+        topics = [subscribe] if isinstance(subscribe, str) else subscribe
+        self._topics = dict.fromkeys(check_topic(t) for t in topics)  # an ordered set
         self._publishes: dict = {}  # publish id -> Future of its ack (acks come in any order)
         # Other replies come back in the order of their requests, one queue per kind.
         self._replies = {kind: collections.deque() for kind in ("subscribe", "unsubscribe", "heartbeat")}
         self._inbox: collections.deque = collections.deque()
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(1)  # next() on it is atomic: ids are unique across threads
         self._closed = threading.Event()
         self._first_attempt = threading.Event()
+        self._fail_fast = wait
         self._last_error: GuestError | None = None
         self._reader = threading.Thread(target=self._run_reader, name=f"castra-guest-reader-{self.vm}", daemon=True)
         self._heartbeat = threading.Thread(target=self._run_heartbeat, name=f"castra-guest-heartbeat-{self.vm}",
@@ -268,9 +281,10 @@ class GuestSession:
         self._heartbeat.start()
         if wait:
             self._first_attempt.wait()  # bounded: every step of an attempt has connect_timeout
-            if self._sock is None:
+            error = self._last_error  # set by a failed attempt, cleared by a successful one
+            if error is not None:
                 self.close()
-                raise self._last_error or SessionClosed("closed while connecting")
+                raise error
 
     # -- public API ---------------------------------------------------------------------
 
@@ -300,6 +314,7 @@ class GuestSession:
             raise
 
     def unsubscribe(self, topic: str, timeout: float = DEFAULT_TIMEOUT) -> dict:
+        """Stop receiving ``topic``, now and after reconnects."""
         self._forget_topic(topic)
         return self._request({"type": "unsubscribe", "topic": check_topic(topic)}, timeout)
 
@@ -348,7 +363,7 @@ class GuestSession:
             if thread is not threading.current_thread():
                 thread.join(self.connect_timeout + 1)
 
-    def __enter__(self) -> GuestSession:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -358,14 +373,14 @@ class GuestSession:
 
     def _request(self, frame: dict, timeout: float) -> dict:
         """Send ``frame`` once connected and wait for its ok ack, all within ``timeout``."""
-        deadline = _monotonic() + timeout
+        deadline = time.monotonic() + timeout
         with self._state:
             if not self._state.wait_for(lambda: self._sock is not None or self._closed.is_set(), timeout):
                 raise GuestTimeout(f"not connected to {self.host}:{self.port} within {timeout:g}s"
                                    + (f" ({self._last_error.reason})" if self._last_error else ""))
         future = self._submit(frame)
         try:
-            reply = future.result(max(0.0, deadline - _monotonic()))
+            reply = future.result(max(0.0, deadline - time.monotonic()))
         except futures.TimeoutError:
             if frame["type"] == "publish":
                 with self._state:
@@ -448,6 +463,9 @@ class GuestSession:
                 sock, stream = self._connect()
             except ConnectFailed as exc:
                 self._last_error = exc
+                if self._fail_fast and not self._first_attempt.is_set():
+                    self._first_attempt.set()
+                    return  # the constructor raises it
                 self._first_attempt.set()
                 log.warning("%s; retrying in %gs", exc.reason, delay)
             else:
@@ -474,15 +492,21 @@ class GuestSession:
             self.session_token = reply.split("=", 1)[1]
             topics = list(self._topics)
         log.info("connected to %s:%s as vm:%s (session %s)", self.host, self.port, self.vm, self.session_token)
-        for topic in topics:
-            # Nobody waits for these acks: the reader itself must go on reading them.
-            future = self._submit({"type": "subscribe", "topic": topic})
-            future.add_done_callback(lambda done, topic=topic: self._handle_resubscribed(topic, done))
+        self._resubscribe(topics)
         with self._state:
             self._last_error = None
             self._state.notify_all()
         self._first_attempt.set()
         return sock, stream
+
+    def _resubscribe(self, topics) -> None:
+        for topic in topics:
+            try:
+                future = self._submit({"type": "subscribe", "topic": topic})
+            except (ConnectionLost, SessionClosed):
+                return  # the read loop that follows sees the end and reconnects
+            # Nobody waits for these acks: the reader itself must go on reading them.
+            future.add_done_callback(lambda done, topic=topic: self._handle_resubscribed(topic, done))
 
     def _handle_resubscribed(self, topic: str, done: futures.Future) -> None:
         if done.exception() is not None:
@@ -534,7 +558,213 @@ class GuestSession:
                 pass  # the reader already handles the end of this connection
 
 
-def _monotonic() -> float:
-    import time
+# -- the castra-guest command -------------------------------------------------------------
 
-    return time.monotonic()
+
+def read_handshake_conf(path: str) -> dict:
+    """The ``KEY=value`` lines of a shell-style conf file (``export``, quotes, comments)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as conf:
+            text = conf.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        log.warning("ignoring %s: %s", path, exc.strerror or exc)
+        return {}
+    values = {}
+    for line in text.splitlines():
+        try:
+            tokens = shlex.split(line, comments=True)
+        except ValueError:
+            continue  # unbalanced quotes: not a line a shell would take either
+        for token in tokens:
+            key, sep, value = token.partition("=")
+            if sep:
+                values[key] = value
+    return values
+
+
+class Target(NamedTuple):
+    host: str
+    port: int
+    vm: str
+    token: str | None
+
+
+def resolve_target(host=None, port=None, vm=None, token=None, environ=os.environ) -> Target:
+    """Each setting from its option, else ``BUS_HOST``/``BUS_PORT``/``BUS_VM_NAME``/
+    ``BUS_TOKEN`` in the environment, else in the handshake conf file, else the
+    defaults (``10.0.2.2``, ``7070``, the short hostname, no token)."""
+    conf = read_handshake_conf(environ.get("CASTRA_HANDSHAKE_CONF", HANDSHAKE_CONF))
+
+    def pick(option, key):
+        return option or environ.get(key) or conf.get(key)
+
+    port_text = pick(port, "BUS_PORT") or DEFAULT_PORT
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {port_text!r}")
+    host = pick(host, "BUS_HOST") or DEFAULT_HOST
+    vm = pick(vm, "BUS_VM_NAME") or socket.gethostname().split(".")[0]
+    return Target(host, port, vm_name(vm), pick(token, "BUS_TOKEN"))
+
+
+def forward_frame(session: GuestSession, frame, timeout: float) -> dict:
+    """Send one frame from stdin through the session's own calls, so that it is acked
+    and a subscription is kept across reconnects; returns the ack."""
+    if not isinstance(frame, dict):
+        raise TypeError("a frame is a JSON object")
+    kind = frame.get("type")
+    if kind == "publish":
+        return session.publish(frame.get("topic", "broadcast"), frame.get("payload"), timeout)
+    if kind == "subscribe":
+        return session.subscribe(frame.get("topic"), timeout)
+    if kind == "unsubscribe":
+        return session.unsubscribe(frame.get("topic"), timeout)
+    if kind == "heartbeat":
+        return session.heartbeat(timeout)
+    raise ValueError(f"unsupported frame type {kind!r}")
+
+
+def forward_stdin(session: GuestSession, timeout: float) -> None:
+    """Forward each JSON line of stdin until its end; a refused line is reported on stderr."""
+    # A stream of its own on a copy of fd 0: at exit the interpreter flushes
+    # sys.stdin, whose lock this daemon thread would be holding.
+    with open(os.dup(sys.stdin.fileno()), "rb") as stdin:
+        while True:
+            line = stdin.readline(MAX_FRAME + 1)  # a longer line could not be one frame
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                forward_frame(session, json.loads(line), timeout)
+            except (ValueError, TypeError, GuestError) as exc:
+                log.warning("stdin frame not forwarded (%s): %.200s", exc, line.decode("utf-8", "replace").strip())
+
+
+def run_publish(args, target: Target) -> int:
+    text = sys.stdin.read() if args.payload == "-" else args.payload
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--payload is not JSON: {exc}") from None
+    with GuestSession(target.host, target.port, target.vm, token=target.token, connect_timeout=args.timeout) as session:
+        ack = session.publish(args.topic, payload, args.timeout)
+    print(json.dumps(ack, separators=(",", ":")))
+    return 0
+
+
+def run_agent(args, target: Target) -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends it as Ctrl-C does
+    session = GuestSession(
+        target.host, target.port, target.vm,
+        subscribe=args.subscribe,
+        token=target.token,
+        heartbeat_interval=args.heartbeat,
+        backoff_initial=args.backoff,
+        backoff_max=args.backoff_max,
+        connect_timeout=args.timeout,
+        wait=False,
+    )
+    try:
+        if args.stdin_json:
+            threading.Thread(target=forward_stdin, args=(session, args.timeout), name="castra-guest-stdin",
+                             daemon=True).start()
+        for message in session:
+            print(json.dumps(message, separators=(",", ":"), ensure_ascii=False), flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.close()
+    return 0
+
+
+def run_ping(args, target: Target) -> int:
+    ping(target.host, target.port, target.vm, args.timeout, target.token)
+    print("ok")
+    return 0
+
+
+EXAMPLES = """\
+examples:
+  castra-guest publish --payload '{"event":"booted"}'
+  castra-guest publish --topic vm:beta --payload - < event.json
+  castra-guest agent --subscribe broadcast --subscribe vm:alpha
+  producer | castra-guest agent --stdin-json   # lines like {"type":"publish","topic":"t","payload":{}}
+  castra-guest ping && echo reachable
+
+The host, port, VM name and token come from --host/--port/--vm/--token, else
+$BUS_HOST, $BUS_PORT, $BUS_VM_NAME and $BUS_TOKEN, else the same names in
+/etc/conf.d/castra-handshake (another file: $CASTRA_HANDSHAKE_CONF), else
+10.0.2.2, 7070, the short hostname and no token.
+Exit status: 0 on success (an ok ack), 1 when the host refused or did not answer,
+2 on a usage error.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--host", help="the host's address (default: $BUS_HOST or 10.0.2.2)")
+    common.add_argument("--port", help="the host's port (default: $BUS_PORT or 7070)")
+    common.add_argument("--vm", help="this guest's name (default: $BUS_VM_NAME or the short hostname)")
+    common.add_argument("--token", help="secret for a host with an identities file (default: $BUS_TOKEN)")
+    common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                        help="seconds to wait for a connection or an ack (default: %(default)g)")
+
+    parser = argparse.ArgumentParser(
+        prog="castra-guest", description="Talk to the Castra bus from a guest VM.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    publish = commands.add_parser("publish", parents=[common], help="publish one message; exit 0 on an ok ack",
+                                  description="Publish one message and print the host's ack (a JSON line).")
+    publish.add_argument("--topic", default="broadcast", help="broadcast (default), vm:<name> or any topic")
+    publish.add_argument("--payload", required=True, metavar="JSON", help="the message, as JSON ('-': read stdin)")
+    publish.set_defaults(run=run_publish)
+
+    agent = commands.add_parser(
+        "agent", parents=[common], help="stay connected; print delivered messages as JSON lines",
+        description="Stay connected (heartbeats, reconnects forever), print every delivered message as one "
+                    "JSON line on stdout, and with --stdin-json forward each stdin line (a publish, subscribe, "
+                    "unsubscribe or heartbeat frame) until stdin ends. Exits 0 on SIGTERM or Ctrl-C.",
+    )
+    agent.add_argument("--subscribe", action="append", default=[], metavar="TOPIC",
+                       help="receive messages on TOPIC (repeatable; '*': everything)")
+    agent.add_argument("--stdin-json", action="store_true", help="forward newline-delimited JSON frames from stdin")
+    agent.add_argument("--heartbeat", type=float, default=HEARTBEAT_INTERVAL, metavar="S",
+                       help="seconds between heartbeats (default: %(default)g)")
+    agent.add_argument("--backoff", type=float, default=BACKOFF_INITIAL, metavar="S",
+                       help="first reconnect delay, doubled on each failure (default: %(default)g)")
+    agent.add_argument("--backoff-max", type=float, default=BACKOFF_MAX, metavar="S",
+                       help="longest reconnect delay (default: %(default)g)")
+    agent.set_defaults(run=run_agent)
+
+    ping_command = commands.add_parser("ping", parents=[common], help="handshake only: exit 0 if the host answers ok",
+                                       description="Say hello without a bus capability, as reachability-only "
+                                                   "guests do; print ok and exit 0 if the host answers ok.")
+    ping_command.set_defaults(run=run_ping)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="castra-guest: %(message)s",
+                        level=logging.INFO if args.command == "agent" else logging.WARNING)
+    # The one place where errors become a message and an exit status.
+    try:
+        return args.run(args, resolve_target(args.host, args.port, args.vm, args.token))
+    except ValueError as exc:
+        print(f"castra-guest: {exc}", file=sys.stderr)
+        return 2
+    except GuestError as exc:
+        print(f"castra-guest: {exc.reason}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The guest side (castra_zmq.guest, castra-guest, guest/castra-bus-agent.sh) against a
+real router on loopback: library, command line, bash agent and Python 3.8."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from castra_zmq import client
+from castra_zmq.guest import (
+    AckError,
+    GuestError,
+    GuestSession,
+    GuestTimeout,
+    SessionClosed,
+    ping,
+    resolve_target,
+)
+
+from .conftest import wait_for
+from .guest import connect_bus
+
+REPO = Path(__file__).resolve().parent.parent
+BASH_AGENT = REPO / "guest" / "castra-bus-agent.sh"
+GUEST_CLI = [sys.executable, "-m", "castra_zmq.guest"]
+NO_CONF = "/nonexistent/castra-handshake"  # so this machine's own conf file never leaks in
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(**extra: str) -> dict:
+    """This environment without any BUS_* of the machine's own, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
+    return {**env, "CASTRA_HANDSHAKE_CONF": NO_CONF, **extra}
+
+
+def guest_env(port: int, vm: str, **extra: str) -> dict:
+    return environment(BUS_HOST="127.0.0.1", BUS_PORT=str(port), BUS_VM_NAME=vm, **extra)
+
+
+def logged(router, vm: str, payload) -> bool:
+    return any(record["vm"] == vm and record["payload"] == payload for record in router.read_log())
+
+
+def quiet_session_dropped(router) -> None:
+    """Wait until the router drops a session that never heartbeats: proof that its
+    idle timeout went by, without sleeping for a guessed time."""
+    with connect_bus(router.port, "quiet") as quiet:
+        assert quiet.is_closed(timeout=5)
+
+
+class Lines:
+    """A child's output, collected line by line in a thread, so tests wait with deadlines."""
+
+    def __init__(self, pipe):
+        self.lines: list[str] = []
+        threading.Thread(target=self._collect, args=(pipe,), daemon=True).start()
+
+    def _collect(self, pipe) -> None:
+        for raw in pipe:
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+    def wait(self, text: str, times: int = 1, timeout: float = 10.0) -> None:
+        try:
+            wait_for(lambda: self.count(text) >= times, timeout, what=repr(text))
+        except AssertionError:
+            raise AssertionError(f"no {text!r} (x{times}) in {self.lines}") from None
+
+    def json(self) -> list[dict]:
+        return [json.loads(line) for line in list(self.lines)]
+
+
+class Child:
+    def __init__(self, args: list[str], env: dict):
+        self.process = subprocess.Popen(args, env=env, cwd=REPO, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stdout = Lines(self.process.stdout)
+        self.stderr = Lines(self.process.stderr)
+
+    def send_line(self, obj) -> None:
+        self.process.stdin.write(json.dumps(obj).encode() + b"\n")
+        self.process.stdin.flush()
+
+    def wait_message(self, payload, timeout: float = 10.0) -> None:
+        what = f"delivery of {payload} (stderr: {self.stderr.lines})"
+        wait_for(lambda: any(m["payload"] == payload for m in self.stdout.json()), timeout, what=what)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+@pytest.fixture
+def spawn():
+    """Start children (agents); any still running at the end is killed."""
+    children: list[Child] = []
+
+    def start(args: list[str], env: dict) -> Child:
+        child = Child(args, env)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        if child.process.poll() is None:
+            child.process.kill()
+            child.process.wait(5)
+
+
+def run(args: list[str], env: dict, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, cwd=REPO, input=stdin, capture_output=True, timeout=30, check=False)
+
+
+# -- library ------------------------------------------------------------------------------
+
+
+def test_publish_returns_the_ok_ack_once_in_the_log(router):
+    with GuestSession("127.0.0.1", router.port, "alpha") as bus:
+        ack = bus.publish("vm:beta", {"n": 1})
+        assert ping("127.0.0.1", router.port, "pinger") is True
+    assert ack["type"] == "ack" and ack["ack"] == "publish" and ack["status"] == "ok" and ack["topic"] == "vm:beta"
+    [record] = router.read_log()
+    assert (record["seq"], record["vm"], record["payload"]) == (ack["seq"], "alpha", {"n": 1})
+
+
+def test_subscriber_receives_another_guests_publish(router):
+    with GuestSession("127.0.0.1", router.port, "alpha") as alpha, \
+            GuestSession("127.0.0.1", router.port, "beta") as beta:
+        assert alpha.subscribe("vm:alpha")["status"] == "ok"
+        beta.publish("vm:alpha2", {"n": "not for alpha"})  # committed first: it would arrive first
+        beta.publish("vm:alpha", {"n": "for alpha"})
+        message = alpha.receive(timeout=5)
+        assert (message["topic"], message["from"], message["payload"]) == ("vm:alpha", "vm:beta", {"n": "for alpha"})
+        with pytest.raises(GuestTimeout):
+            alpha.receive(timeout=0.05)
+    assert list(alpha.messages()) == []  # closed: iteration ends
+    with pytest.raises(SessionClosed):
+        alpha.publish("broadcast", {})
+
+
+def test_error_ack_raises_ack_error_and_the_topic_is_dropped(router):
+    with GuestSession("127.0.0.1", router.port, "alpha") as bus:
+        for n in range(16):
+            bus.subscribe(f"topic-{n}")
+        with pytest.raises(AckError) as refused:
+            bus.subscribe("one-too-many")
+        assert isinstance(refused.value, GuestError)
+        assert "too many subscriptions" in refused.value.reason
+        assert refused.value.ack["ack"] == "subscribe" and refused.value.ack["status"] == "error"
+        assert "one-too-many" not in bus._topics
+        with pytest.raises(ValueError):
+            bus.publish("x" * 257, {})  # refused before it is sent: the session goes on
+        assert bus.heartbeat()["status"] == "ok"
+
+
+def test_heartbeats_keep_a_quiet_session_open(router_factory):
+    router = router_factory("--heartbeat-timeout", "1")
+    with GuestSession("127.0.0.1", router.port, "alpha", heartbeat_interval=0.2) as bus:
+        token = bus.session_token
+        quiet_session_dropped(router)
+        assert bus.connected and bus.session_token == token  # never reconnected
+        assert bus.publish("broadcast", {"still": "here"})["status"] == "ok"
+
+
+def test_concurrent_publishes_and_heartbeats_never_interleave(router):
+    pad = "x" * 60000  # near the 64 KiB frame limit
+
+    with GuestSession("127.0.0.1", router.port, "busy", heartbeat_interval=0.05) as bus:
+        token = bus.session_token
+        # A small send buffer makes each write wait for room in the middle of its frame,
+        # the very moment another thread's write would tear it without the send lock.
+        bus._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+        def work(worker: int) -> list[tuple[dict, dict]]:
+            sent = []
+            for i in range(50):
+                payload = {"worker": worker, "i": i, "pad": pad}
+                sent.append((payload, bus.publish("load", payload)))
+                if i % 5 == 0:
+                    assert bus.heartbeat()["status"] == "ok"
+            return sent
+
+        with ThreadPoolExecutor(4) as pool:
+            results = [pair for sent in pool.map(work, range(4)) for pair in sent]
+        assert bus.session_token == token  # one connection: no frame ever broke the stream
+    records = {record["seq"]: record for record in router.read_log() if record["vm"] == "busy"}
+    assert len(records) == len(results) == 200
+    for payload, ack in results:  # every ack went to the thread whose publish it answers
+        assert ack["status"] == "ok" and records[ack["seq"]]["payload"] == payload
+
+
+# -- castra-guest -----------------------------------------------------------------------------
+
+
+def test_agent_reconnects_and_resubscribes_after_a_router_restart(router_factory, state_root, spawn):
+    port = free_port()  # the restarted router must listen where the agent reconnects
+    first = router_factory("--port", str(port))
+    agent = spawn([*GUEST_CLI, "agent", "--subscribe", "vm:alpha", "--stdin-json", "--backoff", "0.1",
+                   "--backoff-max", "0.2"], guest_env(port, "alpha"))
+    agent.stderr.wait("subscribed to vm:alpha")
+    client.publish("vm:alpha", {"before": "restart"}, state_root=state_root)
+    agent.wait_message({"before": "restart"})
+
+    first.stop()
+    agent.stderr.wait("lost")
+    second = router_factory("--port", str(port), root=state_root)
+    agent.stderr.wait("subscribed to vm:alpha", times=2)
+    client.publish("vm:alpha", {"after": "restart"}, state_root=state_root)
+    agent.wait_message({"after": "restart"})
+
+    agent.send_line({"type": "publish", "topic": "broadcast", "payload": {"from": "stdin"}})
+    wait_for(lambda: logged(second, "alpha", {"from": "stdin"}), what="stdin frame in bus.log")
+    assert agent.terminate() == 0
+
+
+def test_cli_publish_and_ping_exit_codes(router):
+    env = guest_env(router.port, "cli")
+    ok = run([*GUEST_CLI, "publish", "--topic", "vm:beta", "--payload", '{"a": 1}'], env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["status"] == "ok" and logged(router, "cli", {"a": 1})
+    from_stdin = run([*GUEST_CLI, "publish", "--payload", "-"], env, stdin=b'{"b": 2}\n')
+    assert from_stdin.returncode == 0 and logged(router, "cli", {"b": 2})
+
+    assert run([*GUEST_CLI, "publish", "--payload", "{not json"], env).returncode == 2
+    refused = run([*GUEST_CLI, "publish", "--vm", "host", "--payload", "{}"], env)
+    assert refused.returncode == 1 and b"reserved vm name" in refused.stderr
+    unreachable = run([*GUEST_CLI, "publish", "--payload", "{}"], guest_env(free_port(), "cli"))
+    assert unreachable.returncode == 1 and b"cannot connect" in unreachable.stderr
+
+    pong = run([*GUEST_CLI, "ping"], env)
+    assert (pong.returncode, pong.stdout) == (0, b"ok\n")
+
+
+def test_target_comes_from_options_env_conf_file_then_defaults(router, tmp_path):
+    conf = tmp_path / "castra-handshake"
+    conf.write_text(f'# written by the image\nexport BUS_HOST="127.0.0.1"\nBUS_PORT={router.port}  # bus\n'
+                    "BUS_VM_NAME='conf-vm'\n")
+    env = {"CASTRA_HANDSHAKE_CONF": str(conf)}
+    assert resolve_target(environ=env) == ("127.0.0.1", router.port, "conf-vm", None)
+    assert resolve_target(environ={**env, "BUS_VM_NAME": "env-vm"}).vm == "env-vm"
+    assert resolve_target(vm="option-vm", environ={**env, "BUS_VM_NAME": "env-vm"}).vm == "option-vm"
+    defaults = resolve_target(environ={"CASTRA_HANDSHAKE_CONF": NO_CONF})
+    assert defaults == ("10.0.2.2", 7070, socket.gethostname().split(".")[0], None)
+
+    conf_only = environment(CASTRA_HANDSHAKE_CONF=str(conf))
+    assert run([*GUEST_CLI, "publish", "--payload", '{"via": "python"}'], conf_only).returncode == 0
+    assert run(["bash", str(BASH_AGENT), "publish", "--payload", '{"via": "bash"}'], conf_only).returncode == 0
+    assert logged(router, "conf-vm", {"via": "python"}) and logged(router, "conf-vm", {"via": "bash"})
+
+
+def test_token_for_a_host_with_an_identities_file(router_factory, tmp_path):
+    identities = tmp_path / "identities"
+    identities.write_text("locked token=s3cr3t\n")
+    router = router_factory("--identities", str(identities))
+    for command in ([*GUEST_CLI, "publish"], ["bash", str(BASH_AGENT), "publish"]):
+        assert run([*command, "--payload", '{"key": "right"}'], guest_env(router.port, "locked", BUS_TOKEN="s3cr3t"),
+                   ).returncode == 0
+        wrong = run([*command, "--token", "guess", "--payload", "{}"], guest_env(router.port, "locked"))
+        assert wrong.returncode == 1 and b"invalid token" in wrong.stderr
+    assert [r["payload"] for r in router.read_log()] == [{"key": "right"}] * 2
+
+
+# -- the bash agent -----------------------------------------------------------------------------
+
+
+def test_bash_agent_publish(router):
+    env = guest_env(router.port, "bash-pub")
+    ok = run(["bash", str(BASH_AGENT), "publish", "--topic", "vm:beta", "--payload", '{"n": "é"}'], env)
+    assert ok.returncode == 0, ok.stderr
+    assert b'"status":"ok"' in ok.stdout and logged(router, "bash-pub", {"n": "é"})
+    refused = run(["bash", str(BASH_AGENT), "publish", "--payload", "{}"], guest_env(router.port, "host"))
+    assert refused.returncode == 1 and b"reserved vm name" in refused.stderr
+    bad = run(["bash", str(BASH_AGENT), "publish", "--payload", "{bad"], env)
+    assert bad.returncode == 1 and b"invalid JSON" in bad.stderr
+
+
+def test_bash_agent_subscribes_heartbeats_and_forwards_stdin(router_factory, spawn):
+    router = router_factory("--heartbeat-timeout", "1")
+    agent = spawn(["bash", str(BASH_AGENT), "agent", "--subscribe", "vm:bash-sub", "--stdin-json",
+                   "--heartbeat", "0.2"], guest_env(router.port, "bash-sub"))
+    agent.stderr.wait("subscribed to vm:bash-sub")
+    quiet_session_dropped(router)
+    client.publish("vm:bash-sub", {"to": "bash"}, state_root=router.state_root)
+    agent.wait_message({"to": "bash"})
+
+    agent.send_line({"type": "publish", "topic": "broadcast", "payload": {"from": "bash stdin"}})
+    wait_for(lambda: logged(router, "bash-sub", {"from": "bash stdin"}), what="stdin frame in bus.log")
+    assert agent.stderr.count("lost") == 0 and agent.stderr.count("connected to") == 1  # the first session held
+    assert agent.terminate() == 0
+
+
+# -- what guests run -----------------------------------------------------------------------------
+
+
+def test_guest_module_imports_only_the_standard_library():
+    probe = ("import sys, castra_zmq.guest; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'zmq', 'msgspec', 'loguru', 'click'}))")
+    result = run([sys.executable, "-c", probe], environment())
+    assert result.stdout == b"[]\n", result.stderr
+
+
+def python38() -> tuple[str, dict] | None:
+    """A working ``python3.8`` and the environment it needs (pyenv's shim may need
+    the version named), or None."""
+    exe = shutil.which("python3.8")
+    if exe is None:
+        return None
+    for extra in ({}, {"PYENV_VERSION": "3.8.18"}):
+        trial = run([exe, "-c", "import sys; print(sys.version_info[:2])"], {**os.environ, **extra})
+        if trial.returncode == 0 and trial.stdout.strip() == b"(3, 8)":
+            return exe, extra
+    return None
+
+
+def test_python38_imports_and_publishes(router, tmp_path):
+    found = python38()
+    if found is None:
+        pytest.skip("no working python3.8 on this machine")
+    exe, extra = found
+    env = guest_env(router.port, "py38", PYTHONPATH=str(REPO), **extra)
+    imported = run([exe, "-c", "import castra_zmq.guest"], env)
+    assert imported.returncode == 0, imported.stderr
+    result = run([exe, "-m", "castra_zmq.guest", "publish", "--payload", '{"python": "3.8"}'], env)
+    assert result.returncode == 0, result.stderr
+    # What a guest image carries: the one file, run as a script.
+    single_file = tmp_path / "castra_guest.py"
+    shutil.copy(REPO / "castra_zmq" / "guest.py", single_file)
+    env = guest_env(router.port, "py38", **extra)
+    result = run([exe, str(single_file), "publish", "--payload", '{"single": "file"}'], env)
+    assert result.returncode == 0, result.stderr
+    assert logged(router, "py38", {"python": "3.8"}) and logged(router, "py38", {"single": "file"})
