@@ -1,1 +1,2 @@
-"""Benchmarks: run with ``python -m bench.<name>``; never part of the test run."""
+"""Benchmarks: ``python -m bench`` races castra-zmq against mosquitto, NATS and a bare
+ZeroMQ proxy (see ``bench/__main__.py``); never part of the test run."""
