@@ -6,6 +6,7 @@
   logs/bus/bus.log             every committed message
   logs/bus/<vm>.log            per-VM logs (names encoded by ``logfiles``)
   state/status.json            the status role's last snapshot
+  state/journal.json           how far the per-VM logs are known to be on disk
 ```
 """
 
@@ -38,6 +39,7 @@ class Endpoints:
         self.state_dir = self.state_root / "state"
         self.bus_log = self.logs_dir / "bus.log"
         self.snapshot = self.state_dir / "status.json"
+        self.journal_checkpoint = self.state_dir / "journal.json"  # per-VM logs synced up to
         self.lock_file = self.run_dir / "router.lock"
         self.router_info = self.run_dir / "router.json"
         self.publish_socket = self.run_dir / "bus-in.sock"  # proxy XSUB: publishers connect

@@ -26,7 +26,7 @@ from .endpoints import Endpoints
 from .errors import CastraError
 from .events import EventKind, event_message
 from .handshake import HOST_SENDER, validate_vm_name
-from .logfiles import AppendFile, last_lines, log_file_name
+from .logfiles import AppendFile, last_lines, log_file_name, newest_lines
 from .wire import (
     MAX_TOPIC,
     CommitBatch,
@@ -54,32 +54,41 @@ class Pending(msgspec.Struct):
 
 
 class LogSet:
-    """``bus.log`` plus per-VM logs, with a bounded set of open files."""
+    """``bus.log`` plus per-VM logs, with a bounded set of open files.
 
-    def __init__(self, endpoints: Endpoints):
+    Only ``bus.log`` is fsynced with each commit: it is the record of truth, and
+    one fsync per batch instead of one per file touched is what keeps group commit
+    cheap. The per-VM logs are derived from it; they are fsynced by ``sync_vm_logs``
+    (about once a second) and, after an OS crash, rebuilt from ``bus.log`` past the
+    checkpoint (see ``Journal.reconcile``).
+    """
+
+    def __init__(self, endpoints: Endpoints, sync: bool):
         self.dir = endpoints.logs_dir
+        self.sync = sync
         self.bus = AppendFile(endpoints.bus_log)
         self._vm_files: collections.OrderedDict[str, AppendFile] = collections.OrderedDict()
+        self._unsynced: set[AppendFile] = set()
 
     def vm_file(self, vm: str) -> AppendFile:
         handle = self._vm_files.get(vm)
         if handle is None:
             if len(self._vm_files) >= _MAX_OPEN_FILES:
-                self._vm_files.popitem(last=False)[1].close()
+                self._close(self._vm_files.popitem(last=False)[1])
             handle = self._vm_files[vm] = AppendFile(self.dir / log_file_name(vm))
         else:
             self._vm_files.move_to_end(vm)
         return handle
 
-    def append(self, lines: dict[AppendFile, bytearray], sync: bool) -> None:
+    def append(self, lines: dict[AppendFile, bytearray]) -> None:
         """Write every file's lines; on any error restore every file and re-raise."""
         sizes = {handle: handle.size for handle in lines}
         try:
             for handle, data in lines.items():
                 handle.write(data)
-            if sync:
-                for handle in lines:
-                    handle.sync()
+            if self.sync and self.bus in lines:
+                self.bus.sync()
+            self._unsynced.update(handle for handle in lines if handle is not self.bus)
         except OSError:
             for handle, size in sizes.items():
                 try:
@@ -88,10 +97,23 @@ class LogSet:
                     logger.error("rollback failed", path=str(handle.path), reason=exc.strerror)
             raise
 
+    def sync_vm_logs(self) -> None:
+        """fsync the per-VM logs written since the last call."""
+        if self.sync:
+            for handle in self._unsynced:
+                handle.sync()
+        self._unsynced.clear()
+
+    def _close(self, handle: AppendFile) -> None:
+        if self.sync and handle in self._unsynced:
+            handle.sync()
+        self._unsynced.discard(handle)
+        handle.close()
+
     def close(self) -> None:
         self.bus.close()
         for handle in self._vm_files.values():
-            handle.close()
+            self._close(handle)
         self._vm_files.clear()
 
 
@@ -104,6 +126,32 @@ def last_seq(path: Path) -> int:
         return decode_log_record(lines[0]).seq
     except msgspec.DecodeError as exc:
         raise CastraError(f"cannot read seq from the last line of {path}: {exc}") from None
+
+
+class Checkpoint(msgspec.Struct):
+    """``state/journal.json``: every per-VM log line up to ``vm_logs_synced_seq``
+    is on disk, so recovery rebuilds only what comes after it."""
+
+    vm_logs_synced_seq: int
+
+
+def read_checkpoint(path: Path) -> int | None:
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Checkpoint).vm_logs_synced_seq
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def write_checkpoint(path: Path, seq: int, sync: bool) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json_encode(Checkpoint(seq)))
+        if sync:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def files_of(vm: str, topic: str) -> tuple[str, ...]:
@@ -127,6 +175,7 @@ class Journal:
         self.settings = settings
         self.endpoints = settings.endpoints
         self.seq = last_seq(self.endpoints.bus_log)
+        self.synced_seq = self.seq  # the per-VM logs are on disk up to here
         self.logs: LogSet | None = None
         self.failure: str | None = None  # why the last commit failed, until one succeeds
         self.context = zmq.Context()
@@ -158,32 +207,51 @@ class Journal:
     def open_logs(self) -> LogSet:
         if self.logs is None:
             self.endpoints.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.logs = LogSet(self.endpoints)
+            self.logs = LogSet(self.endpoints, sync=self.settings.fsync == "batch")
             self.reconcile(self.logs)
         return self.logs
+
+    def checkpoint(self) -> None:
+        """Sync the per-VM logs, then record how far they are on disk."""
+        if self.logs is None or self.synced_seq == self.seq:
+            return
+        try:
+            self.logs.sync_vm_logs()
+            write_checkpoint(self.endpoints.journal_checkpoint, self.seq, self.logs.sync)
+        except OSError as exc:
+            logger.warning("per-VM logs not synced", reason=exc.strerror)
+            return
+        self.synced_seq = self.seq
 
     def reconcile(self, logs: LogSet) -> None:
         """Copy to the per-VM logs what a crash left only in ``bus.log``.
 
-        ``bus.log`` is written first, so after a crash mid-commit the per-VM logs
-        lag it by at most one batch: re-derive that batch's lines from it.
+        ``bus.log`` is written (and fsynced) first; the per-VM logs may lack lines
+        after the last checkpoint: a process crash loses at most the batch being
+        written, an OS crash what was not synced yet. Re-derive those lines.
         """
         appended = 0
-        lines = last_lines(self.endpoints.bus_log, self.settings.batch_max)
+        since = read_checkpoint(self.endpoints.journal_checkpoint)
+        if since is None:  # no checkpoint yet: a process crash loses one batch at most
+            since = max(0, self.seq - self.settings.batch_max)
         records = []
-        for line in lines:
+        for line in newest_lines(self.endpoints.bus_log):
             try:
                 record = decode_log_record(line)
             except msgspec.DecodeError:
                 continue  # not ours to judge here; last_seq reports a bad last line
+            if record.seq <= since:
+                break
             records.append((record.seq, files_of(record.vm, record.topic), line))
+        records.reverse()
         for vm in {vm for _, vms, _ in records for vm in vms}:
             handle = logs.vm_file(vm)
             have = last_seq(handle.path)
             missing = b"".join(line + b"\n" for seq, vms, line in records if seq > have and vm in vms)
             if missing:
-                logs.append({handle: missing}, sync=self.settings.fsync == "batch")
+                logs.append({handle: missing})
                 appended += missing.count(b"\n")
+        logs.sync_vm_logs()
         if appended:
             logger.warning("per-VM logs completed from bus.log after a crash", count=appended)
 
@@ -211,6 +279,7 @@ class Journal:
             if now >= next_health:
                 next_health = now + self.settings.health_interval
                 self.announce_health()
+                self.checkpoint()
 
     def drop_subscription_notices(self) -> None:
         """Read the outbox's (un)subscription messages: unread, they would pile up."""
@@ -303,7 +372,7 @@ class Journal:
                 lines[logs.bus] += line + b"\n"
                 for vm in files_of(request.vm, request.topic):
                     lines[logs.vm_file(vm)] += line + b"\n"
-            logs.append(lines, sync=self.settings.fsync == "batch")
+            logs.append(lines)
         except OSError as exc:
             reason = f"log_write_failed: {exc.strerror or exc}"
             if reason != self.failure:
@@ -340,6 +409,7 @@ class Journal:
 
     def close(self) -> None:
         if self.logs is not None:
+            self.checkpoint()
             self.logs.close()
         for sock in (self.inbox, self.outbox, self.direct):
             sock.close(linger=0)

@@ -91,19 +91,24 @@ def lines_before(fd: int, end: int) -> Iterator[bytes]:
         end = start
 
 
+def newest_lines(path: Path) -> Iterator[bytes]:
+    """The complete lines of ``path`` (without newlines), newest first."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        yield from lines_before(fd, complete_end(fd, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
 def last_lines(path: Path, count: int) -> list[bytes]:
     """Up to ``count`` last complete lines of ``path`` (without newlines), oldest first.
 
     A torn tail (no final newline) is not a line.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return []
-    try:
-        lines = list(itertools.islice(lines_before(fd, complete_end(fd, os.fstat(fd).st_size)), count))
-    finally:
-        os.close(fd)
+    lines = list(itertools.islice(newest_lines(path), count))
     lines.reverse()
     return lines
 
