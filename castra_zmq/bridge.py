@@ -43,6 +43,7 @@ from .wire import (
 LISTEN_FD_ENV = "CASTRA_LISTEN_FD"
 _SHUTDOWN_GRACE = 1.0  # seconds to wait for in-flight commits when stopping
 _DRAIN_MAX = 4096  # bus messages handled per wake-up before yielding to guests
+_WATCH_INTERVAL = 0.05  # seconds between looks at the journal's subscription
 
 
 class PendingPublish(msgspec.Struct):
@@ -68,7 +69,9 @@ class Bridge:
         # arrive and leave: publishing before it arrived would be dropped unseen.
         self.journal_subscribed = False
         self.context = zmq.asyncio.Context()
-        self.outbox = self.context.socket(zmq.XPUB)
+        # A plain (not asyncio) socket: sends never wait (XPUB drops at its HWM), and
+        # an asyncio send costs a Future per publish.
+        self.outbox = zmq.Socket(self.context, zmq.XPUB)
         self.inbox = self.context.socket(zmq.SUB)
         for sock in (self.outbox, self.inbox):
             sock.linger = 0
@@ -181,10 +184,20 @@ class Bridge:
             self.handle_commit_batch(parts[1])
 
     async def watch_journal(self) -> None:
-        """Follow the journal's subscription to ``pub`` as the proxy forwards it."""
+        """Follow the journal's subscription to ``pub`` as the proxy forwards it.
+
+        Polled (20 times a second): the outbox is a plain socket, and reading it
+        through asyncio while sending on it could miss ZeroMQ's edge-triggered wake-up.
+        """
         while True:
-            message = await self.outbox.recv()
-            if message[1:] == topics.PUBLISH:
+            await asyncio.sleep(_WATCH_INTERVAL)
+            while True:
+                try:
+                    message = self.outbox.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if message[1:] != topics.PUBLISH:
+                    continue
                 subscribed = message[0] == 1
                 if subscribed != self.journal_subscribed:
                     self.journal_subscribed = subscribed

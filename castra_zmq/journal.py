@@ -12,6 +12,7 @@ that is not in the log.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import time
 from pathlib import Path
@@ -160,6 +161,7 @@ def files_of(vm: str, topic: str) -> tuple[str, ...]:
     return (vm,) if target is None or target == vm else (vm, target)
 
 
+@functools.lru_cache(maxsize=4096)  # called for every message with few distinct topics
 def target_of(topic: str) -> str | None:
     """The VM a ``vm:<target>`` topic is addressed to, if it names a valid VM."""
     if not topic.startswith("vm:"):

@@ -73,6 +73,8 @@ class GuestConnection(asyncio.Protocol):
         self.throttle_noticed = float("-inf")
         self.last_frame = time.monotonic()
         self.last_heartbeat_ms: int | None = None
+        self.outgoing: list[bytes] = []  # frames to write at the end of this loop turn
+        self.outgoing_bytes = 0
         self.log = logger
 
     # -- asyncio callbacks ------------------------------------------------------------
@@ -249,17 +251,32 @@ class GuestConnection(asyncio.Protocol):
 
     def send(self, reply: Reply) -> None:
         if self.phase is BUS:
-            self.transport.write(encode_frame(json_encode(reply)))
+            self.queue(encode_frame(json_encode(reply)))
+
+    def queue(self, frame: bytes) -> None:
+        """Write ``frame`` with the others of this loop turn: one send() for a burst
+        of acks and deliveries instead of one each."""
+        if not self.outgoing:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.outgoing.append(frame)
+        self.outgoing_bytes += len(frame)
+
+    def flush(self) -> None:
+        if self.outgoing and not self.transport.is_closing():
+            self.transport.write(b"".join(self.outgoing))
+        self.outgoing.clear()
+        self.outgoing_bytes = 0
 
     def deliver(self, frame: bytes) -> None:
         """Queue one encoded message; past the queue limit the guest is dropped."""
-        if self.transport.get_write_buffer_size() + len(frame) > self.bridge.settings.subscriber_queue_bytes:
+        queued = self.transport.get_write_buffer_size() + self.outgoing_bytes + len(frame)
+        if queued > self.bridge.settings.subscriber_queue_bytes:
             self.bridge.emit(EventKind.BACKPRESSURE, vm=self.vm, session=self.token,
                              action="disconnect", reason="slow_consumer")
             self.log.bind(reason="slow_consumer").warning("subscriber disconnected")
             self.close("slow_consumer", abort=True)
             return
-        self.transport.write(frame)
+        self.queue(frame)
 
     def throttle(self) -> None:
         """Stop reading while the publish window is full: TCP pushes back on the guest.
@@ -300,6 +317,7 @@ class GuestConnection(asyncio.Protocol):
         self.phase = CLOSED
         if was_bus:
             self.bridge.close_session(self, reason or "closed")
+        self.flush()  # the error frame that explains the close goes out first
         self.transport.close()
 
 
