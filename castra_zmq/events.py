@@ -25,7 +25,6 @@ class EventKind(str, enum.Enum):
     BACKPRESSURE = "backpressure"  # vm, session, action, reason
     SESSIONS = "sessions"  # sessions: the bridge's open sessions, sent periodically
     JOURNAL = "journal"  # outcome (ok|error), reason, seq: the journal's periodic health
-    PROCESS = "process"  # role, outcome (started|exited|restarting|stopped), pid, reason
 
 
 class SessionInfo(msgspec.Struct, array_like=True):
@@ -49,8 +48,6 @@ class Event(msgspec.Struct, omit_defaults=True):
     topics: list[str] | None = None
     count: int | None = None
     seq: int | None = None
-    role: str | None = None
-    pid: int | None = None
     sessions: list[SessionInfo] | None = None
 
 
