@@ -134,8 +134,6 @@ class Bridge:
 
     def publish(self, connection: GuestConnection, frame: Publish) -> str | None:
         """Forward one publish to the journal; returns a reason when it cannot be."""
-        if frame.topic == SUBSCRIBE_ALL:
-            return "topic * is only for subscribe"
         if not self.journal_subscribed:
             return "journal_unavailable"
         corr = next(self.corr)

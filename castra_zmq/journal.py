@@ -30,6 +30,7 @@ from .handshake import HOST_SENDER, validate_vm_name
 from .logfiles import AppendFile, last_lines, log_file_name, newest_lines
 from .wire import (
     MAX_TOPIC,
+    SUBSCRIBE_ALL,
     CommitBatch,
     CommitResult,
     Delivery,
@@ -343,6 +344,8 @@ class Journal:
             reason = "commit_timeout"
         elif not request.topic or len(request.topic) > MAX_TOPIC or "\0" in request.topic:
             reason = "invalid topic"
+        elif request.topic == SUBSCRIBE_ALL:
+            reason = "topic * is only for subscribe"
         elif request.vm != HOST_SENDER and target_of("vm:" + request.vm) is None:
             reason = "invalid vm name"
         else:

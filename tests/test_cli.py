@@ -484,3 +484,8 @@ def test_watch_vm_example_prints_each_message_for_its_vm(router):
     finally:
         watcher.kill()
         watcher.wait()
+
+
+def test_publish_to_the_subscribe_all_topic_is_refused(router):
+    result = castra("bus", "publish", "--state-root", str(router.state_root), "--topic", "*", "--payload", "1")
+    assert result.returncode == 1 and "topic * is only for subscribe" in result.stderr
