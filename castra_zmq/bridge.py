@@ -1,10 +1,11 @@
 """The bridge role: guests' TCP side of the bus.
 
 An asyncio server of ``GuestConnection``s (see ``session``) plus the bridge's two
-ZeroMQ sockets: a PUB into the proxy (publishes, events) and a SUB out of it (commit
-results for this bridge, committed messages, journal health). A publish is
-forwarded as ``pub`` and answered only when the journal's result comes back; a
-publish the journal does not answer within ``commit_timeout`` gets an error ack.
+ZeroMQ sockets: an XPUB into the proxy (publishes, events) and a SUB out of it
+(commit results for this bridge, committed messages). The publishes of one loop
+turn are forwarded as one ``pub`` message and each is answered only when the
+journal's result comes back; a publish the journal does not answer within
+``commit_timeout`` gets an error ack.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .wire import (
     PublishRequest,
     compact_payload,
     decode_commit_batch,
+    decode_committed_index,
     json_encode,
 )
 
@@ -65,6 +67,9 @@ class Bridge:
         self.subscribers: dict[str, set[GuestConnection]] = {}  # topic -> sessions
         self.pending: dict[int, PendingPublish] = {}  # in commit order, so deadlines too
         self.corr = itertools.count(1)
+        # This loop turn's publishes, sent as one message when it ends.
+        self.requests: list[PublishRequest] = []
+        self.payloads: list[bytes] = []
         # The outbox is an XPUB so that it sees the journal's subscription to ``pub``
         # arrive and leave: publishing before it arrived would be dropped unseen.
         self.journal_subscribed = False
@@ -78,9 +83,9 @@ class Bridge:
             sock.sndhwm = settings.hwm
             sock.rcvhwm = settings.hwm
         self.inbox.subscribe(topics.ack(self.origin))
-        # Every committed message: a per-topic ZeroMQ subscription would only take
-        # effect some milliseconds after the guest's subscribe ack, losing messages.
-        self.inbox.subscribe(topics.BUS_ALL)
+        # Every commit: a per-topic ZeroMQ subscription would only take effect some
+        # milliseconds after the guest's subscribe ack, losing messages.
+        self.inbox.subscribe(topics.COMMITTED)
         self.outbox.connect(endpoints.publish)
         self.inbox.connect(endpoints.subscribe)
         self._inbox_now = zmq.Socket.shadow(self.inbox.underlying)  # non-blocking drains
@@ -139,9 +144,19 @@ class Bridge:
         corr = next(self.corr)
         deadline = time.monotonic() + self.settings.commit_timeout
         self.pending[corr] = PendingPublish(connection, frame.topic, frame.id, deadline)
-        header = json_encode(PublishRequest(self.origin, corr, connection.vm, frame.topic, deadline))
-        self.outbox.send_multipart([topics.PUBLISH, header, compact_payload(bytes(frame.payload))])
+        if not self.requests:
+            asyncio.get_running_loop().call_soon(self.send_publishes)
+        self.requests.append(PublishRequest(self.origin, corr, connection.vm, frame.topic, deadline))
+        self.payloads.append(compact_payload(bytes(frame.payload)))
+        if len(self.requests) >= self.settings.batch_max:
+            self.send_publishes()
         return None
+
+    def send_publishes(self) -> None:
+        if self.requests:
+            self.outbox.send_multipart([topics.PUBLISH, json_encode(self.requests), *self.payloads])
+            self.requests = []
+            self.payloads = []
 
     def subscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.setdefault(topic, set()).add(connection)
@@ -175,9 +190,10 @@ class Bridge:
                 self.dispatch(parts)
 
     def dispatch(self, parts: list[bytes]) -> None:
-        head = parts[0]
-        if head.startswith(topics.BUS_ALL):
-            self.deliver(topics.bus_topic(head), parts[1], parts[2])
+        if parts[0] == topics.COMMITTED:
+            if self.subscribers:
+                for committed, body in zip(decode_committed_index(parts[1]), parts[2:]):
+                    self.deliver(committed.topic, committed.sender, body)
         else:
             self.handle_commit_batch(parts[1])
 
@@ -214,7 +230,7 @@ class Bridge:
             if pending.connection.phase == "bus":
                 pending.connection.handle_commit(pending.topic, pending.message_id, result.seq, result.reason)
 
-    def deliver(self, topic: str, sender: bytes, body: bytes) -> None:
+    def deliver(self, topic: str, sender: str, body: bytes) -> None:
         """Push one committed message to every subscriber of its topic but its sender."""
         exact = self.subscribers.get(topic)
         every = self.subscribers.get(SUBSCRIBE_ALL)

@@ -35,7 +35,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Journal: "batch" fsyncs once per group commit, "never" leaves it to the OS.
     fsync: Literal["batch", "never"] = "batch"
     commit_timeout: float = 5.0  # a publish not committed by then gets an error ack
-    batch_max: int = 1024
+    batch_max: int = 1024  # publishes in one bridge message, and about in one group commit
     # Internal bus.
     hwm: int = 200_000
     health_interval: float = 0.5  # journal health and bridge session sync period

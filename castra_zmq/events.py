@@ -21,7 +21,7 @@ class EventKind(str, enum.Enum):
     SUBSCRIBE = "subscribe"  # vm, session, topics (the session's topics after it)
     UNSUBSCRIBE = "unsubscribe"  # vm, session, topics
     HEARTBEAT = "heartbeat"  # vm, session
-    PUBLISH = "publish"  # vm, count: committed publishes of one vm in one batch
+    PUBLISH = "publish"  # counts (vm -> committed publishes since the last one), seq; <= 10/s
     BACKPRESSURE = "backpressure"  # vm, session, action, reason
     SESSIONS = "sessions"  # sessions: the bridge's open sessions, sent periodically
     JOURNAL = "journal"  # outcome (ok|error), reason, seq: the journal's periodic health
@@ -46,7 +46,7 @@ class Event(msgspec.Struct, omit_defaults=True):
     capabilities: list[str] | None = None
     bus_protocol: str | None = None
     topics: list[str] | None = None
-    count: int | None = None
+    counts: dict[str, int] | None = None
     seq: int | None = None
     sessions: list[SessionInfo] | None = None
 

@@ -12,6 +12,7 @@ that is not in the log.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import os
 import time
@@ -32,17 +33,20 @@ from .wire import (
     MAX_TOPIC,
     SUBSCRIBE_ALL,
     CommitBatch,
+    Committed,
     CommitResult,
     Delivery,
     LogRecord,
     PublishRequest,
     decode_log_record,
-    decode_publish_request,
+    decode_publish_requests,
     json_encode,
 )
 
 _MAX_OPEN_FILES = 256
+_MAX_CACHED_TOPICS = 4096
 _SUBSCRIPTIONS_WAIT_MS = 1000  # for the bus's subscriptions to reach a new outbox
+_PUBLISH_EVENT_INTERVAL = 0.1  # seconds: status needs freshness, not an event per commit
 _validate_raw = msgspec.json.Decoder(msgspec.Raw).decode
 
 
@@ -106,6 +110,17 @@ class LogSet:
                 handle.sync()
         self._unsynced.clear()
 
+    def take_unsynced(self) -> list[int]:
+        """Duplicates of the per-VM logs' fds written since the last call, for a
+        background fsync: a dup stays valid if the LRU closes the file meanwhile."""
+        fds = [os.dup(handle.fd) for handle in self._unsynced] if self.sync else []
+        self._unsynced.clear()
+        return fds
+
+    def mark_all_unsynced(self) -> None:
+        """After a failed background fsync: which file failed is unknown, so all are."""
+        self._unsynced.update(self._vm_files.values())
+
     def _close(self, handle: AppendFile) -> None:
         if self.sync and handle in self._unsynced:
             handle.sync()
@@ -156,6 +171,18 @@ def write_checkpoint(path: Path, seq: int, sync: bool) -> None:
     os.replace(tmp, path)
 
 
+def sync_fds_then_checkpoint(fds: list[int], path: Path, seq: int, sync: bool) -> int:
+    """fsync (and close) ``fds``, then record ``seq`` as synced; runs in a thread."""
+    try:
+        for fd in fds:
+            os.fdatasync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    write_checkpoint(path, seq, sync)
+    return seq
+
+
 def files_of(vm: str, topic: str) -> tuple[str, ...]:
     """The per-VM logs a message belongs in: its sender's and its target's."""
     target = target_of(topic)
@@ -180,6 +207,8 @@ class Journal:
         self.seq = last_seq(self.endpoints.bus_log)
         self.synced_seq = self.seq  # the per-VM logs are on disk up to here
         self.logs: LogSet | None = None
+        self.syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.sync_job: concurrent.futures.Future[int] | None = None
         self.failure: str | None = None  # why the last commit failed, until one succeeds
         self.context = zmq.Context()
         self.inbox = self.context.socket(zmq.SUB)
@@ -191,8 +220,12 @@ class Journal:
             sock.rcvhwm = settings.hwm
             sock.sndhwm = settings.hwm
         self.outbox.connect(self.endpoints.publish)
+        self.subscriptions: set[bytes] = set()  # the bus's, as the outbox sees them
+        self.host_wanted: dict[str, bool] = {}  # topic -> does a host tool subscribe to it
         if self.outbox.poll(_SUBSCRIPTIONS_WAIT_MS):
-            self.drop_subscription_notices()
+            self.read_subscriptions()
+        self.published: collections.Counter[str] = collections.Counter()  # since the last event
+        self.next_publish_event = 0.0
         # Only now may publishers see us (they watch for our subscription to pub).
         self.inbox.subscribe(topics.PUBLISH)
         self.inbox.connect(self.endpoints.subscribe)
@@ -215,7 +248,36 @@ class Journal:
         return self.logs
 
     def checkpoint(self) -> None:
-        """Sync the per-VM logs, then record how far they are on disk."""
+        """Sync the per-VM logs, then record how far they are on disk.
+
+        In a thread: dozens of fsyncs in a row would stall the commits queued
+        behind them for milliseconds. One sync runs at a time.
+        """
+        job = self.sync_job
+        if job is not None:
+            if not job.done():
+                return
+            self.sync_job = None
+            try:
+                self.synced_seq = job.result()
+            except OSError as exc:
+                logger.warning("per-VM logs not synced", reason=exc.strerror)
+                if self.logs is not None:
+                    self.logs.mark_all_unsynced()
+        if self.logs is None or self.synced_seq == self.seq:
+            return
+        try:
+            fds = self.logs.take_unsynced()
+        except OSError as exc:
+            logger.warning("per-VM logs not synced", reason=exc.strerror)
+            return
+        self.sync_job = self.syncer.submit(
+            sync_fds_then_checkpoint, fds, self.endpoints.journal_checkpoint, self.seq, self.logs.sync
+        )
+
+    def final_checkpoint(self) -> None:
+        """The last one, in the foreground, when stopping."""
+        self.syncer.shutdown(wait=True)
         if self.logs is None or self.synced_seq == self.seq:
             return
         try:
@@ -223,8 +285,6 @@ class Journal:
             write_checkpoint(self.endpoints.journal_checkpoint, self.seq, self.logs.sync)
         except OSError as exc:
             logger.warning("per-VM logs not synced", reason=exc.strerror)
-            return
-        self.synced_seq = self.seq
 
     def reconcile(self, logs: LogSet) -> None:
         """Copy to the per-VM logs what a crash left only in ``bus.log``.
@@ -235,8 +295,8 @@ class Journal:
         """
         appended = 0
         since = read_checkpoint(self.endpoints.journal_checkpoint)
-        if since is None:  # no checkpoint yet: a process crash loses one batch at most
-            since = max(0, self.seq - self.settings.batch_max)
+        if since is None:  # no checkpoint yet: a process crash loses one commit at most
+            since = max(0, self.seq - 2 * self.settings.batch_max)
         records = []
         for line in newest_lines(self.endpoints.bus_log):
             try:
@@ -273,34 +333,61 @@ class Journal:
         logger.info("journal ready", seq=self.seq, log=str(self.endpoints.bus_log))
         runtime.notify_ready()
         while self.running:
-            ready = dict(poller.poll(interval_ms))
+            ready = dict(poller.poll(_PUBLISH_EVENT_INTERVAL * 1000 if self.published else interval_ms))
             if self.outbox in ready:
-                self.drop_subscription_notices()
+                self.read_subscriptions()
             if self.inbox in ready or self.direct in ready:
                 self.commit(*self.drain())
             now = time.monotonic()
+            if self.published and now >= self.next_publish_event:
+                self.next_publish_event = now + _PUBLISH_EVENT_INTERVAL
+                self.outbox.send_multipart(event_message(EventKind.PUBLISH, counts=self.published, seq=self.seq))
+                self.published = collections.Counter()
             if now >= next_health:
                 next_health = now + self.settings.health_interval
                 self.announce_health()
                 self.checkpoint()
 
-    def drop_subscription_notices(self) -> None:
-        """Read the outbox's (un)subscription messages: unread, they would pile up."""
+    def read_subscriptions(self) -> None:
+        """Follow the bus's subscriptions (unread, their notices would pile up)."""
         while True:
             try:
-                self.outbox.recv(zmq.NOBLOCK)
+                notice = self.outbox.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if notice[:1] == b"\x01":
+                self.subscriptions.add(notice[1:])
+            else:
+                self.subscriptions.discard(notice[1:])
+            self.host_wanted.clear()
+
+    def host_wants(self, topic: str) -> bool:
+        """Whether anyone subscribes to ``bus`` messages of ``topic`` (host tools do)."""
+        wanted = self.host_wanted.get(topic)
+        if wanted is None:
+            if len(self.host_wanted) >= _MAX_CACHED_TOPICS:
+                self.host_wanted.clear()
+            frame = topics.bus(topic)
+            wanted = self.host_wanted[topic] = any(frame.startswith(prefix) for prefix in self.subscriptions)
+        return wanted
 
     def drain(self) -> tuple[list[list[bytes]], list[list[bytes]]]:
-        """What arrived: bus publishes and direct ``[identity, b"", header, payload]``."""
+        """What arrived, up to about ``batch_max`` publishes: bus ``[pub, header,
+        payloads...]`` and direct ``[identity, b"", header, payloads...]`` messages.
+
+        A message is never split, and a bridge puts at most ``batch_max`` publishes
+        in one, so a commit holds fewer than ``2 * batch_max``.
+        """
         bus, direct = [], []
-        for sock, batch in ((self.inbox, bus), (self.direct, direct)):
-            for _ in range(self.settings.batch_max):
+        count = 0
+        for sock, batch, envelope in ((self.direct, direct, 3), (self.inbox, bus, 2)):
+            while count < self.settings.batch_max:
                 try:
-                    batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                    parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                batch.append(parts)
+                count += max(1, len(parts) - envelope)
         return bus, direct
 
     def commit(self, bus: list[list[bytes]], direct: list[list[bytes]]) -> None:
@@ -313,13 +400,10 @@ class Journal:
         accepted: list[Pending] = []
         now = time.monotonic()
         for parts in bus:
-            if len(parts) == 3:
-                self.admit(parts[1], parts[2], None, now, results, accepted)
-            else:
-                logger.warning("dropped malformed pub message", reason=f"{len(parts)} frames")
+            self.admit_all(parts[1:], None, now, results, accepted)
         for parts in direct:
-            if len(parts) == 4 and not parts[1]:
-                self.admit(parts[2], parts[3], parts[0], now, results, accepted)
+            if len(parts) >= 3 and not parts[1]:
+                self.admit_all(parts[2:], parts[0], now, results, accepted)
             else:
                 logger.warning("dropped malformed direct publish", reason=f"{len(parts)} frames")
         if accepted:
@@ -331,14 +415,25 @@ class Journal:
             else:
                 self.direct.send_multipart([identity, b"", body])
 
-    def admit(self, header: bytes, payload: bytes, identity: bytes | None, now: float, results, accepted) -> None:
-        """Check one publish: it joins ``accepted`` or its refusal goes to ``results``."""
+    def admit_all(self, frames: list[bytes], identity: bytes | None, now: float, results, accepted) -> None:
+        """Check the publishes of one message, ``[header, payloads...]``: each joins
+        ``accepted`` or has its refusal put in ``results``."""
         try:
-            request = decode_publish_request(header)
+            requests = decode_publish_requests(frames[0]) if frames else []
         except msgspec.DecodeError as exc:
             logger.warning("dropped malformed publish request", reason=str(exc))
             return
-        key = (identity, "") if identity is not None else (None, request.origin)
+        if isinstance(requests, PublishRequest):
+            requests = [requests]
+        payloads = frames[1:]
+        if not requests or len(requests) != len(payloads):
+            logger.warning("dropped malformed publish request", reason="not one payload frame per request")
+            return
+        for request, payload in zip(requests, payloads):
+            key = (identity, "") if identity is not None else (None, request.origin)
+            self.admit(request, payload, key, now, results, accepted)
+
+    def admit(self, request: PublishRequest, payload: bytes, key: tuple, now: float, results, accepted) -> None:
         reason = None
         if now > request.deadline:
             reason = "commit_timeout"
@@ -393,17 +488,20 @@ class Journal:
             logger.info("commits recovered", seq=seq)
             self.failure = None
         self.seq = seq
-        per_vm: collections.Counter[str] = collections.Counter()
         send = self.outbox.send_multipart
+        index = []
+        bodies = []
         for pending in accepted:
             request = pending.request
             results[pending.key].append(CommitResult(corr=request.corr, seq=pending.seq))
             sender = HOST_SENDER if request.vm == HOST_SENDER else "vm:" + request.vm
-            delivery = Delivery(request.topic, sender, ts_ms, pending.seq, msgspec.Raw(pending.payload))
-            send([topics.bus(request.topic), sender.encode(), json_encode(delivery)])
-            per_vm[request.vm] += 1
-        for vm, count in per_vm.items():
-            send(event_message(EventKind.PUBLISH, vm=vm, count=count, seq=self.seq))
+            body = json_encode(Delivery(request.topic, sender, ts_ms, pending.seq, msgspec.Raw(pending.payload)))
+            index.append(Committed(request.topic, sender))
+            bodies.append(body)
+            if self.host_wants(request.topic):
+                send([topics.bus(request.topic), sender.encode(), body])
+            self.published[request.vm] += 1
+        send([topics.COMMITTED, json_encode(index), *bodies])
 
     def announce_health(self) -> None:
         outcome = "error" if self.failure else "ok"
@@ -413,8 +511,8 @@ class Journal:
         self.running = False
 
     def close(self) -> None:
+        self.final_checkpoint()
         if self.logs is not None:
-            self.checkpoint()
             self.logs.close()
         for sock in (self.inbox, self.outbox, self.direct):
             sock.close(linger=0)

@@ -64,7 +64,7 @@ class GuestConnection(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
         self.decoder = FrameDecoder()
         self.vm: str | None = None
-        self.sender = b""  # "vm:<name>" as on the bus, to never echo a guest's own publish
+        self.sender = ""  # "vm:<name>" as on the bus, to never echo a guest's own publish
         self.token: str | None = None
         self.bus_protocol: str | None = None
         self.topics: set[str] = set()
@@ -150,7 +150,7 @@ class GuestConnection(asyncio.Protocol):
 
     def open_session(self, hello: Hello, rest: bytes) -> None:
         self.vm = hello.vm
-        self.sender = f"vm:{hello.vm}".encode()
+        self.sender = f"vm:{hello.vm}"
         self.token = secrets.token_hex(8)
         self.bus_protocol = hello.bus_protocol
         self.log = logger.bind(peer=self.peer, vm=self.vm, session=self.token)

@@ -115,6 +115,13 @@ def view(table: StatusTable, now: int) -> StatusView:
     return StatusView(vms=vms, journal=JournalStatus(state=state, reason=journal.reason, seq=journal.seq))
 
 
+def vm_record(table: StatusTable, vm: str) -> VmRecord:
+    record = table.vms.get(vm)
+    if record is None:
+        record = table.vms[vm] = VmRecord(name=vm)
+    return record
+
+
 def apply_event(table: StatusTable, event: Event) -> None:
     """Fold one event into the table (pure: no I/O)."""
     kind = event.kind
@@ -124,16 +131,15 @@ def apply_event(table: StatusTable, event: Event) -> None:
     if kind is EventKind.SESSIONS:
         apply_sessions(table, event)
         return
+    if kind is EventKind.PUBLISH:
+        for vm in event.counts or ():
+            if vm != HOST_SENDER:  # host publishes are not a VM's
+                vm_record(table, vm).last_publish_ms = event.ts_ms
+        return
     if not event.vm:
         return
-    if kind is EventKind.PUBLISH and event.vm == HOST_SENDER:
-        return  # host publishes are not a VM's
-    record = table.vms.get(event.vm)
-    if record is None:
-        record = table.vms[event.vm] = VmRecord(name=event.vm)
-    if kind is EventKind.PUBLISH:
-        record.last_publish_ms = event.ts_ms
-    elif kind is EventKind.HANDSHAKE:
+    record = vm_record(table, event.vm)
+    if kind is EventKind.HANDSHAKE:
         if event.outcome == "error":
             record.last_reason = event.reason
         else:
@@ -165,9 +171,7 @@ def apply_sessions(table: StatusTable, event: Event) -> None:
     table.bridge_sync_ms = event.ts_ms
     live = {info.vm: info for info in event.sessions or []}
     for name, info in live.items():
-        record = table.vms.get(name)
-        if record is None:
-            record = table.vms[name] = VmRecord(name=name)
+        record = vm_record(table, name)
         record.session = info.session
         record.session_open = True
         record.bus_protocol = info.bus_protocol

@@ -181,7 +181,8 @@ class LogRecord(msgspec.Struct):
 
 
 class PublishRequest(msgspec.Struct):
-    """Header frame of a ``pub`` message; the payload travels as the next frame.
+    """One publish in the header frame of a ``pub`` message or direct request; the
+    header is one request or an array of them, and one payload frame follows for each.
 
     ``deadline`` is a ``time.monotonic()`` value: CLOCK_MONOTONIC is one clock for
     every process of the host, so the journal can refuse work its sender gave up on.
@@ -192,6 +193,13 @@ class PublishRequest(msgspec.Struct):
     vm: str
     topic: str
     deadline: float
+
+
+class Committed(msgspec.Struct, array_like=True):
+    """Index entry of a ``cmt`` message: what a bridge routes one delivery by."""
+
+    topic: str
+    sender: str  # "vm:<name>" or "host"
 
 
 class CommitResult(msgspec.Struct, array_like=True):
@@ -209,7 +217,8 @@ class CommitBatch(msgspec.Struct):
 
 
 json_encode = msgspec.json.Encoder().encode
-decode_publish_request = msgspec.json.Decoder(PublishRequest).decode
+decode_publish_requests = msgspec.json.Decoder(PublishRequest | list[PublishRequest]).decode
+decode_committed_index = msgspec.json.Decoder(list[Committed]).decode
 decode_commit_batch = msgspec.json.Decoder(CommitBatch).decode
 decode_delivery = msgspec.json.Decoder(Delivery).decode
 decode_log_record = msgspec.json.Decoder(LogRecord).decode

@@ -626,6 +626,5 @@ def test_vm_alpha_frame_is_not_a_prefix_of_vm_alpha2_frame():
 @FAST
 @given(st.text(min_size=1, max_size=40).filter(lambda t: "\x00" not in t),
        st.text(min_size=1, max_size=5).filter(lambda t: "\x00" not in t))
-def test_topic_frames_round_trip_and_never_prefix_another_topic(topic, suffix):
-    assert topics.bus_topic(topics.bus(topic)) == topic
+def test_topic_frames_never_prefix_another_topic(topic, suffix):
     assert not topics.bus(topic + suffix).startswith(topics.bus(topic))
