@@ -5,7 +5,7 @@
 
 Each round starts every system afresh (127.0.0.1, temp directories), runs the
 workloads against it one after another and stops it; rounds repeat --runs times.
-Load comes from this one asyncio process (uvloop when importable). A system whose
+Load comes from this one asyncio process on uvloop. A system whose
 server is not installed is skipped with a note. Writes results.json (every figure of
 every run), results.md (the tables) and bench.png (the chart) to --out.
 """
@@ -24,6 +24,8 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+
+import uvloop
 
 from . import report
 from .systems import System, make_systems
@@ -71,12 +73,6 @@ def raise_fd_limit(sessions: int) -> str | None:
     return None
 
 
-def new_event_loop() -> tuple[asyncio.AbstractEventLoop, str]:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop(), "asyncio (uvloop not installed)"
-    return uvloop.new_event_loop(), f"uvloop {uvloop.__version__}"
 
 
 def log(message: str) -> None:
@@ -158,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             for workload, why in system.unsupported.items():
                 if workload in args.only:
                     notes.append(f"{workload} has no {system.name} row: {why}")
-    loop, loop_name = new_event_loop()
-    notes.append(f"load generator: one {loop_name} process on 127.0.0.1, TCP_NODELAY on every socket; "
+    loop = uvloop.new_event_loop()
+    notes.append(f"load generator: one uvloop {uvloop.__version__} process on 127.0.0.1, TCP_NODELAY on every socket; "
                  "each peer's wire protocol is spoken directly by the bench (no client libraries), "
                  "ZeroMQ through pyzmq")
     try:

@@ -2,7 +2,7 @@
 
 Only a check that ``python -m bench`` works and writes what the README promises;
 the figures themselves are not judged here (it is a benchmark, not a timed test).
-Neither the peers' servers nor the ``bench`` extra (matplotlib, uvloop) are needed.
+Neither the peers' servers nor the ``bench`` extra (matplotlib) are needed.
 """
 
 from __future__ import annotations
