@@ -1,10 +1,10 @@
 """The bridge role: guests' TCP side of the bus.
 
-An asyncio server of ``GuestConnection``s (see ``session``) plus the bridge's two
-ZeroMQ sockets: an XPUB into the proxy (publishes, events) and a SUB out of it
-(commit results for this bridge, committed messages). The publishes of one loop
-turn are forwarded as one ``pub`` message and each is answered only when the
-journal's result comes back; a publish the journal does not answer within
+An asyncio server of ``GuestConnection``s (see ``session``) plus the bridge's
+ZeroMQ sockets: a DEALER to the journal socket, which takes the publishes of each
+loop turn as one message and answers once per commit with this bridge's results
+and every committed message, and a PUB into the proxy for events. Each publish is
+answered only when its result comes back; one the journal does not answer within
 ``commit_timeout`` gets an error ack.
 """
 
@@ -24,8 +24,9 @@ import uvloop
 import zmq
 import zmq.asyncio
 from loguru import logger
+from zmq.utils.monitor import parse_monitor_message
 
-from . import runtime, topics
+from . import runtime
 from .config import Settings, settings_from_env
 from .events import EventKind, SessionInfo, event_message
 from .framing import encode_frame
@@ -33,6 +34,7 @@ from .handshake import Hello
 from .identity import load_identities
 from .session import GuestConnection
 from .wire import (
+    ATTACH,
     SUBSCRIBE_ALL,
     MessageId,
     Publish,
@@ -46,7 +48,6 @@ from .wire import (
 LISTEN_FD_ENV = "CASTRA_LISTEN_FD"
 _SHUTDOWN_GRACE = 1.0  # seconds to wait for in-flight commits when stopping
 _DRAIN_MAX = 4096  # bus messages handled per wake-up before yielding to guests
-_WATCH_INTERVAL = 0.05  # seconds between looks at the journal's subscription
 
 
 class PendingPublish(msgspec.Struct):
@@ -60,7 +61,6 @@ class Bridge:
     def __init__(self, settings: Settings):
         self.settings = settings
         endpoints = settings.endpoints
-        self.origin = f"bridge-{os.getpid()}-{os.urandom(4).hex()}"
         self.connections: dict[GuestConnection, str] = {}  # -> source address
         self.per_address: collections.Counter[str] = collections.Counter()
         self.identities = load_identities(settings.identities_file)
@@ -71,25 +71,21 @@ class Bridge:
         # This loop turn's publishes, sent as one message when it ends.
         self.requests: list[PublishRequest] = []
         self.payloads: list[bytes] = []
-        # The outbox is an XPUB so that it sees the journal's subscription to ``pub``
-        # arrive and leave: publishing before it arrived would be dropped unseen.
-        self.journal_subscribed = False
+        self.journal_attached = False  # connected to the journal socket (see watch_journal)
         self.context = zmq.asyncio.Context()
-        # A plain (not asyncio) socket: sends never wait (XPUB drops at its HWM), and
-        # an asyncio send costs a Future per publish.
-        self.outbox = zmq.Socket(self.context, zmq.XPUB)
-        self.inbox = self.context.socket(zmq.SUB)
-        for sock in (self.outbox, self.inbox):
+        self.journal = self.context.socket(zmq.DEALER)
+        self.journal.sndhwm = settings.hwm
+        self.journal.rcvhwm = settings.hwm
+        self.journal_monitor = self.journal.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.journal.connect(endpoints.journal)
+        self._journal_now = zmq.Socket.shadow(self.journal.underlying)  # non-blocking drains
+        # A plain (not asyncio) PUB: sends never wait (it drops at its HWM), and an
+        # asyncio send costs a Future per event.
+        self.events = zmq.Socket(self.context, zmq.PUB)
+        self.events.sndhwm = settings.hwm
+        self.events.connect(endpoints.publish)
+        for sock in (self.journal, self.events):
             sock.linger = 0
-            sock.sndhwm = settings.hwm
-            sock.rcvhwm = settings.hwm
-        self.inbox.subscribe(topics.ack(self.origin))
-        # Every commit: a per-topic ZeroMQ subscription would only take effect some
-        # milliseconds after the guest's subscribe ack, losing messages.
-        self.inbox.subscribe(topics.COMMITTED)
-        self.outbox.connect(endpoints.publish)
-        self.inbox.connect(endpoints.subscribe)
-        self._inbox_now = zmq.Socket.shadow(self.inbox.underlying)  # non-blocking drains
         self.server: asyncio.AbstractServer | None = None
         self.stopping = asyncio.Event()
 
@@ -140,14 +136,14 @@ class Bridge:
 
     def publish(self, connection: GuestConnection, frame: Publish) -> str | None:
         """Forward one publish to the journal; returns a reason when it cannot be."""
-        if not self.journal_subscribed:
+        if not self.journal_attached:
             return "journal_unavailable"
         corr = next(self.corr)
         deadline = time.monotonic() + self.settings.commit_timeout
         self.pending[corr] = PendingPublish(connection, frame.topic, frame.id, deadline)
         if not self.requests:
             asyncio.get_running_loop().call_soon(self.send_publishes)
-        self.requests.append(PublishRequest(self.origin, corr, connection.vm, frame.topic, deadline))
+        self.requests.append(PublishRequest(corr, connection.vm, frame.topic, deadline))
         self.payloads.append(compact_payload(bytes(frame.payload)))
         if len(self.requests) >= self.settings.batch_max:
             self.send_publishes()
@@ -155,7 +151,7 @@ class Bridge:
 
     def send_publishes(self) -> None:
         if self.requests:
-            self.outbox.send_multipart([topics.PUBLISH, json_encode(self.requests), *self.payloads])
+            self.journal.send_multipart([b"", json_encode(self.requests), *self.payloads])
             self.requests = []
             self.payloads = []
 
@@ -175,61 +171,46 @@ class Bridge:
                 del self.subscribers[topic]
 
     def emit(self, kind: EventKind, **fields) -> None:
-        self.outbox.send_multipart(event_message(kind, **fields))
+        self.events.send_multipart(event_message(kind, **fields))
 
     # -- bus side ---------------------------------------------------------------------
 
-    async def read_bus(self) -> None:
+    async def read_journal(self) -> None:
         while True:
-            parts = await self.inbox.recv_multipart()
-            self.dispatch(parts)
+            self.handle_journal_message(await self.journal.recv_multipart())
             for _ in range(_DRAIN_MAX):
                 try:
-                    parts = self._inbox_now.recv_multipart(zmq.NOBLOCK)
+                    parts = self._journal_now.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self.dispatch(parts)
+                self.handle_journal_message(parts)
 
-    def dispatch(self, parts: list[bytes]) -> None:
-        if parts[0] == topics.COMMITTED:
-            if self.subscribers:
-                for committed, body in zip(decode_committed_index(parts[1]), parts[2:]):
-                    self.deliver(committed.topic, committed.sender, body)
-        else:
-            self.handle_commit_batch(parts[1])
-
-    async def watch_journal(self) -> None:
-        """Follow the journal's subscription to ``pub`` as the proxy forwards it.
-
-        Polled (20 times a second): the outbox is a plain socket, and reading it
-        through asyncio while sending on it could miss ZeroMQ's edge-triggered wake-up.
-        """
-        while True:
-            await asyncio.sleep(_WATCH_INTERVAL)
-            while True:
-                try:
-                    message = self.outbox.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if message[1:] != topics.PUBLISH:
-                    continue
-                subscribed = message[0] == 1
-                if subscribed != self.journal_subscribed:
-                    self.journal_subscribed = subscribed
-                    logger.log("INFO" if subscribed else "WARNING",
-                               "journal attached" if subscribed else "journal detached: publishes get error acks")
-                if not subscribed:
-                    # Their results died with the journal (it may have committed some):
-                    # answer now rather than at the commit timeout. Never a false ok.
-                    self.fail_pending("journal_unavailable")
-
-    def handle_commit_batch(self, body: bytes) -> None:
-        for result in decode_commit_batch(body).results:
+    def handle_journal_message(self, parts: list[bytes]) -> None:
+        """``["", CommitBatch, index, body...]``: this bridge's results of one commit,
+        and every message of it for the guests subscribed to it."""
+        for result in decode_commit_batch(parts[1]).results:
             pending = self.pending.pop(result.corr, None)
             if pending is None:
                 continue  # already answered as timed out
             if pending.connection.phase == "bus":
                 pending.connection.handle_commit(pending.topic, pending.message_id, result.seq, result.reason)
+        if len(parts) > 2 and self.subscribers:
+            for committed, body in zip(decode_committed_index(parts[2]), parts[3:]):
+                self.deliver(committed.topic, committed.sender, body)
+
+    async def watch_journal(self) -> None:
+        """Attach to each journal the DEALER connects to; when it goes, fail what it
+        had not answered (it may have committed some: never a false ok)."""
+        while True:
+            event = parse_monitor_message(await self.journal_monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self.journal.send_multipart([b"", ATTACH])
+                self.journal_attached = True
+                logger.info("journal attached")
+            elif event == zmq.EVENT_DISCONNECTED and self.journal_attached:
+                self.journal_attached = False
+                logger.warning("journal detached: publishes get error acks")
+                self.fail_pending("journal_unavailable")
 
     def deliver(self, topic: str, sender: str, body: bytes) -> None:
         """Push one committed message to every subscriber of its topic but its sender."""
@@ -284,12 +265,12 @@ class Bridge:
     async def serve(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: GuestConnection(self), sock=listener, backlog=1024)
-        tasks = [asyncio.create_task(coro) for coro in (self.read_bus(), self.watch_journal(), self.sweep())]
+        tasks = [asyncio.create_task(coro) for coro in (self.read_journal(), self.watch_journal(), self.sweep())]
         host, port = listener.getsockname()[:2]
         deadline = time.monotonic() + 2.0  # a restarted bridge finds the journal at once
-        while not self.journal_subscribed and time.monotonic() < deadline:
+        while not self.journal_attached and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        logger.info("bridge ready", listen=f"{host}:{port}", origin=self.origin, journal=self.journal_subscribed)
+        logger.info("bridge ready", listen=f"{host}:{port}", journal=self.journal_attached)
         runtime.notify_ready()
         stop = asyncio.create_task(self.stopping.wait())
         await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -309,8 +290,9 @@ class Bridge:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.outbox.close(linger=0)
-        self.inbox.close(linger=0)
+        self.journal.disable_monitor()
+        for sock in (self.journal_monitor, self.journal, self.events):
+            sock.close(linger=0)
         self.context.term()
 
 

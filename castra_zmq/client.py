@@ -81,7 +81,7 @@ def publish(
     body = encode_payload(payload)
     require_router(endpoints)
     deadline = time.monotonic() + timeout
-    header = json_encode(PublishRequest(origin="", corr=1, vm=HOST_SENDER, topic=topic, deadline=deadline))
+    header = json_encode(PublishRequest(corr=1, vm=HOST_SENDER, topic=topic, deadline=deadline))
     with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
         sock.linger = 0
         sock.connect(endpoints.journal)

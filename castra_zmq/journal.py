@@ -1,12 +1,26 @@
 """The journal role: single writer of ``logs/bus/*.log``.
 
-It subscribes to ``pub`` on the bus, and per batch of whatever arrived (group
-commit): assigns each message its ``seq``, appends one JSON line to ``bus.log``, to
-the sender's log and, for ``vm:<target>`` topics, to the target's log, fsyncs (per
-the ``fsync`` setting), and only then publishes the commit results (``ack``) and the
-committed messages (``bus``). A batch that cannot be written is rolled back whole and
-every publish in it gets an error result: nothing is half-written, nothing is acked
-that is not in the log.
+Publishes reach it on its ROUTER socket, ``run/journal.sock``, from bridges and
+host tools alike. Per batch of whatever arrived (group commit) it assigns each
+message its ``seq``, appends one JSON line to ``bus.log``, to the sender's log and,
+for ``vm:<target>`` topics, to the target's log, fsyncs ``bus.log`` (per the
+``fsync`` setting), and only then answers and delivers. A batch that cannot be
+written is rolled back whole and every publish in it gets an error result: nothing
+is half-written, nothing is acked that is not in the log.
+
+The journal socket, from the peer's (a DEALER's) side:
+
+| frames                                | direction | meaning                                   |
+|---------------------------------------|-----------|-------------------------------------------|
+| ``"", header, payload...``            | in        | publishes: ``header`` is a PublishRequest |
+|                                       |           | or an array of them, one payload each     |
+| ``"", "attach"``                      | in        | a bridge asks for every commit            |
+| ``"", CommitBatch``                   | out       | the results of a host tool's publishes    |
+| ``"", CommitBatch, index, body...``   | out       | to each attached bridge, once per commit: |
+|                                       |           | its results and every committed message   |
+
+Host tools subscribe on the bus instead (``bus`` topics through the proxy); those
+messages are sent only while someone subscribes to them.
 """
 
 from __future__ import annotations
@@ -30,11 +44,12 @@ from .events import EventKind, event_message
 from .handshake import HOST_SENDER, validate_vm_name
 from .logfiles import AppendFile, last_lines, log_file_name, newest_lines
 from .wire import (
+    ATTACH,
     MAX_TOPIC,
     SUBSCRIBE_ALL,
     CommitBatch,
-    Committed,
     CommitResult,
+    Committed,
     Delivery,
     LogRecord,
     PublishRequest,
@@ -53,7 +68,7 @@ _validate_raw = msgspec.json.Decoder(msgspec.Raw).decode
 class Pending(msgspec.Struct):
     """One publish of the batch being committed."""
 
-    key: tuple
+    peer: bytes  # the identity its result goes back to
     request: PublishRequest
     payload: bytes
     seq: int = 0
@@ -211,14 +226,11 @@ class Journal:
         self.sync_job: concurrent.futures.Future[int] | None = None
         self.failure: str | None = None  # why the last commit failed, until one succeeds
         self.context = zmq.Context()
-        self.inbox = self.context.socket(zmq.SUB)
-        # XPUB, not PUB: it shows when the bus's subscriptions have reached it.
-        # Results sent before that would be dropped unseen.
+        # XPUB, not PUB: it shows the bus's subscriptions, so ``bus`` messages are
+        # only built and sent while a host tool wants them.
         self.outbox = self.context.socket(zmq.XPUB)
-        for sock in (self.inbox, self.outbox):
-            sock.linger = 0
-            sock.rcvhwm = settings.hwm
-            sock.sndhwm = settings.hwm
+        self.outbox.linger = 0
+        self.outbox.sndhwm = settings.hwm
         self.outbox.connect(self.endpoints.publish)
         self.subscriptions: set[bytes] = set()  # the bus's, as the outbox sees them
         self.host_wanted: dict[str, bool] = {}  # topic -> does a host tool subscribe to it
@@ -226,16 +238,17 @@ class Journal:
             self.read_subscriptions()
         self.published: collections.Counter[str] = collections.Counter()  # since the last event
         self.next_publish_event = 0.0
-        # Only now may publishers see us (they watch for our subscription to pub).
-        self.inbox.subscribe(topics.PUBLISH)
-        self.inbox.connect(self.endpoints.subscribe)
-        # Host publishes come straight here (DEALER -> ROUTER) and get their result on
-        # the same socket: no PUB/SUB slow-joiner between a short-lived CLI and us.
-        self.direct = self.context.socket(zmq.ROUTER)
-        self.direct.linger = 0
+        # Bridges and host tools publish straight here (DEALER -> ROUTER) and get
+        # their results on the same socket: no proxy hop and no PUB/SUB slow joiner.
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.sndhwm = settings.hwm
+        self.router.rcvhwm = settings.hwm
+        self.router.router_mandatory = True  # a peer gone is an error, not a silent drop
+        self.bridges: set[bytes] = set()  # identities of attached bridges
         previous = os.umask(0o077)
         try:
-            self.direct.bind(self.endpoints.journal)
+            self.router.bind(self.endpoints.journal)
         finally:
             os.umask(previous)
         self.running = True
@@ -320,8 +333,7 @@ class Journal:
 
     def serve(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.inbox, zmq.POLLIN)
-        poller.register(self.direct, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
         poller.register(self.outbox, zmq.POLLIN)
         interval_ms = int(self.settings.health_interval * 1000)
         next_health = 0.0
@@ -336,8 +348,8 @@ class Journal:
             ready = dict(poller.poll(_PUBLISH_EVENT_INTERVAL * 1000 if self.published else interval_ms))
             if self.outbox in ready:
                 self.read_subscriptions()
-            if self.inbox in ready or self.direct in ready:
-                self.commit(*self.drain())
+            if self.router in ready:
+                self.commit(self.drain())
             now = time.monotonic()
             if self.published and now >= self.next_publish_event:
                 self.next_publish_event = now + _PUBLISH_EVENT_INTERVAL
@@ -371,51 +383,62 @@ class Journal:
             wanted = self.host_wanted[topic] = any(frame.startswith(prefix) for prefix in self.subscriptions)
         return wanted
 
-    def drain(self) -> tuple[list[list[bytes]], list[list[bytes]]]:
-        """What arrived, up to about ``batch_max`` publishes: bus ``[pub, header,
-        payloads...]`` and direct ``[identity, b"", header, payloads...]`` messages.
+    def drain(self) -> list[list[bytes]]:
+        """What arrived, ``[identity, b"", ...]`` messages holding up to about
+        ``batch_max`` publishes.
 
         A message is never split, and a bridge puts at most ``batch_max`` publishes
         in one, so a commit holds fewer than ``2 * batch_max``.
         """
-        bus, direct = [], []
+        messages = []
         count = 0
-        for sock, batch, envelope in ((self.direct, direct, 3), (self.inbox, bus, 2)):
-            while count < self.settings.batch_max:
-                try:
-                    parts = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                batch.append(parts)
-                count += max(1, len(parts) - envelope)
-        return bus, direct
+        while count < self.settings.batch_max:
+            try:
+                parts = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            messages.append(parts)
+            count += max(1, len(parts) - 3)
+        return messages
 
-    def commit(self, bus: list[list[bytes]], direct: list[list[bytes]]) -> None:
-        """Group commit: write the batch, then answer and deliver what was written.
-
-        Results are keyed by where they go back: ``(None, origin)`` for a bus
-        publisher's ``ack`` topic, ``(identity, "")`` for a direct request.
-        """
-        results: dict[tuple[bytes | None, str], list[CommitResult]] = collections.defaultdict(list)
+    def commit(self, messages: list[list[bytes]]) -> None:
+        """Group commit: write the batch, then answer and deliver what was written."""
+        results: dict[bytes, list[CommitResult]] = collections.defaultdict(list)
         accepted: list[Pending] = []
         now = time.monotonic()
-        for parts in bus:
-            self.admit_all(parts[1:], None, now, results, accepted)
-        for parts in direct:
-            if len(parts) >= 3 and not parts[1]:
+        for parts in messages:
+            if len(parts) < 3 or parts[1]:
+                logger.warning("dropped malformed journal message", reason=f"{len(parts)} frames")
+            elif parts[2] == ATTACH and len(parts) == 3:
+                self.attach(parts[0])
+            else:
                 self.admit_all(parts[2:], parts[0], now, results, accepted)
-            else:
-                logger.warning("dropped malformed direct publish", reason=f"{len(parts)} frames")
+        delivery: list[bytes] = []
         if accepted:
-            self.write(accepted, results)
-        for (identity, origin), batch in results.items():
-            body = json_encode(CommitBatch(results=batch))
-            if identity is None:
-                self.outbox.send_multipart([topics.ack(origin), body])
-            else:
-                self.direct.send_multipart([identity, b"", body])
+            delivery = self.write(accepted, results)
+        for identity in self.bridges.copy():
+            batch = results.pop(identity, [])
+            if batch or delivery:
+                self.send(identity, [json_encode(CommitBatch(results=batch)), *delivery])
+        for identity, batch in results.items():
+            self.send(identity, [json_encode(CommitBatch(results=batch))])
 
-    def admit_all(self, frames: list[bytes], identity: bytes | None, now: float, results, accepted) -> None:
+    def attach(self, identity: bytes) -> None:
+        if identity not in self.bridges:
+            self.bridges.add(identity)
+            logger.info("bridge attached", bridges=len(self.bridges))
+
+    def send(self, identity: bytes, frames: list[bytes]) -> None:
+        """Send to one peer; a peer gone or stuck loses the message, never stalls us."""
+        try:
+            self.router.send_multipart([identity, b"", *frames], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if identity in self.bridges:
+                # Its results are lost: its publishes time out with an error ack.
+                logger.warning("bridge detached", reason=exc.strerror)
+                self.bridges.discard(identity)
+
+    def admit_all(self, frames: list[bytes], peer: bytes, now: float, results, accepted) -> None:
         """Check the publishes of one message, ``[header, payloads...]``: each joins
         ``accepted`` or has its refusal put in ``results``."""
         try:
@@ -430,10 +453,9 @@ class Journal:
             logger.warning("dropped malformed publish request", reason="not one payload frame per request")
             return
         for request, payload in zip(requests, payloads):
-            key = (identity, "") if identity is not None else (None, request.origin)
-            self.admit(request, payload, key, now, results, accepted)
+            self.admit(request, payload, peer, now, results, accepted)
 
-    def admit(self, request: PublishRequest, payload: bytes, key: tuple, now: float, results, accepted) -> None:
+    def admit(self, request: PublishRequest, payload: bytes, peer: bytes, now: float, results, accepted) -> None:
         reason = None
         if now > request.deadline:
             reason = "commit_timeout"
@@ -450,11 +472,13 @@ class Journal:
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 reason = "payload is not valid JSON"
         if reason is not None:
-            results[key].append(CommitResult(corr=request.corr, reason=reason))
+            results[peer].append(CommitResult(corr=request.corr, reason=reason))
         else:
-            accepted.append(Pending(key=key, request=request, payload=payload))
+            accepted.append(Pending(peer=peer, request=request, payload=payload))
 
-    def write(self, accepted: list[Pending], results) -> None:
+    def write(self, accepted: list[Pending], results) -> list[bytes]:
+        """Commit ``accepted``; put each one's result in ``results`` and return the
+        frames for bridges, ``[index, body...]`` (none when nothing was written)."""
         ts_ns = time.time_ns()
         ts_ms = ts_ns // 1_000_000
         timestamp = ts_ms / 1000
@@ -482,8 +506,8 @@ class Journal:
                 self.logs.close()
                 self.logs = None
             for pending in accepted:
-                results[pending.key].append(CommitResult(corr=pending.request.corr, reason=reason))
-            return
+                results[pending.peer].append(CommitResult(corr=pending.request.corr, reason=reason))
+            return []
         if self.failure is not None:
             logger.info("commits recovered", seq=seq)
             self.failure = None
@@ -493,7 +517,7 @@ class Journal:
         bodies = []
         for pending in accepted:
             request = pending.request
-            results[pending.key].append(CommitResult(corr=request.corr, seq=pending.seq))
+            results[pending.peer].append(CommitResult(corr=request.corr, seq=pending.seq))
             sender = HOST_SENDER if request.vm == HOST_SENDER else "vm:" + request.vm
             body = json_encode(Delivery(request.topic, sender, ts_ms, pending.seq, msgspec.Raw(pending.payload)))
             index.append(Committed(request.topic, sender))
@@ -501,7 +525,7 @@ class Journal:
             if self.host_wants(request.topic):
                 send([topics.bus(request.topic), sender.encode(), body])
             self.published[request.vm] += 1
-        send([topics.COMMITTED, json_encode(index), *bodies])
+        return [json_encode(index), *bodies]
 
     def announce_health(self) -> None:
         outcome = "error" if self.failure else "ok"
@@ -514,7 +538,7 @@ class Journal:
         self.final_checkpoint()
         if self.logs is not None:
             self.logs.close()
-        for sock in (self.inbox, self.outbox, self.direct):
+        for sock in (self.outbox, self.router):
             sock.close(linger=0)
         self.context.term()
 

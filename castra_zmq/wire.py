@@ -181,18 +181,21 @@ class LogRecord(msgspec.Struct):
 
 
 class PublishRequest(msgspec.Struct):
-    """One publish in the header frame of a ``pub`` message or direct request; the
-    header is one request or an array of them, and one payload frame follows for each.
+    """One publish sent to the journal socket (see ``journal``): the header frame is
+    one request or an array of them, and one payload frame follows for each.
 
     ``deadline`` is a ``time.monotonic()`` value: CLOCK_MONOTONIC is one clock for
     every process of the host, so the journal can refuse work its sender gave up on.
     """
 
-    origin: str
     corr: int
     vm: str
     topic: str
     deadline: float
+
+
+ATTACH = b"attach"
+"""A bridge's request to the journal socket for every commit from now on."""
 
 
 class Committed(msgspec.Struct, array_like=True):
