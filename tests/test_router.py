@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import zmq
 
 from castra_zmq import client
 from castra_zmq.statusview import collect_status
@@ -95,6 +99,25 @@ def test_host_publish_reaches_guest_and_logs(router):
         assert message["from"] == "host" and message["seq"] == seq and message["payload"] == {"cmd": "reload"}
     assert router.read_log("host.log")[0]["vm"] == "host"
     assert router.read_log("alpha.log")[0]["seq"] == seq
+
+
+def test_journal_socket_answers_each_publish_of_a_batch(router):
+    """The documented host-tool path: a DEALER on run/journal.sock sends one header
+    frame (an array of requests here) and one payload frame per request."""
+    deadline = time.monotonic() + 5
+    requests = [{"corr": n, "vm": "host", "topic": topic, "deadline": deadline}
+                for n, topic in ((1, "batch"), (2, "*"), (3, "batch"))]
+    with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.connect(f"ipc://{router.state_root}/run/journal.sock")
+        sock.send_multipart([b"", json.dumps(requests).encode(), b'{"n":1}', b"2", b'"three"'])
+        assert sock.poll(5000)
+        empty, body = sock.recv_multipart()
+    results = sorted(json.loads(body)["results"])  # [corr, seq, reason], in no promised order
+    assert [corr for corr, *_ in results] == [1, 2, 3]
+    (_, first, _), (_, refused, reason), (_, third, _) = results
+    assert third == first + 1 and refused is None and "only for subscribe" in reason
+    assert [(line["seq"], line["payload"]) for line in router.read_log("host.log")] == [(first, {"n": 1}), (third, "three")]
 
 
 def test_unsubscribe_stops_delivery(router):

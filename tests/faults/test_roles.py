@@ -31,7 +31,8 @@ def restarted(router, role: str, old_pid: int) -> bool:
 
 
 def test_killed_journal_gives_error_acks_then_recovers(router):
-    with connect_bus(router.port, "alpha") as guest:
+    with connect_bus(router.port, "alpha") as guest, connect_bus(router.port, "watcher") as watcher:
+        watcher.subscribe("broadcast")
         assert guest.publish(1)["status"] == "ok"
         old = kill_role(router, "journal")
         # Until the supervisor has it back, every publish is refused with a reason.
@@ -40,6 +41,9 @@ def test_killed_journal_gives_error_acks_then_recovers(router):
             assert ack["reason"] in ("journal_unavailable", "commit_timeout")
         wait_for(lambda: restarted(router, "journal", old), timeout=10, what="journal restart")
         wait_for(lambda: guest.publish(3)["status"] == "ok", timeout=5, what="publishes recover")
+        # The bridge attached to the new journal, so deliveries flow again too.
+        assert guest.publish("after")["status"] == "ok"
+        assert watcher.recv_until(lambda frame: frame.get("payload") == "after")["from"] == "vm:alpha"
     seqs = [line["seq"] for line in router.read_log()]
     assert seqs == list(range(1, len(seqs) + 1))  # no gap, no duplicate across the restart
     assert "journal died" in router.log_text()

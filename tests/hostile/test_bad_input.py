@@ -19,11 +19,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import zmq
 
 from castra_zmq import client
 from castra_zmq.errors import PublishFailed
 
-from ..conftest import Router
+from ..conftest import Router, wait_for
 from ..guest import Guest, connect_bus
 
 ROLES = ("proxy", "journal", "status", "bridge")
@@ -395,4 +396,29 @@ def test_hostile_vm_names_get_their_own_log_files_inside_logs_bus(bus_router):
     own_files = [path for path, vms in owners.items() if path != bus_log and vms]
     assert len(own_files) >= len(HOSTILE_NAMES)
     assert all(len(owners[path]) == 1 for path in own_files)  # no two names share a file
+    assert_router_intact(bus_router)
+
+
+# -- the journal socket (host tools) ---------------------------------------------------
+
+_REQUEST = b'{"corr":1,"vm":"host","topic":"t","deadline":1e18}'
+
+
+@pytest.mark.parametrize("frames", [
+    [b"", b"not json", b"1"],
+    [b"", b"[" + _REQUEST + b"]"],  # no payload frame
+    [b"", _REQUEST, b"1", b"2"],  # a payload frame too many
+    [b"", b"[]"],
+    [b"no empty delimiter frame"],
+], ids=["header-not-json", "payload-missing", "payload-extra", "no-request", "no-delimiter"])
+def test_malformed_journal_socket_message_is_dropped_and_logged(bus_router, frames):
+    warnings = bus_router.log_text().count("dropped malformed")
+    with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
+        sock.linger = 1000
+        sock.connect(f"ipc://{bus_router.state_root}/run/journal.sock")
+        sock.send_multipart(frames)
+        assert not sock.poll(300), "a malformed message got an answer"
+    wait_for(lambda: bus_router.log_text().count("dropped malformed") > warnings, timeout=5,
+             what="the journal's warning")
+    assert client.publish("after", 1, state_root=bus_router.state_root, timeout=3) > 0
     assert_router_intact(bus_router)
