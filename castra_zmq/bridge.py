@@ -29,19 +29,17 @@ from zmq.utils.monitor import parse_monitor_message
 from . import runtime
 from .config import Settings, settings_from_env
 from .events import EventKind, SessionInfo, event_message
-from .framing import encode_frame
 from .handshake import Hello
 from .identity import load_identities
 from .session import GuestConnection
 from .wire import (
     ATTACH,
     SUBSCRIBE_ALL,
+    Committed,
     MessageId,
     Publish,
     PublishRequest,
-    compact_payload,
     decode_commit_batch,
-    decode_committed_index,
     json_encode,
 )
 
@@ -68,9 +66,7 @@ class Bridge:
         self.subscribers: dict[str, set[GuestConnection]] = {}  # topic -> sessions
         self.pending: dict[int, PendingPublish] = {}  # in commit order, so deadlines too
         self.corr = itertools.count(1)
-        # This loop turn's publishes, sent as one message when it ends.
-        self.requests: list[PublishRequest] = []
-        self.payloads: list[bytes] = []
+        self.requests: list[PublishRequest] = []  # this loop turn's, sent as one batch
         self.journal_attached = False  # connected to the journal socket (see watch_journal)
         self.context = zmq.asyncio.Context()
         self.journal = self.context.socket(zmq.DEALER)
@@ -143,17 +139,15 @@ class Bridge:
         self.pending[corr] = PendingPublish(connection, frame.topic, frame.id, deadline)
         if not self.requests:
             asyncio.get_running_loop().call_soon(self.send_publishes)
-        self.requests.append(PublishRequest(corr, connection.vm, frame.topic, deadline))
-        self.payloads.append(compact_payload(bytes(frame.payload)))
+        self.requests.append(PublishRequest(corr, connection.vm, frame.topic, deadline, frame.payload))
         if len(self.requests) >= self.settings.batch_max:
             self.send_publishes()
         return None
 
     def send_publishes(self) -> None:
         if self.requests:
-            self.journal.send_multipart([b"", json_encode(self.requests), *self.payloads])
+            self.journal.send_multipart([b"", json_encode(self.requests)])
             self.requests = []
-            self.payloads = []
 
     def subscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.setdefault(topic, set()).add(connection)
@@ -186,17 +180,21 @@ class Bridge:
                 self.handle_journal_message(parts)
 
     def handle_journal_message(self, parts: list[bytes]) -> None:
-        """``["", CommitBatch, index, body...]``: this bridge's results of one commit,
-        and every message of it for the guests subscribed to it."""
-        for result in decode_commit_batch(parts[1]).results:
+        """``["", CommitBatch, frames]``: this bridge's results of one commit, and
+        every message of it for the guests subscribed to it."""
+        batch = decode_commit_batch(parts[1])
+        for result in batch.results:
             pending = self.pending.pop(result.corr, None)
             if pending is None:
                 continue  # already answered as timed out
             if pending.connection.phase == "bus":
                 pending.connection.handle_commit(pending.topic, pending.message_id, result.seq, result.reason)
-        if len(parts) > 2 and self.subscribers:
-            for committed, body in zip(decode_committed_index(parts[2]), parts[3:]):
-                self.deliver(committed.topic, committed.sender, body)
+        if batch.committed and self.subscribers:
+            frames = parts[2]
+            start = 0
+            for committed in batch.committed:
+                self.deliver(committed, frames[start : committed.end])
+                start = committed.end
 
     async def watch_journal(self) -> None:
         """Attach to each journal the DEALER connects to; when it goes, fail what it
@@ -212,16 +210,16 @@ class Bridge:
                 logger.warning("journal detached: publishes get error acks")
                 self.fail_pending("journal_unavailable")
 
-    def deliver(self, topic: str, sender: str, body: bytes) -> None:
-        """Push one committed message to every subscriber of its topic but its sender."""
-        exact = self.subscribers.get(topic)
+    def deliver(self, committed: Committed, frame: bytes) -> None:
+        """Push one committed message's guest frame to every subscriber of its topic
+        but its sender."""
+        exact = self.subscribers.get(committed.topic)
         every = self.subscribers.get(SUBSCRIBE_ALL)
         if not exact and not every:
             return
-        frame = encode_frame(body)
         targets = (exact | every) if exact and every else (exact or every)
         for connection in list(targets):
-            if connection.sender != sender:
+            if connection.sender != committed.sender:
                 connection.deliver(frame)
 
     # -- periodic work ----------------------------------------------------------------

@@ -30,7 +30,6 @@ from .owner import router_pid
 from .wire import (
     Delivery,
     PublishRequest,
-    compact_payload,
     decode_commit_batch,
     decode_delivery,
     json_encode,
@@ -60,7 +59,7 @@ def encode_payload(payload) -> bytes:
             _validate(raw)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise PublishFailed(f"payload is not valid JSON: {exc}") from None
-        return compact_payload(raw)
+        return raw
     return json_encode(payload)
 
 
@@ -81,11 +80,11 @@ def publish(
     body = encode_payload(payload)
     require_router(endpoints)
     deadline = time.monotonic() + timeout
-    header = json_encode(PublishRequest(corr=1, vm=HOST_SENDER, topic=topic, deadline=deadline))
+    request = json_encode(PublishRequest(corr=1, vm=HOST_SENDER, topic=topic, deadline=deadline, payload=msgspec.Raw(body)))
     with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
         sock.linger = 0
         sock.connect(endpoints.journal)
-        sock.send_multipart([b"", header, body])
+        sock.send_multipart([b"", request])
         # A little past the deadline: the journal answers commit_timeout itself.
         if not sock.poll(int((timeout + 0.5) * 1000)):
             raise PublishFailed(f"no commit within {timeout:g}s (is the journal running? see `castra status`)")

@@ -10,14 +10,17 @@ is half-written, nothing is acked that is not in the log.
 
 The journal socket, from the peer's (a DEALER's) side:
 
-| frames                                | direction | meaning                                   |
-|---------------------------------------|-----------|-------------------------------------------|
-| ``"", header, payload...``            | in        | publishes: ``header`` is a PublishRequest |
-|                                       |           | or an array of them, one payload each     |
-| ``"", "attach"``                      | in        | a bridge asks for every commit            |
-| ``"", CommitBatch``                   | out       | the results of a host tool's publishes    |
-| ``"", CommitBatch, index, body...``   | out       | to each attached bridge, once per commit: |
-|                                       |           | its results and every committed message   |
+| frames                       | direction | meaning                                        |
+|------------------------------|-----------|------------------------------------------------|
+| ``"", batch``                | in        | publishes: one PublishRequest or an array      |
+| ``"", "attach"``             | in        | a bridge asks for every commit                 |
+| ``"", CommitBatch``          | out       | the results of a host tool's publishes         |
+| ``"", CommitBatch, frames``  | out       | to each attached bridge, once per commit: its  |
+|                              |           | results, the index of every committed message, |
+|                              |           | and their guest frames end to end              |
+
+One frame per batch, not one per message: in pyzmq each frame costs a Python
+call or two on each side, more than the bytes it carries.
 
 Host tools subscribe on the bus instead (``bus`` topics through the proxy); those
 messages are sent only while someone subscribes to them.
@@ -41,6 +44,7 @@ from .config import Settings, settings_from_env
 from .endpoints import Endpoints
 from .errors import CastraError
 from .events import EventKind, event_message
+from .framing import encode_frame
 from .handshake import HOST_SENDER, validate_vm_name
 from .logfiles import AppendFile, last_lines, log_file_name, newest_lines
 from .wire import (
@@ -53,6 +57,7 @@ from .wire import (
     Delivery,
     LogRecord,
     PublishRequest,
+    compact_payload,
     decode_log_record,
     decode_publish_requests,
     json_encode,
@@ -62,7 +67,6 @@ _MAX_OPEN_FILES = 256
 _MAX_CACHED_TOPICS = 4096
 _SUBSCRIPTIONS_WAIT_MS = 1000  # for the bus's subscriptions to reach a new outbox
 _PUBLISH_EVENT_INTERVAL = 0.1  # seconds: status needs freshness, not an event per commit
-_validate_raw = msgspec.json.Decoder(msgspec.Raw).decode
 
 
 class Pending(msgspec.Struct):
@@ -70,7 +74,6 @@ class Pending(msgspec.Struct):
 
     peer: bytes  # the identity its result goes back to
     request: PublishRequest
-    payload: bytes
     seq: int = 0
 
 
@@ -409,19 +412,22 @@ class Journal:
         for parts in messages:
             if len(parts) < 3 or parts[1]:
                 logger.warning("dropped malformed journal message", reason=f"{len(parts)} frames")
-            elif parts[2] == ATTACH and len(parts) == 3:
+            elif len(parts) != 3:
+                logger.warning("dropped malformed publish batch", reason=f"{len(parts)} frames")
+            elif parts[2] == ATTACH:
                 self.attach(parts[0])
             else:
-                self.admit_all(parts[2:], parts[0], now, results, accepted)
-        delivery: list[bytes] = []
+                self.admit_all(parts[2], parts[0], now, results, accepted)
+        committed: list[Committed] = []
+        frames = b""
         if accepted:
-            delivery = self.write(accepted, results)
+            committed, frames = self.write(accepted, results)
         for identity in self.bridges.copy():
             batch = results.pop(identity, [])
-            if batch or delivery:
-                self.send(identity, [json_encode(CommitBatch(results=batch)), *delivery])
+            if batch or committed:
+                self.send(identity, [json_encode(CommitBatch(batch, committed)), frames])
         for identity, batch in results.items():
-            self.send(identity, [json_encode(CommitBatch(results=batch))])
+            self.send(identity, [json_encode(CommitBatch(batch))])
 
     def attach(self, identity: bytes) -> None:
         if identity not in self.bridges:
@@ -438,24 +444,25 @@ class Journal:
                 logger.warning("bridge detached", reason=exc.strerror)
                 self.bridges.discard(identity)
 
-    def admit_all(self, frames: list[bytes], peer: bytes, now: float, results, accepted) -> None:
-        """Check the publishes of one message, ``[header, payloads...]``: each joins
-        ``accepted`` or has its refusal put in ``results``."""
+    def admit_all(self, batch: bytes, peer: bytes, now: float, results, accepted) -> None:
+        """Check the publishes of one batch frame: each joins ``accepted`` or has its
+        refusal put in ``results``."""
         try:
-            requests = decode_publish_requests(frames[0]) if frames else []
-        except msgspec.DecodeError as exc:
-            logger.warning("dropped malformed publish request", reason=str(exc))
+            requests = decode_publish_requests(batch)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            logger.warning("dropped malformed publish batch", reason=str(exc) or "nested too deeply")
             return
         if isinstance(requests, PublishRequest):
             requests = [requests]
-        payloads = frames[1:]
-        if not requests or len(requests) != len(payloads):
-            logger.warning("dropped malformed publish request", reason="not one payload frame per request")
-            return
-        for request, payload in zip(requests, payloads):
-            self.admit(request, payload, peer, now, results, accepted)
+        # msgspec keeps a Raw's strings unchecked and its whitespace as sent: a
+        # payload must be UTF-8 and must not break its log line.
+        check_utf8 = not batch.isascii()
+        compact = b"\n" in batch or b"\r" in batch
+        for request in requests:
+            self.admit(request, peer, now, results, accepted, check_utf8, compact)
 
-    def admit(self, request: PublishRequest, payload: bytes, peer: bytes, now: float, results, accepted) -> None:
+    def admit(self, request: PublishRequest, peer: bytes, now: float, results, accepted,
+              check_utf8: bool, compact: bool) -> None:
         reason = None
         if now > request.deadline:
             reason = "commit_timeout"
@@ -465,20 +472,22 @@ class Journal:
             reason = "topic * is only for subscribe"
         elif request.vm != HOST_SENDER and target_of("vm:" + request.vm) is None:
             reason = "invalid vm name"
-        else:
+        elif check_utf8 or compact:
             try:
-                _validate_raw(payload)
-                payload.decode("utf-8")  # msgspec keeps a Raw's strings unchecked
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                payload = bytes(request.payload)
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
                 reason = "payload is not valid JSON"
+            else:
+                request.payload = msgspec.Raw(compact_payload(payload))
         if reason is not None:
             results[peer].append(CommitResult(corr=request.corr, reason=reason))
         else:
-            accepted.append(Pending(peer=peer, request=request, payload=payload))
+            accepted.append(Pending(peer=peer, request=request))
 
-    def write(self, accepted: list[Pending], results) -> list[bytes]:
-        """Commit ``accepted``; put each one's result in ``results`` and return the
-        frames for bridges, ``[index, body...]`` (none when nothing was written)."""
+    def write(self, accepted: list[Pending], results) -> tuple[list[Committed], bytes]:
+        """Commit ``accepted`` and put each one's result in ``results``. Returns what
+        bridges get: the index of what was written, and its guest frames end to end."""
         ts_ns = time.time_ns()
         ts_ms = ts_ns // 1_000_000
         timestamp = ts_ms / 1000
@@ -491,7 +500,7 @@ class Journal:
                 pending.seq = seq
                 request = pending.request
                 line = json_encode(
-                    LogRecord(timestamp, ts_ms, seq, request.vm, request.topic, msgspec.Raw(pending.payload))
+                    LogRecord(timestamp, ts_ms, seq, request.vm, request.topic, request.payload)
                 )
                 lines[logs.bus] += line + b"\n"
                 for vm in files_of(request.vm, request.topic):
@@ -507,25 +516,25 @@ class Journal:
                 self.logs = None
             for pending in accepted:
                 results[pending.peer].append(CommitResult(corr=pending.request.corr, reason=reason))
-            return []
+            return [], b""
         if self.failure is not None:
             logger.info("commits recovered", seq=seq)
             self.failure = None
         self.seq = seq
         send = self.outbox.send_multipart
-        index = []
-        bodies = []
+        committed = []
+        frames = bytearray()
         for pending in accepted:
             request = pending.request
             results[pending.peer].append(CommitResult(corr=request.corr, seq=pending.seq))
             sender = HOST_SENDER if request.vm == HOST_SENDER else "vm:" + request.vm
-            body = json_encode(Delivery(request.topic, sender, ts_ms, pending.seq, msgspec.Raw(pending.payload)))
-            index.append(Committed(request.topic, sender))
-            bodies.append(body)
+            body = json_encode(Delivery(request.topic, sender, ts_ms, pending.seq, request.payload))
+            frames += encode_frame(body)
+            committed.append(Committed(request.topic, sender, len(frames)))
             if self.host_wants(request.topic):
                 send([topics.bus(request.topic), sender.encode(), body])
             self.published[request.vm] += 1
-        return [json_encode(index), *bodies]
+        return committed, bytes(frames)
 
     def announce_health(self) -> None:
         outcome = "error" if self.failure else "ok"

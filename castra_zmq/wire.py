@@ -181,8 +181,8 @@ class LogRecord(msgspec.Struct):
 
 
 class PublishRequest(msgspec.Struct):
-    """One publish sent to the journal socket (see ``journal``): the header frame is
-    one request or an array of them, and one payload frame follows for each.
+    """One publish sent to the journal socket (see ``journal``), alone or in an
+    array of them: the whole batch is one frame.
 
     ``deadline`` is a ``time.monotonic()`` value: CLOCK_MONOTONIC is one clock for
     every process of the host, so the journal can refuse work its sender gave up on.
@@ -192,6 +192,7 @@ class PublishRequest(msgspec.Struct):
     vm: str
     topic: str
     deadline: float
+    payload: msgspec.Raw
 
 
 ATTACH = b"attach"
@@ -199,10 +200,12 @@ ATTACH = b"attach"
 
 
 class Committed(msgspec.Struct, array_like=True):
-    """Index entry of a ``cmt`` message: what a bridge routes one delivery by."""
+    """One message of a commit, as a bridge routes it: its guest frame (a
+    ``Delivery``, length-prefixed) ends at ``end`` in the frame after the batch."""
 
     topic: str
     sender: str  # "vm:<name>" or "host"
+    end: int
 
 
 class CommitResult(msgspec.Struct, array_like=True):
@@ -213,15 +216,16 @@ class CommitResult(msgspec.Struct, array_like=True):
     reason: str | None = None
 
 
-class CommitBatch(msgspec.Struct):
-    """Body of an ``ack`` message: the results of one commit for one origin."""
+class CommitBatch(msgspec.Struct, omit_defaults=True):
+    """The journal's answer to one peer for one commit: the results of its
+    publishes, and for a bridge every committed message."""
 
     results: list[CommitResult]
+    committed: list[Committed] = []
 
 
 json_encode = msgspec.json.Encoder().encode
 decode_publish_requests = msgspec.json.Decoder(PublishRequest | list[PublishRequest]).decode
-decode_committed_index = msgspec.json.Decoder(list[Committed]).decode
 decode_commit_batch = msgspec.json.Decoder(CommitBatch).decode
 decode_delivery = msgspec.json.Decoder(Delivery).decode
 decode_log_record = msgspec.json.Decoder(LogRecord).decode

@@ -102,22 +102,23 @@ def test_host_publish_reaches_guest_and_logs(router):
 
 
 def test_journal_socket_answers_each_publish_of_a_batch(router):
-    """The documented host-tool path: a DEALER on run/journal.sock sends one header
-    frame (an array of requests here) and one payload frame per request."""
+    """The documented host-tool path: a DEALER on run/journal.sock sends a batch of
+    requests in one frame, pretty-printed here; payloads are stored compacted."""
     deadline = time.monotonic() + 5
-    requests = [{"corr": n, "vm": "host", "topic": topic, "deadline": deadline}
-                for n, topic in ((1, "batch"), (2, "*"), (3, "batch"))]
+    requests = [{"corr": n, "vm": "host", "topic": topic, "deadline": deadline, "payload": payload}
+                for n, topic, payload in ((1, "batch", {"n": [1, 2]}), (2, "*", 2), (3, "batch", "three"))]
     with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
         sock.linger = 0
         sock.connect(f"ipc://{router.state_root}/run/journal.sock")
-        sock.send_multipart([b"", json.dumps(requests).encode(), b'{"n":1}', b"2", b'"three"'])
+        sock.send_multipart([b"", json.dumps(requests, indent=2).encode()])
         assert sock.poll(5000)
-        empty, body = sock.recv_multipart()
+        delimiter, body = sock.recv_multipart()
+    assert delimiter == b""
     results = sorted(json.loads(body)["results"])  # [corr, seq, reason], in no promised order
     assert [corr for corr, *_ in results] == [1, 2, 3]
     (_, first, _), (_, refused, reason), (_, third, _) = results
     assert third == first + 1 and refused is None and "only for subscribe" in reason
-    assert [(line["seq"], line["payload"]) for line in router.read_log("host.log")] == [(first, {"n": 1}), (third, "three")]
+    assert [(line["seq"], line["payload"]) for line in router.read_log("host.log")] == [(first, {"n": [1, 2]}), (third, "three")]
 
 
 def test_unsubscribe_stops_delivery(router):

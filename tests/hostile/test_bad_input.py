@@ -401,16 +401,16 @@ def test_hostile_vm_names_get_their_own_log_files_inside_logs_bus(bus_router):
 
 # -- the journal socket (host tools) ---------------------------------------------------
 
-_REQUEST = b'{"corr":1,"vm":"host","topic":"t","deadline":1e18}'
+_REQUEST = b'{"corr":1,"vm":"host","topic":"t","deadline":1e18,"payload":1}'
 
 
 @pytest.mark.parametrize("frames", [
-    [b"", b"not json", b"1"],
-    [b"", b"[" + _REQUEST + b"]"],  # no payload frame
-    [b"", _REQUEST, b"1", b"2"],  # a payload frame too many
-    [b"", b"[]"],
+    [b"", b"not json"],
+    [b"", _REQUEST.replace(b',"payload":1', b"")],
+    [b"", _REQUEST, _REQUEST],  # one frame per batch, not per request
+    [b"", b'[{"corr":1,"vm":"host","topic":"t","deadline":1e18,"payload":' + b"[" * 10000 + b"]" * 10000 + b"}]"],
     [b"no empty delimiter frame"],
-], ids=["header-not-json", "payload-missing", "payload-extra", "no-request", "no-delimiter"])
+], ids=["not-json", "payload-missing", "two-frames", "nested-10000-deep", "no-delimiter"])
 def test_malformed_journal_socket_message_is_dropped_and_logged(bus_router, frames):
     warnings = bus_router.log_text().count("dropped malformed")
     with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
