@@ -22,7 +22,6 @@ import time
 import msgspec
 import uvloop
 import zmq
-import zmq.asyncio
 from loguru import logger
 from zmq.utils.monitor import parse_monitor_message
 
@@ -68,22 +67,22 @@ class Bridge:
         self.corr = itertools.count(1)
         self.requests: list[PublishRequest] = []  # this loop turn's, sent as one batch
         self.journal_attached = False  # connected to the journal socket (see watch_journal)
-        self.context = zmq.asyncio.Context()
+        # Plain sockets read from loop callbacks (see watch_socket), not zmq.asyncio:
+        # its Futures per send and receive were a fifth of the bridge's CPU.
+        self.context = zmq.Context()
         self.journal = self.context.socket(zmq.DEALER)
         self.journal.sndhwm = settings.hwm
         self.journal.rcvhwm = settings.hwm
         self.journal_monitor = self.journal.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.journal.connect(endpoints.journal)
-        self._journal_now = zmq.Socket.shadow(self.journal.underlying)  # non-blocking drains
-        # A plain (not asyncio) PUB: sends never wait (it drops at its HWM), and an
-        # asyncio send costs a Future per event.
-        self.events = zmq.Socket(self.context, zmq.PUB)
+        self.events = self.context.socket(zmq.PUB)  # drops at its HWM: never waits
         self.events.sndhwm = settings.hwm
         self.events.connect(endpoints.publish)
         for sock in (self.journal, self.events):
             sock.linger = 0
         self.server: asyncio.AbstractServer | None = None
         self.stopping = asyncio.Event()
+        self.failure: BaseException | None = None  # what stopped a socket reader
 
     # -- guests: called by GuestConnection --------------------------------------------
 
@@ -146,8 +145,19 @@ class Bridge:
 
     def send_publishes(self) -> None:
         if self.requests:
-            self.journal.send_multipart([b"", json_encode(self.requests)])
-            self.requests = []
+            requests, self.requests = self.requests, []
+            try:
+                self.send_to_journal(json_encode(requests))
+            except zmq.Again:  # its queue is full: the journal is stuck
+                for request in requests:
+                    self.answer(request.corr, None, "journal_unavailable")
+
+    def send_to_journal(self, frame: bytes) -> None:
+        self.journal.send_multipart([b"", frame], zmq.NOBLOCK)
+        # A send can take the edge of the socket's FD for a message that arrived
+        # meanwhile: look, or that message would wait for the next one.
+        if self.journal.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            asyncio.get_running_loop().call_soon(self.read_journal)
 
     def subscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.setdefault(topic, set()).add(connection)
@@ -169,26 +179,35 @@ class Bridge:
 
     # -- bus side ---------------------------------------------------------------------
 
-    async def read_journal(self) -> None:
-        while True:
-            self.handle_journal_message(await self.journal.recv_multipart())
-            for _ in range(_DRAIN_MAX):
-                try:
-                    parts = self._journal_now.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self.handle_journal_message(parts)
+    def watch_socket(self, sock: zmq.Socket, read) -> None:
+        """Call ``read`` when ``sock`` may have messages. Its FD is edge-triggered:
+        ``read`` drains the socket (or reschedules itself) every time."""
+
+        def guarded() -> None:
+            try:
+                read()
+            except Exception as exc:  # noqa: BLE001 - a dead reader would leave guests without acks
+                self.failure = exc
+                self.stopping.set()
+
+        asyncio.get_running_loop().add_reader(sock.getsockopt(zmq.FD), guarded)
+        asyncio.get_running_loop().call_soon(guarded)  # what came before we watched
+
+    def read_journal(self) -> None:
+        for _ in range(_DRAIN_MAX):
+            try:
+                parts = self.journal.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle_journal_message(parts)
+        asyncio.get_running_loop().call_soon(self.read_journal)  # more, after the guests' turn
 
     def handle_journal_message(self, parts: list[bytes]) -> None:
         """``["", CommitBatch, frames]``: this bridge's results of one commit, and
         every message of it for the guests subscribed to it."""
         batch = decode_commit_batch(parts[1])
         for result in batch.results:
-            pending = self.pending.pop(result.corr, None)
-            if pending is None:
-                continue  # already answered as timed out
-            if pending.connection.phase == "bus":
-                pending.connection.handle_commit(pending.topic, pending.message_id, result.seq, result.reason)
+            self.answer(result.corr, result.seq, result.reason)
         if batch.committed and self.subscribers:
             frames = parts[2]
             start = 0
@@ -196,13 +215,22 @@ class Bridge:
                 self.deliver(committed, frames[start : committed.end])
                 start = committed.end
 
-    async def watch_journal(self) -> None:
+    def answer(self, corr: int, seq: int | None, reason: str | None) -> None:
+        pending = self.pending.pop(corr, None)
+        if pending is not None and pending.connection.phase == "bus":  # else: timed out, or gone
+            pending.connection.handle_commit(pending.topic, pending.message_id, seq, reason)
+
+    def watch_journal(self) -> None:
         """Attach to each journal the DEALER connects to; when it goes, fail what it
         had not answered (it may have committed some: never a false ok)."""
         while True:
-            event = parse_monitor_message(await self.journal_monitor.recv_multipart())["event"]
+            try:
+                message = self.journal_monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = parse_monitor_message(message)["event"]
             if event == zmq.EVENT_CONNECTED:
-                self.journal.send_multipart([b"", ATTACH])
+                self.send_to_journal(ATTACH)
                 self.journal_attached = True
                 logger.info("journal attached")
             elif event == zmq.EVENT_DISCONNECTED and self.journal_attached:
@@ -254,16 +282,16 @@ class Bridge:
                 break
             corrs.append(corr)
         for corr in corrs:
-            pending = self.pending.pop(corr)
-            if pending.connection.phase == "bus":
-                pending.connection.handle_commit(pending.topic, pending.message_id, None, reason)
+            self.answer(corr, None, reason)
 
     # -- life cycle -------------------------------------------------------------------
 
     async def serve(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: GuestConnection(self), sock=listener, backlog=1024)
-        tasks = [asyncio.create_task(coro) for coro in (self.read_journal(), self.watch_journal(), self.sweep())]
+        self.watch_socket(self.journal, self.read_journal)
+        self.watch_socket(self.journal_monitor, self.watch_journal)
+        sweep = asyncio.create_task(self.sweep())
         host, port = listener.getsockname()[:2]
         deadline = time.monotonic() + 2.0  # a restarted bridge finds the journal at once
         while not self.journal_attached and time.monotonic() < deadline:
@@ -271,12 +299,13 @@ class Bridge:
         logger.info("bridge ready", listen=f"{host}:{port}", journal=self.journal_attached)
         runtime.notify_ready()
         stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        failed = next((task for task in tasks if task.done()), None)
-        if failed is not None:
-            # A loop that died would leave guests without acks: exit and be restarted.
+        await asyncio.wait([stop, sweep], return_when=asyncio.FIRST_COMPLETED)
+        if sweep.done():
+            self.failure = sweep.exception()
+        if self.failure is not None:
+            # Guests would be left without acks or timeouts: exit and be restarted.
             stop.cancel()
-            raise RuntimeError("bridge loop ended") from failed.exception()
+            raise RuntimeError("bridge loop ended") from self.failure
         self.server.close()
         for connection in self.sessions.values():
             connection.pause()
@@ -285,9 +314,10 @@ class Bridge:
             await asyncio.sleep(0.02)
         for connection in list(self.connections):
             connection.close("shutdown")
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        sweep.cancel()
+        await asyncio.gather(sweep, return_exceptions=True)
+        for sock in (self.journal, self.journal_monitor):
+            loop.remove_reader(sock.getsockopt(zmq.FD))
         self.journal.disable_monitor()
         for sock in (self.journal_monitor, self.journal, self.events):
             sock.close(linger=0)
