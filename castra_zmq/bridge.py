@@ -44,6 +44,7 @@ from .wire import (
 
 LISTEN_FD_ENV = "CASTRA_LISTEN_FD"
 _SHUTDOWN_GRACE = 1.0  # seconds to wait for in-flight commits when stopping
+_BATCHES_IN_FLIGHT = 4  # publish batches sent to the journal and not answered yet
 _DRAIN_MAX = 4096  # bus messages handled per wake-up before yielding to guests
 
 
@@ -65,7 +66,9 @@ class Bridge:
         self.subscribers: dict[str, set[GuestConnection]] = {}  # topic -> sessions
         self.pending: dict[int, PendingPublish] = {}  # in commit order, so deadlines too
         self.corr = itertools.count(1)
-        self.requests: list[PublishRequest] = []  # this loop turn's, sent as one batch
+        self.requests: list[PublishRequest] = []  # not sent yet, to go as one batch
+        self.send_scheduled = False
+        self.in_flight: collections.deque[int] = collections.deque()  # last corr of each batch sent
         self.journal_attached = False  # connected to the journal socket (see watch_journal)
         # Plain sockets read from loop callbacks (see watch_socket), not zmq.asyncio:
         # its Futures per send and receive were a fifth of the bridge's CPU.
@@ -136,21 +139,33 @@ class Bridge:
         corr = next(self.corr)
         deadline = time.monotonic() + self.settings.commit_timeout
         self.pending[corr] = PendingPublish(connection, frame.topic, frame.id, deadline)
-        if not self.requests:
-            asyncio.get_running_loop().call_soon(self.send_publishes)
         self.requests.append(PublishRequest(corr, connection.vm, frame.topic, deadline, frame.payload))
         if len(self.requests) >= self.settings.batch_max:
             self.send_publishes()
+        elif not self.send_scheduled:
+            self.send_scheduled = True
+            asyncio.get_running_loop().call_soon(self.send_publishes)
         return None
 
     def send_publishes(self) -> None:
-        if self.requests:
-            requests, self.requests = self.requests, []
-            try:
-                self.send_to_journal(json_encode(requests))
-            except zmq.Again:  # its queue is full: the journal is stuck
-                for request in requests:
-                    self.answer(request.corr, None, "journal_unavailable")
+        """Send what accumulated as one batch, unless ``_BATCHES_IN_FLIGHT`` are
+        unanswered: then it waits for an answer (and grows), as publishes would
+        wait in the journal's queue anyway, and the bus carries fewer messages."""
+        self.send_scheduled = False
+        while self.in_flight and self.in_flight[0] not in self.pending:
+            self.in_flight.popleft()
+        if not self.requests:
+            return
+        if len(self.in_flight) >= _BATCHES_IN_FLIGHT and len(self.requests) < self.settings.batch_max:
+            return
+        requests, self.requests = self.requests, []
+        try:
+            self.send_to_journal(json_encode(requests))
+        except zmq.Again:  # its queue is full: the journal is stuck
+            for request in requests:
+                self.answer(request.corr, None, "journal_unavailable")
+            return
+        self.in_flight.append(requests[-1].corr)
 
     def send_to_journal(self, frame: bytes) -> None:
         self.journal.send_multipart([b"", frame], zmq.NOBLOCK)
@@ -208,6 +223,8 @@ class Bridge:
         batch = decode_commit_batch(parts[1])
         for result in batch.results:
             self.answer(result.corr, result.seq, result.reason)
+        if batch.results and self.requests:
+            self.send_publishes()
         if batch.committed and self.subscribers:
             frames = parts[2]
             start = 0
@@ -283,6 +300,9 @@ class Bridge:
             corrs.append(corr)
         for corr in corrs:
             self.answer(corr, None, reason)
+        if corrs and self.requests:  # never send what was answered already
+            self.requests = [request for request in self.requests if request.corr in self.pending]
+            self.send_publishes()
 
     # -- life cycle -------------------------------------------------------------------
 
