@@ -172,7 +172,7 @@ class Bridge:
         # A send can take the edge of the socket's FD for a message that arrived
         # meanwhile: look, or that message would wait for the next one.
         if self.journal.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            asyncio.get_running_loop().call_soon(self.read_journal)
+            asyncio.get_running_loop().call_soon(self.run_reader, self.read_journal)
 
     def subscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.setdefault(topic, set()).add(connection)
@@ -197,16 +197,16 @@ class Bridge:
     def watch_socket(self, sock: zmq.Socket, read) -> None:
         """Call ``read`` when ``sock`` may have messages. Its FD is edge-triggered:
         ``read`` drains the socket (or reschedules itself) every time."""
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock.getsockopt(zmq.FD), self.run_reader, read)
+        loop.call_soon(self.run_reader, read)  # what came before we watched
 
-        def guarded() -> None:
-            try:
-                read()
-            except Exception as exc:  # noqa: BLE001 - a dead reader would leave guests without acks
-                self.failure = exc
-                self.stopping.set()
-
-        asyncio.get_running_loop().add_reader(sock.getsockopt(zmq.FD), guarded)
-        asyncio.get_running_loop().call_soon(guarded)  # what came before we watched
+    def run_reader(self, read) -> None:
+        try:
+            read()
+        except Exception as exc:  # noqa: BLE001 - a dead reader would leave guests without acks
+            self.failure = exc
+            self.stopping.set()
 
     def read_journal(self) -> None:
         for _ in range(_DRAIN_MAX):
@@ -215,7 +215,7 @@ class Bridge:
             except zmq.Again:
                 return
             self.handle_journal_message(parts)
-        asyncio.get_running_loop().call_soon(self.read_journal)  # more, after the guests' turn
+        asyncio.get_running_loop().call_soon(self.run_reader, self.read_journal)  # more, after the guests' turn
 
     def handle_journal_message(self, parts: list[bytes]) -> None:
         """``["", CommitBatch, frames]``: this bridge's results of one commit, and

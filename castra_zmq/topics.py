@@ -32,7 +32,3 @@ def bus(topic: str) -> bytes:
 
 def event(kind: str) -> bytes:
     return _frame(EVENT_ALL, kind)
-
-
-def event_kind(frame: bytes) -> str:
-    return frame[len(EVENT_ALL) : -1].decode("utf-8")
