@@ -139,6 +139,13 @@ class LogSet:
         """After a failed background fsync: which file failed is unknown, so all are."""
         self._unsynced.update(self._vm_files.values())
 
+    def close_replaced_vm_files(self) -> None:
+        """Let go of per-VM logs moved away (rotation): the next line starts a new one."""
+        for vm, handle in list(self._vm_files.items()):
+            if handle.replaced():
+                del self._vm_files[vm]
+                self._close(handle)
+
     def _close(self, handle: AppendFile) -> None:
         if self.sync and handle in self._unsynced:
             handle.sync()
@@ -165,7 +172,8 @@ def last_seq(path: Path) -> int:
 
 class Checkpoint(msgspec.Struct):
     """``state/journal.json``: every per-VM log line up to ``vm_logs_synced_seq``
-    is on disk, so recovery rebuilds only what comes after it."""
+    is on disk, so recovery rebuilds only what comes after it. It is also where
+    ``seq`` goes on from when a rotated ``bus.log`` has no line yet."""
 
     vm_logs_synced_seq: int
 
@@ -222,7 +230,8 @@ class Journal:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.endpoints = settings.endpoints
-        self.seq = last_seq(self.endpoints.bus_log)
+        # The checkpoint too: after a rotation, bus.log may be new and empty.
+        self.seq = max(last_seq(self.endpoints.bus_log), read_checkpoint(self.endpoints.journal_checkpoint) or 0)
         self.synced_seq = self.seq  # the per-VM logs are on disk up to here
         self.logs: LogSet | None = None
         self.syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
@@ -269,18 +278,7 @@ class Journal:
         In a thread: dozens of fsyncs in a row would stall the commits queued
         behind them for milliseconds. One sync runs at a time.
         """
-        job = self.sync_job
-        if job is not None:
-            if not job.done():
-                return
-            self.sync_job = None
-            try:
-                self.synced_seq = job.result()
-            except OSError as exc:
-                logger.warning("per-VM logs not synced", reason=exc.strerror)
-                if self.logs is not None:
-                    self.logs.mark_all_unsynced()
-        if self.logs is None or self.synced_seq == self.seq:
+        if not self.collect_sync_job(wait=False) or self.logs is None or self.synced_seq == self.seq:
             return
         try:
             fds = self.logs.take_unsynced()
@@ -291,16 +289,52 @@ class Journal:
             sync_fds_then_checkpoint, fds, self.endpoints.journal_checkpoint, self.seq, self.logs.sync
         )
 
-    def final_checkpoint(self) -> None:
-        """The last one, in the foreground, when stopping."""
-        self.syncer.shutdown(wait=True)
-        if self.logs is None or self.synced_seq == self.seq:
-            return
+    def collect_sync_job(self, wait: bool) -> bool:
+        """Take the outcome of the background sync; False while it still runs."""
+        job = self.sync_job
+        if job is None:
+            return True
+        if not job.done():
+            if not wait:
+                return False
+            concurrent.futures.wait([job])
+        self.sync_job = None
         try:
-            self.logs.sync_vm_logs()
-            write_checkpoint(self.endpoints.journal_checkpoint, self.seq, self.logs.sync)
+            self.synced_seq = job.result()
         except OSError as exc:
             logger.warning("per-VM logs not synced", reason=exc.strerror)
+            if self.logs is not None:
+                self.logs.mark_all_unsynced()
+        return True
+
+    def checkpoint_now(self) -> None:
+        """A checkpoint in the foreground, written even if nothing changed."""
+        self.collect_sync_job(wait=True)
+        try:
+            if self.logs is not None:
+                self.logs.sync_vm_logs()
+            write_checkpoint(self.endpoints.journal_checkpoint, self.seq, self.settings.fsync == "batch")
+        except OSError as exc:
+            logger.warning("per-VM logs not synced", reason=exc.strerror)
+            return
+        self.synced_seq = self.seq
+
+    def follow_rotation(self) -> None:
+        """Start new logs where the old ones were moved away (rotation by rename):
+        lines go on into a renamed file only until the next health tick."""
+        if self.logs is None:
+            return
+        try:
+            self.logs.close_replaced_vm_files()
+            if not self.logs.bus.replaced():
+                return
+        except OSError as exc:
+            logger.warning("cannot check the logs for rotation", reason=exc.strerror)
+            return
+        self.checkpoint_now()  # the seq to go on from: the new bus.log has none yet
+        self.logs.close()
+        self.logs = None  # reopened by the next commit
+        logger.info("bus.log moved away: the next commit starts a new one", seq=self.seq)
 
     def reconcile(self, logs: LogSet) -> None:
         """Copy to the per-VM logs what a crash left only in ``bus.log``.
@@ -361,6 +395,7 @@ class Journal:
             if now >= next_health:
                 next_health = now + self.settings.health_interval
                 self.announce_health()
+                self.follow_rotation()
                 self.checkpoint()
 
     def read_subscriptions(self) -> None:
@@ -410,10 +445,8 @@ class Journal:
         accepted: list[Pending] = []
         now = time.monotonic()
         for parts in messages:
-            if len(parts) < 3 or parts[1]:
+            if len(parts) != 3 or parts[1]:
                 logger.warning("dropped malformed journal message", reason=f"{len(parts)} frames")
-            elif len(parts) != 3:
-                logger.warning("dropped malformed publish batch", reason=f"{len(parts)} frames")
             elif parts[2] == ATTACH:
                 self.attach(parts[0])
             else:
@@ -544,7 +577,8 @@ class Journal:
         self.running = False
 
     def close(self) -> None:
-        self.final_checkpoint()
+        self.checkpoint_now()
+        self.syncer.shutdown()
         if self.logs is not None:
             self.logs.close()
         for sock in (self.outbox, self.router):

@@ -144,5 +144,14 @@ class AppendFile:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
+    def replaced(self) -> bool:
+        """Whether ``path`` no longer names this file (renamed or deleted: rotation)."""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        opened = os.fstat(self.fd)
+        return (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino)
+
     def close(self) -> None:
         os.close(self.fd)

@@ -18,7 +18,8 @@ usage:
       each stdin line as a frame; exit 0 on SIGTERM or Ctrl-C
   castra-bus-agent.sh ping                                  handshake only; exit 0 on "ok"
 
-Every mode also takes --host, --port, --vm and --token; without them: $BUS_HOST,
+Every mode also takes --host, --port, --vm, --token and --timeout S (to wait for the
+handshake, and for an ack where `timeout` is installed; default 10); without them: $BUS_HOST,
 $BUS_PORT, $BUS_VM_NAME and $BUS_TOKEN, else the same names in
 /etc/conf.d/castra-handshake (another file: $CASTRA_HANDSHAKE_CONF), else 10.0.2.2,
 7070, the short hostname and no token (a token is for hosts with an identities file).
@@ -30,7 +31,6 @@ EOF
 
 
 MAX_FRAME=65536
-HANDSHAKE_TIMEOUT=10
 
 log() { printf 'castra-bus-agent: %s\n' "$*" >&2; }
 usage() { printf '%s\n' "$USAGE"; }
@@ -54,16 +54,18 @@ send_frame() {  # $1: a JSON object that fits -> 4-byte big-endian length, then 
     printf "$(printf '\\x%02x' $((n >> 24 & 255)) $((n >> 16 & 255)) $((n >> 8 & 255)) $((n & 255)))%s" "$1" >&3
 }
 
-read_frame() {  # the next frame's body on stdout; fails at the end of the stream or on a bad length
-    local b n
-    b=($(dd bs=1 count=4 <&3 2>/dev/null | od -An -tu1))
+read_frame() {  # the next frame's body on stdout; fails at the end of the stream, on a bad length,
+    # and with $1, after $1 seconds where `timeout` (coreutils, BusyBox) is installed
+    local b n wait=()
+    [ -n "${1:-}" ] && command -v timeout >/dev/null && wait=(timeout "$1")
+    b=($(${wait[@]+"${wait[@]}"} dd bs=1 count=4 <&3 2>/dev/null | od -An -tu1))
     [ "${#b[@]}" -eq 4 ] || return 1
     n=$(((b[0] << 24) | (b[1] << 16) | (b[2] << 8) | b[3]))
     if [ "$n" -lt 1 ] || [ "$n" -gt "$MAX_FRAME" ]; then
         log "bad frame length $n from the host"
         return 1
     fi
-    dd bs=1 count="$n" <&3 2>/dev/null
+    ${wait[@]+"${wait[@]}"} dd bs=1 count="$n" <&3 2>/dev/null
 }
 
 # -- handshake --------------------------------------------------------------------------
@@ -74,9 +76,9 @@ connect() {  # open fd 3 and say hello with capability $1 (none if empty); the a
         return 1
     fi
     local greeting
-    if IFS= read -r -t "$HANDSHAKE_TIMEOUT" greeting <&3 2>/dev/null &&
+    if IFS= read -r -t "$wait_s" greeting <&3 2>/dev/null &&
         printf 'hello vm:%s%s%s\n' "$vm" "${1:+ capabilities=$1}" "${token:+ token=$token}" >&3 2>/dev/null &&
-        IFS= read -r -t "$HANDSHAKE_TIMEOUT" reply <&3 2>/dev/null; then
+        IFS= read -r -t "$wait_s" reply <&3 2>/dev/null; then
         reply=${reply%$'\r'}
         return 0
     fi
@@ -102,13 +104,13 @@ run_publish() {
     fits "$frame" || exit 2
     open_session || exit 1
     send_frame "$frame" || exit 1
-    while frame=$(read_frame); do
+    while frame=$(read_frame "$wait_s"); do
         case $frame in
             *'"ack":"publish"'*'"status":"ok"'*) printf '%s\n' "$frame"; exit 0 ;;
             *'"ack":"publish"'* | '{"type":"error"'*) log "refused: $frame"; exit 1 ;;
         esac  # anything else is not the answer
     done
-    log "connection closed before the ack"
+    log "no publish ack within ${wait_s}s, or the connection closed"
     exit 1
 }
 
@@ -230,13 +232,14 @@ case $mode in
     -h | --help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
 esac
-opt_host= opt_port= opt_vm= opt_token= topic=broadcast payload= stdin_json=0 heartbeat=25 backoff=1 backoff_max=30
+opt_host= opt_port= opt_vm= opt_token= wait_s=10 topic=broadcast payload= stdin_json=0 heartbeat=25 backoff=1 backoff_max=30
 subscriptions=()
 while [ $# -gt 0 ]; do
     case $1 in
         --stdin-json) stdin_json=1; shift; continue ;;
         -h | --help) usage; exit 0 ;;
-        --host | --port | --vm | --token | --topic | --payload | --subscribe | --heartbeat | --backoff | --backoff-max)
+        --host | --port | --vm | --token | --timeout | --topic | --payload | --subscribe | --heartbeat | --backoff | \
+            --backoff-max)
             [ $# -ge 2 ] || usage_error "$1 needs a value" ;;
         *) usage_error "unknown option $1 (see --help)" ;;
     esac
@@ -245,6 +248,7 @@ while [ $# -gt 0 ]; do
         --port) opt_port=$2 ;;
         --vm) opt_vm=$2 ;;
         --token) opt_token=$2 ;;
+        --timeout) wait_s=$2 ;;
         --topic) topic=$2 ;;
         --payload) payload=$2 ;;
         --subscribe) subscriptions+=("$2") ;;
@@ -263,6 +267,7 @@ vm=${opt_vm:-${BUS_VM_NAME:-${conf_BUS_VM_NAME:-${HOSTNAME%%.*}}}}
 vm=${vm#vm:}
 token=${opt_token:-${BUS_TOKEN:-$conf_BUS_TOKEN}}
 case $port in '' | *[!0-9]*) usage_error "invalid port: $port" ;; esac
+case $wait_s in '' | *[!0-9.]* | *.*.*) usage_error "invalid --timeout: $wait_s (seconds)" ;; esac
 heartbeat_ms=$(to_ms "$heartbeat") && backoff_ms=$(to_ms "$backoff") && backoff_max_ms=$(to_ms "$backoff_max") ||
     exit 2
 [ "$heartbeat_ms" -ge 1 ] && [ "$backoff_ms" -ge 1 ] && [ "$backoff_max_ms" -ge "$backoff_ms" ] ||

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -289,6 +290,40 @@ def test_bash_agent_publish(router):
     assert refused.returncode == 1 and b"reserved vm name" in refused.stderr
     bad = run(["bash", str(BASH_AGENT), "publish", "--payload", "{bad"], env)
     assert bad.returncode == 1 and b"invalid JSON" in bad.stderr
+
+
+@pytest.fixture
+def mute_host():
+    """A host that opens bus sessions and then never answers a frame: the port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"castra-broker 0.1.0 ready capabilities=bus-v1\n")
+                conn.recv(4096)  # the hello
+                conn.sendall(b"ok session=0123456789abcdef\n")
+                while not stop.is_set() and conn.recv(65536):
+                    pass  # frames, never answered
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    listener.close()
+
+
+@pytest.mark.parametrize("command", [GUEST_CLI, ["bash", str(BASH_AGENT)]], ids=["castra-guest", "bash-agent"])
+def test_publish_without_an_ack_gives_up_after_timeout(mute_host, command):
+    started = time.monotonic()
+    result = run([*command, "publish", "--timeout", "1", "--payload", "{}"], guest_env(mute_host, "waiting"))
+    assert result.returncode == 1 and b"no publish ack within 1s" in result.stderr, result.stderr
+    assert time.monotonic() - started < 10  # bounded by --timeout, not by the test's 30 s
 
 
 def test_bash_agent_subscribes_heartbeats_and_forwards_stdin(router_factory, spawn):

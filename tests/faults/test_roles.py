@@ -193,3 +193,26 @@ def test_per_vm_logs_lost_by_an_os_crash_are_rebuilt_from_bus_log(router_factory
     with connect_bus(router.port, "alpha") as guest:
         assert guest.publish(5)["seq"] == 6
     assert [line["payload"] for line in router.read_log("alpha.log")] == [0, 1, 2, 3, 4, 5]
+
+
+def test_rotation_by_rename_starts_new_logs_and_seq_goes_on(router_factory):
+    """logrotate without copytruncate: the journal notices within a health tick,
+    and a restart that finds the new, maybe empty bus.log still goes on from seq."""
+    router = router_factory()
+    with connect_bus(router.port, "alpha") as guest:
+        assert [guest.publish(n)["seq"] for n in range(3)] == [1, 2, 3]
+        for name in ("bus.log", "alpha.log"):
+            (router.logs / name).rename(router.logs / f"{name}.1")
+        sent = iter(range(3, 1000))
+        wait_for(lambda: guest.publish(next(sent))["status"] == "ok" and (router.logs / "bus.log").exists(),
+                 timeout=5, what="a new bus.log")
+        last = guest.publish("last")["seq"]
+    both = router.read_log("bus.log.1") + router.read_log("bus.log")
+    assert [line["seq"] for line in both] == list(range(1, last + 1))
+    assert router.read_log("alpha.log.1") + router.read_log("alpha.log") == both
+    assert router.read_log("alpha.log")[-1]["payload"] == "last"
+    router.stop()
+    (router.logs / "bus.log").rename(router.logs / "bus.log.2")  # rotated while stopped
+    router = router_factory()
+    with connect_bus(router.port, "alpha") as guest:
+        assert guest.publish("after restart")["seq"] == last + 1
