@@ -9,7 +9,9 @@ Three families:
 * the internal bus bodies carried through the ZeroMQ proxy (see ``topics``).
 
 Payloads are ``msgspec.Raw``: the JSON bytes a guest sent pass through to the log and
-to subscribers without being decoded and re-encoded.
+to subscribers without being decoded and re-encoded. The Structs made per message are
+``gc=False``: they never hold a reference cycle, and untracked objects neither
+trigger nor lengthen the cyclic garbage collector's passes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ MessageId = str | int | None
 # -- guest -> broker ---------------------------------------------------------------
 
 
-class GuestFrame(msgspec.Struct, tag_field="type"):
+class GuestFrame(msgspec.Struct, tag_field="type", gc=False):
     """Base of the frames a guest sends in bus mode."""
 
 
@@ -136,7 +138,7 @@ def compact_payload(payload: bytes) -> bytes:
 # -- broker -> guest ---------------------------------------------------------------
 
 
-class Reply(msgspec.Struct, tag_field="type", omit_defaults=True):
+class Reply(msgspec.Struct, tag_field="type", omit_defaults=True, gc=False):
     """Base of the frames the broker sends; ``type`` is always encoded first."""
 
 
@@ -166,7 +168,7 @@ class Delivery(Reply, tag="message"):
 # -- bus log -----------------------------------------------------------------------
 
 
-class LogRecord(msgspec.Struct):
+class LogRecord(msgspec.Struct, gc=False):
     """One line of ``logs/bus/*.log``."""
 
     timestamp: float
@@ -180,7 +182,7 @@ class LogRecord(msgspec.Struct):
 # -- internal bus bodies -----------------------------------------------------------
 
 
-class PublishRequest(msgspec.Struct):
+class PublishRequest(msgspec.Struct, gc=False):
     """One publish sent to the journal socket (see ``journal``), alone or in an
     array of them: the whole batch is one frame.
 
@@ -199,7 +201,7 @@ ATTACH = b"attach"
 """A bridge's request to the journal socket for every commit from now on."""
 
 
-class Committed(msgspec.Struct, array_like=True):
+class Committed(msgspec.Struct, array_like=True, gc=False):
     """One message of a commit, as a bridge routes it: its guest frame (a
     ``Delivery``, length-prefixed) ends at ``end`` in the frame after the batch."""
 
@@ -208,7 +210,7 @@ class Committed(msgspec.Struct, array_like=True):
     end: int
 
 
-class CommitResult(msgspec.Struct, array_like=True):
+class CommitResult(msgspec.Struct, array_like=True, gc=False):
     """Outcome of one publish: ``seq`` when committed, ``reason`` when not."""
 
     corr: int
@@ -216,7 +218,7 @@ class CommitResult(msgspec.Struct, array_like=True):
     reason: str | None = None
 
 
-class CommitBatch(msgspec.Struct, omit_defaults=True):
+class CommitBatch(msgspec.Struct, omit_defaults=True, gc=False):
     """The journal's answer to one peer for one commit: the results of its
     publishes, and for a bridge every committed message."""
 
