@@ -472,10 +472,12 @@ class Journal:
         try:
             self.router.send_multipart([identity, b"", *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            if identity in self.bridges:
-                # Its results are lost: its publishes time out with an error ack.
-                logger.warning("bridge detached", reason=exc.strerror)
+            # Results lost this way time out at the peer with an error ack.
+            if exc.errno != zmq.EHOSTUNREACH:
+                logger.warning("answer dropped: its peer's queue is full", reason=exc.strerror)
+            elif identity in self.bridges:
                 self.bridges.discard(identity)
+                logger.warning("bridge detached", reason=exc.strerror)
 
     def admit_all(self, batch: bytes, peer: bytes, now: float, results, accepted) -> None:
         """Check the publishes of one batch frame: each joins ``accepted`` or has its
