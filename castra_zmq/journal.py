@@ -386,7 +386,7 @@ class Journal:
             if self.outbox in ready:
                 self.read_subscriptions()
             if self.router in ready:
-                self.commit(self.drain())
+                self.commit()
             now = time.monotonic()
             if self.published and now >= self.next_publish_event:
                 self.next_publish_event = now + _PUBLISH_EVENT_INTERVAL
@@ -421,36 +421,31 @@ class Journal:
             wanted = self.host_wanted[topic] = any(frame.startswith(prefix) for prefix in self.subscriptions)
         return wanted
 
-    def drain(self) -> list[list[bytes]]:
-        """What arrived, ``[identity, b"", ...]`` messages holding up to about
-        ``batch_max`` publishes.
+    def commit(self) -> None:
+        """Group commit: take what arrived, up to about ``batch_max`` publishes,
+        write it, then answer and deliver what was written.
 
         A message is never split, and a bridge puts at most ``batch_max`` publishes
-        in one, so a commit holds fewer than ``2 * batch_max``.
+        in one, so a commit of bridges' publishes holds fewer than ``2 * batch_max``.
         """
-        messages = []
+        results: dict[bytes, list[CommitResult]] = collections.defaultdict(list)
+        accepted: list[Pending] = []
+        now = time.monotonic()
         count = 0
         while count < self.settings.batch_max:
             try:
                 parts = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            messages.append(parts)
-            count += max(1, len(parts) - 3)
-        return messages
-
-    def commit(self, messages: list[list[bytes]]) -> None:
-        """Group commit: write the batch, then answer and deliver what was written."""
-        results: dict[bytes, list[CommitResult]] = collections.defaultdict(list)
-        accepted: list[Pending] = []
-        now = time.monotonic()
-        for parts in messages:
+            # What is not a publish counts too: a flood of it cannot hold a commit back.
             if len(parts) != 3 or parts[1]:
                 logger.warning("dropped malformed journal message", reason=f"{len(parts)} frames")
+                count += 1
             elif parts[2] == ATTACH:
                 self.attach(parts[0])
+                count += 1
             else:
-                self.admit_all(parts[2], parts[0], now, results, accepted)
+                count += max(1, self.admit_all(parts[2], parts[0], now, results, accepted))
         committed: list[Committed] = []
         frames = b""
         if accepted:
@@ -479,14 +474,14 @@ class Journal:
                 self.bridges.discard(identity)
                 logger.warning("bridge detached", reason=exc.strerror)
 
-    def admit_all(self, batch: bytes, peer: bytes, now: float, results, accepted) -> None:
+    def admit_all(self, batch: bytes, peer: bytes, now: float, results, accepted) -> int:
         """Check the publishes of one batch frame: each joins ``accepted`` or has its
-        refusal put in ``results``."""
+        refusal put in ``results``. Returns how many there were."""
         try:
             requests = decode_publish_requests(batch)
         except (msgspec.DecodeError, RecursionError) as exc:
             logger.warning("dropped malformed publish batch", reason=str(exc) or "nested too deeply")
-            return
+            return 0
         if isinstance(requests, PublishRequest):
             requests = [requests]
         # msgspec keeps a Raw's strings unchecked and its whitespace as sent: a
@@ -495,6 +490,7 @@ class Journal:
         compact = b"\n" in batch or b"\r" in batch
         for request in requests:
             self.admit(request, peer, now, results, accepted, check_utf8, compact)
+        return len(requests)
 
     def admit(self, request: PublishRequest, peer: bytes, now: float, results, accepted,
               check_utf8: bool, compact: bool) -> None:
