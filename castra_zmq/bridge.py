@@ -6,12 +6,17 @@ loop turn as one message and answers once per commit with this bridge's results
 and every committed message, and a PUB into the proxy for events. Each publish is
 answered only when its result comes back; one the journal does not answer within
 ``commit_timeout`` gets an error ack.
+
+The bridge's own memory is bounded: per guest by its session (see ``session``), and
+toward the journal by a budget of bytes taken from guests and not answered yet
+(``backlog_budget``): past it no guest is read until the journal catches up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import os
 import resource
@@ -27,25 +32,32 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import runtime
 from .config import Settings, settings_from_env
-from .events import EventKind, SessionInfo, event_message
+from .events import EventKind, SessionInfo, event_message, now_ms, split_sessions
 from .handshake import Hello
-from .identity import load_identities
-from .session import GuestConnection
+from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
+from .session import CLOSE_LINGER, THROTTLE_NOTICE_S, GuestConnection, ReadPause
 from .wire import (
     ATTACH,
+    PUBLISH_REQUEST_MAX,
     SUBSCRIBE_ALL,
     Committed,
     MessageId,
     Publish,
     PublishRequest,
     decode_commit_batch,
+    encode_connected,
     json_encode,
+    publish_request_bytes,
 )
 
 LISTEN_FD_ENV = "CASTRA_LISTEN_FD"
-_SHUTDOWN_GRACE = 1.0  # seconds to wait for in-flight commits when stopping
-_BATCHES_IN_FLIGHT = 4  # publish batches sent to the journal and not answered yet
+_SHUTDOWN_GRACE = 2.0  # seconds for the journal to answer what guests sent, when stopping
+_BATCHES_IN_FLIGHT = 4  # a batch that is not full waits while this many are unanswered
 _DRAIN_MAX = 4096  # bus messages handled per wake-up before yielding to guests
+_COMMIT_GRACE = 0.5  # seconds past its deadline before the bridge times a publish out
+# Descriptors kept out of the connection cap: the bridge's own (about 25) and those
+# of closing connections, which give their slot back before their socket goes.
+FD_RESERVE = 64
 
 
 class PendingPublish(msgspec.Struct):
@@ -62,19 +74,39 @@ class Bridge:
         self.connections: dict[GuestConnection, str] = {}  # -> source address
         self.per_address: collections.Counter[str] = collections.Counter()
         self.identities = load_identities(settings.identities_file)
+        self.policy = self.identities.policy if self.identities is not None else DEFAULT_POLICY
         self.sessions: dict[str, GuestConnection] = {}  # vm -> its current session
         self.subscribers: dict[str, set[GuestConnection]] = {}  # topic -> sessions
         self.pending: dict[int, PendingPublish] = {}  # in commit order, so deadlines too
         self.corr = itertools.count(1)
         self.requests: list[PublishRequest] = []  # not sent yet, to go as one batch
+        self.request_bytes = 0  # at least their encoded size: a batch stays under batch_bytes_max
         self.send_scheduled = False
-        self.in_flight: collections.deque[int] = collections.deque()  # last corr of each batch sent
+        # Batches the journal has not answered yet, oldest first: the last corr of
+        # each and its bytes. Publishes timed out meanwhile still count: they are
+        # still queued toward the journal.
+        self.unanswered: collections.deque[tuple[int, int]] = collections.deque()
+        self.unanswered_bytes = 0
+        # Past this many bytes of publishes taken and not answered (sent or not), no
+        # guest is read until half of it is answered: a stalled journal cannot make
+        # the bridge grow, nor fill the journal's queue for it (queue_bytes).
+        self.backlog_budget = settings.queue_bytes // 4
+        self.journal_backlog_full = False
+        self.backlog_noticed = float("-inf")  # when a full backlog was last logged
+        self.held: set[GuestConnection] = set()  # sessions not read while it is full
+        self.closing: set[GuestConnection] = set()  # slots given back, sockets not gone yet
         self.journal_attached = False  # connected to the journal socket (see watch_journal)
+        # Each connection is a descriptor: past the fd limit accept() fails, and the
+        # guest is dropped without a word instead of getting "too many connections".
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_connections = min(settings.max_connections, max(1, self.fd_limit - FD_RESERVE))
         # Plain sockets read from loop callbacks (see watch_socket), not zmq.asyncio:
         # its Futures per send and receive were a fifth of the bridge's CPU.
         self.context = zmq.Context()
         self.journal = self.context.socket(zmq.DEALER)
-        self.journal.sndhwm = settings.hwm
+        # In batches of at most batch_bytes_max: ZeroMQ holds at most queue_bytes
+        # toward the journal, whatever the backlog budget lets through.
+        self.journal.sndhwm = settings.hwm_for(settings.batch_bytes_max)
         self.journal.rcvhwm = settings.hwm
         self.journal_monitor = self.journal.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.journal.connect(endpoints.journal)
@@ -91,7 +123,7 @@ class Bridge:
 
     def admit(self, connection: GuestConnection, address: str) -> str | None:
         """A reason to refuse a new connection, or None (then it is counted)."""
-        if len(self.connections) >= self.settings.max_connections:
+        if len(self.connections) >= self.max_connections:
             return "too many connections"
         cap = self.settings.max_connections_per_address
         if cap and self.per_address[address] >= cap:
@@ -100,12 +132,22 @@ class Bridge:
         self.per_address[address] += 1
         return None
 
-    def release(self, connection: GuestConnection) -> None:
+    def release(self, connection: GuestConnection) -> bool:
+        """Give a closed connection's slot back; False if it never had one. Its
+        socket may linger a moment (see ``GuestConnection.finish``)."""
         address = self.connections.pop(connection, None)
-        if address is not None:
-            self.per_address[address] -= 1
-            if not self.per_address[address]:
-                del self.per_address[address]
+        if address is None:
+            return False
+        self.per_address[address] -= 1
+        if not self.per_address[address]:
+            del self.per_address[address]
+        self.held.discard(connection)
+        self.closing.add(connection)
+        return True
+
+    def forget(self, connection: GuestConnection) -> None:
+        """The connection's socket is gone."""
+        self.closing.discard(connection)
 
     def check_identity(self, hello: Hello) -> None:
         """Raise ``HandshakeError`` when an identities file refuses ``hello``."""
@@ -121,7 +163,13 @@ class Bridge:
         self.emit(EventKind.HANDSHAKE, vm=hello.vm, outcome="session", capabilities=list(hello.capabilities),
                   bus_protocol=hello.bus_protocol)
         self.emit(EventKind.SESSION_OPEN, vm=hello.vm, session=connection.token, bus_protocol=hello.bus_protocol)
+        self.announce_connected(hello.vm)
         connection.log.info("session open")
+
+    def announce_connected(self, vm: str) -> None:
+        """Tell the journal ``vm`` connected: messages to it may get a per-VM log."""
+        with contextlib.suppress(zmq.Again):  # journal down or stuck: its next hello tells it
+            self.send_to_journal(encode_connected(vm))
 
     def close_session(self, connection: GuestConnection, reason: str) -> None:
         for topic in connection.topics:
@@ -134,38 +182,51 @@ class Bridge:
 
     def publish(self, connection: GuestConnection, frame: Publish) -> str | None:
         """Forward one publish to the journal; returns a reason when it cannot be."""
+        if not self.policy.may_publish(connection.vm, frame.topic):
+            connection.log.bind(reason=FORBIDDEN_TOPIC, topic=frame.topic).info("publish refused")
+            return FORBIDDEN_TOPIC
         if not self.journal_attached:
             return "journal_unavailable"
         corr = next(self.corr)
         deadline = time.monotonic() + self.settings.commit_timeout
         self.pending[corr] = PendingPublish(connection, frame.topic, frame.id, deadline)
         self.requests.append(PublishRequest(corr, connection.vm, frame.topic, deadline, frame.payload))
-        if len(self.requests) >= self.settings.batch_max:
+        self.request_bytes += publish_request_bytes(connection.vm, frame.topic, frame.payload)
+        if self.batch_full():
             self.send_publishes()
         elif not self.send_scheduled:
             self.send_scheduled = True
             asyncio.get_running_loop().call_soon(self.send_publishes)
+        self.update_backlog()
         return None
 
     def send_publishes(self) -> None:
         """Send what accumulated as one batch, unless ``_BATCHES_IN_FLIGHT`` are
-        unanswered: then it waits for an answer (and grows), as publishes would
-        wait in the journal's queue anyway, and the bus carries fewer messages."""
+        unanswered and it is not full: then it waits for an answer (and grows), as
+        publishes would wait in the journal's queue anyway, and the bus carries
+        fewer messages. A full batch goes at once: the backlog budget bounds those."""
         self.send_scheduled = False
-        while self.in_flight and self.in_flight[0] not in self.pending:
-            self.in_flight.popleft()
         if not self.requests:
             return
-        if len(self.in_flight) >= _BATCHES_IN_FLIGHT and len(self.requests) < self.settings.batch_max:
+        if len(self.unanswered) >= _BATCHES_IN_FLIGHT and not self.batch_full():
             return
         requests, self.requests = self.requests, []
+        size, self.request_bytes = self.request_bytes, 0
         try:
             self.send_to_journal(json_encode(requests))
         except zmq.Again:  # its queue is full: the journal is stuck
             for request in requests:
                 self.answer(request.corr, None, "journal_unavailable")
+            self.update_backlog()
             return
-        self.in_flight.append(requests[-1].corr)
+        self.unanswered.append((requests[-1].corr, size))
+        self.unanswered_bytes += size
+
+    def batch_full(self) -> bool:
+        """Whether the next publish might not fit in the batch: ``batch_max`` of them,
+        or too close to ``batch_bytes_max`` (the journal's limit) for the largest one."""
+        return (len(self.requests) >= self.settings.batch_max
+                or self.request_bytes > self.settings.batch_bytes_max - PUBLISH_REQUEST_MAX)
 
     def send_to_journal(self, frame: bytes) -> None:
         self.journal.send_multipart([b"", frame], zmq.NOBLOCK)
@@ -209,13 +270,20 @@ class Bridge:
             self.stopping.set()
 
     def read_journal(self) -> None:
-        for _ in range(_DRAIN_MAX):
+        if not self.drain_journal(_DRAIN_MAX):
+            asyncio.get_running_loop().call_soon(self.run_reader, self.read_journal)  # more, after the guests' turn
+
+    def drain_journal(self, limit: float) -> bool:
+        """Handle up to ``limit`` messages from the journal; True once none is left."""
+        handled = 0
+        while handled < limit:
             try:
                 parts = self.journal.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return True
             self.handle_journal_message(parts)
-        asyncio.get_running_loop().call_soon(self.run_reader, self.read_journal)  # more, after the guests' turn
+            handled += 1
+        return False
 
     def handle_journal_message(self, parts: list[bytes]) -> None:
         """``["", CommitBatch, frames]``: this bridge's results of one commit, and
@@ -223,8 +291,10 @@ class Bridge:
         batch = decode_commit_batch(parts[1])
         for result in batch.results:
             self.answer(result.corr, result.seq, result.reason)
-        if batch.results and self.requests:
-            self.send_publishes()
+        if batch.results:
+            self.settle(max(result.corr for result in batch.results))
+            if self.requests:
+                self.send_publishes()
         if batch.committed and self.subscribers:
             frames = parts[2]
             start = 0
@@ -236,6 +306,44 @@ class Bridge:
         pending = self.pending.pop(corr, None)
         if pending is not None and pending.connection.phase == "bus":  # else: timed out, or gone
             pending.connection.handle_commit(pending.topic, pending.message_id, seq, reason)
+
+    def settle(self, corr: int) -> None:
+        """The journal answered up to ``corr``: it takes batches in order, and
+        answers all of one batch at once, so every batch up to it is done."""
+        while self.unanswered and self.unanswered[0][0] <= corr:
+            self.unanswered_bytes -= self.unanswered.popleft()[1]
+        self.update_backlog()
+
+    # -- journal backlog: stop reading guests while the journal lags --------------------
+
+    def hold(self, connection: GuestConnection) -> None:
+        """Pause a session that has a frame to handle while the backlog is full."""
+        connection.pause(ReadPause.JOURNAL)
+        self.held.add(connection)
+
+    def update_backlog(self) -> None:
+        """Full at ``backlog_budget`` bytes, then until half of it is answered.
+
+        Under a load the journal cannot keep up with, this happens many times a
+        second: it is told (log line and event) at most once per
+        ``THROTTLE_NOTICE_S``."""
+        backlog = self.request_bytes + self.unanswered_bytes
+        if not self.journal_backlog_full:
+            if backlog >= self.backlog_budget:
+                self.journal_backlog_full = True
+                now = time.monotonic()
+                if now - self.backlog_noticed >= THROTTLE_NOTICE_S:
+                    self.backlog_noticed = now
+                    self.emit(EventKind.BACKPRESSURE, action="pause_reading", reason=ReadPause.JOURNAL.value)
+                    logger.bind(reason=ReadPause.JOURNAL.value).info(
+                        "journal backlog full: guests are not read", backlog_bytes=backlog)
+        elif backlog < self.backlog_budget // 2:
+            self.journal_backlog_full = False
+            held, self.held = self.held, set()
+            now = time.monotonic()
+            for connection in held:
+                connection.last_frame = max(connection.last_frame, now)  # its silence was ours
+                connection.resume(ReadPause.JOURNAL)
 
     def watch_journal(self) -> None:
         """Attach to each journal the DEALER connects to; when it goes, fail what it
@@ -253,13 +361,18 @@ class Bridge:
             elif event == zmq.EVENT_DISCONNECTED and self.journal_attached:
                 self.journal_attached = False
                 logger.warning("journal detached: publishes get error acks")
+                self.unanswered.clear()  # never answered now
+                self.unanswered_bytes = 0
                 self.fail_pending("journal_unavailable")
+                self.update_backlog()
 
     def deliver(self, committed: Committed, frame: bytes) -> None:
         """Push one committed message's guest frame to every subscriber of its topic
-        but its sender."""
+        but its sender; ``*`` subscribers get a ``vm:`` topic only if they may read it."""
         exact = self.subscribers.get(committed.topic)
         every = self.subscribers.get(SUBSCRIBE_ALL)
+        if every and committed.topic.startswith(VM_TOPIC_PREFIX):
+            every = {c for c in every if self.policy.may_read(c.vm, committed.topic)}
         if not exact and not every:
             return
         targets = (exact | every) if exact and every else (exact or every)
@@ -273,22 +386,40 @@ class Bridge:
         """Commit timeouts, heartbeat timeouts and the session sync for status."""
         tick = min(0.25, self.settings.health_interval)
         next_sync = 0.0
+        previous = time.monotonic()
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            # A short grace past the deadline: the journal refuses stale work itself,
+            # The journal's answers first: after the loop stood still (SIGSTOP, a
+            # starved host) they may be waiting, and must win over the timeouts.
+            self.drain_journal(float("inf"))
+            # A grace past the deadline, counted while the bridge ran: after a
+            # standstill, answers still on their way (ZeroMQ's I/O thread stood
+            # still too) get one more tick. The journal refuses stale work itself,
             # so this only fires when the journal is stuck.
-            self.fail_pending("commit_timeout", deadline_before=now - 0.5)
+            ran_until = min(now, previous + tick)
+            previous = now
+            self.fail_pending("commit_timeout", deadline_before=ran_until - _COMMIT_GRACE)
             limit = now - self.settings.heartbeat_timeout
-            for connection in [c for c in self.sessions.values() if c.last_frame < limit]:
+            silent = [c for c in self.sessions.values() if c.last_frame < limit and c not in self.held]
+            for connection in silent:
                 connection.log.bind(reason="heartbeat_timeout").info("session timed out")
                 connection.close("heartbeat_timeout")
             if now >= next_sync:
                 next_sync = now + self.settings.health_interval
-                self.emit(EventKind.SESSIONS, sessions=[
-                    SessionInfo(c.vm, c.token, c.bus_protocol, sorted(c.topics), c.last_heartbeat_ms)
-                    for c in self.sessions.values()
-                ])
+                self.sync_sessions()
+
+    def sync_sessions(self) -> None:
+        """Tell status every open session, in parts of at most half the bus's frame
+        limit: 20,000 sessions with 16 long topics each would be far over it, and
+        the proxy drops a publisher that sends a larger frame."""
+        parts = split_sessions([
+            SessionInfo(c.vm, c.token, c.bus_protocol, sorted(c.topics), c.last_heartbeat_ms)
+            for c in self.sessions.values()
+        ], self.settings.bus_frame_bytes_max // 2)
+        sync_round = now_ms()
+        for part in parts:
+            self.emit(EventKind.SESSIONS, sessions=part, sync_round=sync_round, sync_parts=len(parts))
 
     def fail_pending(self, reason: str, deadline_before: float = float("inf")) -> None:
         """Answer ``reason`` to pending publishes whose deadline is before the given
@@ -302,7 +433,9 @@ class Bridge:
             self.answer(corr, None, reason)
         if corrs and self.requests:  # never send what was answered already
             self.requests = [request for request in self.requests if request.corr in self.pending]
+            self.request_bytes = sum(publish_request_bytes(r.vm, r.topic, r.payload) for r in self.requests)
             self.send_publishes()
+            self.update_backlog()
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -316,7 +449,11 @@ class Bridge:
         deadline = time.monotonic() + 2.0  # a restarted bridge finds the journal at once
         while not self.journal_attached and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        logger.info("bridge ready", listen=f"{host}:{port}", journal=self.journal_attached)
+        if self.max_connections < self.settings.max_connections:
+            logger.bind(reason="fd limit").warning("connection cap lowered to fit the fd limit",
+                                                   max_connections=self.max_connections, fd_limit=self.fd_limit)
+        logger.info("bridge ready", listen=f"{host}:{port}", journal=self.journal_attached,
+                    max_connections=self.max_connections, fd_limit=self.fd_limit)
         runtime.notify_ready()
         stop = asyncio.create_task(self.stopping.wait())
         await asyncio.wait([stop, sweep], return_when=asyncio.FIRST_COMPLETED)
@@ -326,14 +463,7 @@ class Bridge:
             # Guests would be left without acks or timeouts: exit and be restarted.
             stop.cancel()
             raise RuntimeError("bridge loop ended") from self.failure
-        self.server.close()
-        for connection in self.sessions.values():
-            connection.pause()
-        deadline = time.monotonic() + _SHUTDOWN_GRACE
-        while self.pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for connection in list(self.connections):
-            connection.close("shutdown")
+        await self.shut_down()
         sweep.cancel()
         await asyncio.gather(sweep, return_exceptions=True)
         for sock in (self.journal, self.journal_monitor):
@@ -342,6 +472,28 @@ class Bridge:
         for sock in (self.journal_monitor, self.journal, self.events):
             sock.close(linger=0)
         self.context.term()
+
+    async def shut_down(self) -> None:
+        """Stop reading guests, answer what they had sent, then close them all.
+
+        The journal is still up (the supervisor stops the bridge first); what it
+        does not answer within ``_SHUTDOWN_GRACE`` gets ``journal_unavailable``.
+        Each connection then gets its last frames and a FIN (see
+        ``GuestConnection.finish``) before the process exits.
+        """
+        self.server.close()
+        for connection in list(self.connections):
+            connection.pause(ReadPause.SHUTDOWN)
+        logger.bind(reason="shutdown").info("stopping: guests are not read", pending=len(self.pending))
+        deadline = time.monotonic() + _SHUTDOWN_GRACE
+        while self.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self.fail_pending("journal_unavailable")
+        for connection in list(self.connections):
+            connection.close("shutdown")
+        deadline = time.monotonic() + CLOSE_LINGER + 0.5
+        while self.closing and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
 
 def listener_socket(settings: Settings) -> socket.socket:

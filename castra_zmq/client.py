@@ -8,8 +8,10 @@ for message in client.subscribe(["vm:alpha", "broadcast"]):
     print(message.seq, message.sender, message.topic, bytes(message.payload))
 ```
 
-Everything goes over the router's ipc endpoints under ``<state_root>/run/``; the
-README documents the framing for tools written in other languages.
+Everything goes over the router's ipc endpoints under ``<state_root>/run/``, and
+only once ``run/`` is known to be ours (``Endpoints.check_run_dir``): a socket
+another user put there is never connected to. The README documents the framing
+for tools written in other languages.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from .errors import PublishFailed, RouterUnavailable
 from .handshake import HOST_SENDER
 from .owner import router_pid
 from .wire import (
+    MAX_FRAME,
+    MESSAGE_TOO_LARGE,
     Delivery,
     PublishRequest,
     decode_commit_batch,
@@ -44,6 +48,8 @@ def _endpoints(state_root: os.PathLike | str | None) -> Endpoints:
 
 
 def require_router(endpoints: Endpoints) -> None:
+    """Raise ``RouterUnavailable`` unless a router holds the lock (``UnsafeStateRoot``
+    when ``run/`` is not ours: see ``owner.router_pid``)."""
     if router_pid(endpoints) is None:
         default = endpoints.state_root == Path(default_state_root()).absolute()
         start = "castra up" if default else f"castra up --state-root {endpoints.state_root}"
@@ -74,10 +80,15 @@ def publish(
 
     Raises ``RouterUnavailable`` when no router runs on the state root and
     ``PublishFailed`` (with the journal's reason) when the message was not
-    committed within ``timeout`` seconds. It is never half-written.
+    committed within ``timeout`` seconds. It is never half-written. A message
+    whose guest frame would be over 65,536 bytes is refused: ``message too large``.
     """
     endpoints = _endpoints(state_root)
     body = encode_payload(payload)
+    # The journal has the last word; what cannot fit in any case is not sent (past
+    # the journal socket's message limit, it would not even be answered).
+    if len(body) + len(topic) > MAX_FRAME:
+        raise PublishFailed(MESSAGE_TOO_LARGE)
     require_router(endpoints)
     deadline = time.monotonic() + timeout
     request = json_encode(PublishRequest(corr=1, vm=HOST_SENDER, topic=topic, deadline=deadline, payload=msgspec.Raw(body)))
@@ -103,6 +114,13 @@ def _bus_subscriptions(sock: zmq.Socket, topic_names: Iterable[str]) -> None:
             sock.subscribe(topics.bus(name))
 
 
+def require_run_dir(endpoints: Endpoints) -> None:
+    """Raise ``RouterUnavailable`` unless ``run/`` exists and is ours (a subscriber
+    may come before the router, but not before its directory)."""
+    if not endpoints.check_run_dir():
+        raise RouterUnavailable(f"no router has run on {endpoints.state_root} (it has no run/ directory)")
+
+
 def subscribe(topic_names: Iterable[str] = ("*",), *, state_root=None) -> Iterator[Delivery]:
     """Yield every committed message on ``topic_names`` (``*``: all) as it arrives.
 
@@ -110,6 +128,7 @@ def subscribe(topic_names: Iterable[str] = ("*",), *, state_root=None) -> Iterat
     reached the bus (a few milliseconds); older ones are in the log.
     """
     endpoints = _endpoints(state_root)
+    require_run_dir(endpoints)
     with zmq.Context() as context, context.socket(zmq.SUB) as sock:
         sock.linger = 0
         _bus_subscriptions(sock, topic_names)
@@ -123,6 +142,7 @@ async def subscribe_async(topic_names: Iterable[str] = ("*",), *, state_root=Non
     import zmq.asyncio  # ~30 ms of asyncio imports that only asyncio tools should pay
 
     endpoints = _endpoints(state_root)
+    require_run_dir(endpoints)
     context = zmq.asyncio.Context()
     sock = context.socket(zmq.SUB)
     try:
@@ -139,7 +159,7 @@ async def subscribe_async(topic_names: Iterable[str] = ("*",), *, state_root=Non
 def query_status(*, state_root=None, timeout: float = 0.25) -> bytes | None:
     """The status role's answer (``StatusView`` JSON), or None if it does not answer."""
     endpoints = _endpoints(state_root)
-    if not endpoints.status_socket.exists():
+    if not endpoints.check_run_dir() or not endpoints.status_socket.exists():
         return None
     with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
         sock.linger = 0

@@ -13,8 +13,11 @@ import msgspec
 
 from .endpoints import Endpoints, default_state_root
 from .errors import ConfigError
+from .wire import BUS_MESSAGE_MAX, FRAME_OVER_REQUEST, PUBLISH_REQUEST_MAX
 
 SETTINGS_ENV = "CASTRA_SETTINGS"
+KIB = 1024
+MIB = 1024 * KIB
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -26,7 +29,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_timeout: float = 60.0
     handshake_fresh: float = 45.0  # a handshake younger than this makes a VM reachable
     publish_window: int = 64  # un-acked publishes per session before reading pauses
-    subscriber_queue_bytes: int = 4 * 1024 * 1024  # past this: slow_consumer
+    # Everything queued to one guest (acks, error acks, heartbeat replies, deliveries):
+    # past half of it the bridge stops reading that guest; past all of it, or still
+    # past half after slow_consumer_timeout seconds, the guest is reset as slow_consumer.
+    subscriber_queue_bytes: int = 4 * 1024 * 1024
+    slow_consumer_timeout: float = 10.0
     max_connections: int = 20_000
     # 0: no cap. Guests behind QEMU user networking all arrive from 127.0.0.1, so a
     # per-address cap only makes sense for guests on a bridged network.
@@ -36,8 +43,17 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fsync: Literal["batch", "never"] = "batch"
     commit_timeout: float = 5.0  # a publish not committed by then gets an error ack
     batch_max: int = 1024  # publishes in one bridge message, and about in one group commit
-    # Internal bus.
-    hwm: int = 200_000
+    # Internal queues, in bytes. ZeroMQ counts a queue in messages, so each role sets
+    # its high-water marks to queue_bytes over the largest message the queue can hold
+    # (``hwm_for``), and caps what peers may send it (ZMQ_MAXMSGSIZE).
+    queue_bytes: int = 64 * MIB  # one queue of one role socket, for one peer
+    batch_bytes_max: int = 256 * KIB  # one message to the journal socket (a bridge's batch)
+    commit_bytes_max: int = 1 * MIB  # a group commit takes no further message past this
+    # One frame into the proxy (events, deliveries): small enough that a queue of
+    # queue_bytes still holds 256 of them for a host subscriber that lags a moment.
+    bus_frame_bytes_max: int = 256 * KIB
+    hwm: int = 200_000  # messages: the bridge's and status's sockets (sized by their roles)
+    vm_logs_max: int = 10_000  # per-VM log files; a VM past it is logged in bus.log only
     health_interval: float = 0.5  # journal health and bridge session sync period
     snapshot_interval: float = 0.25  # status snapshot file, at most this often
 
@@ -45,14 +61,35 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def endpoints(self) -> Endpoints:
         return Endpoints(self.state_root)
 
+    def hwm_for(self, message_bytes_max: int) -> int:
+        """The high-water mark (in messages) that keeps a queue of messages of at
+        most ``message_bytes_max`` bytes within ``queue_bytes``."""
+        return max(1, self.queue_bytes // message_bytes_max)
+
+    @property
+    def commit_message_bytes_max(self) -> int:
+        """The largest message the journal sends one peer. A commit takes no further
+        message once ``commit_bytes_max`` is reached; the last one it took adds its
+        results (no longer than its own bytes) and, for each of its at most
+        ``batch_max`` publishes, a guest frame and an index entry no longer than it."""
+        return self.commit_bytes_max + 3 * self.batch_bytes_max + 2 * FRAME_OVER_REQUEST * self.batch_max
+
     def validate(self) -> Settings:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range 0..65535")
-        for name in ("handshake_timeout", "heartbeat_timeout", "commit_timeout", "health_interval"):
+        for name in ("handshake_timeout", "heartbeat_timeout", "commit_timeout", "health_interval",
+                     "slow_consumer_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.publish_window < 1:
             raise ConfigError("publish_window must be at least 1")
+        if self.batch_bytes_max < PUBLISH_REQUEST_MAX:
+            raise ConfigError(f"batch_bytes_max must be at least {PUBLISH_REQUEST_MAX} (one publish)")
+        if self.bus_frame_bytes_max < BUS_MESSAGE_MAX:
+            raise ConfigError(f"bus_frame_bytes_max must be at least {BUS_MESSAGE_MAX} (one delivery)")
+        for name in ("queue_bytes", "commit_bytes_max", "vm_logs_max"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
         return self
 
     def to_env(self) -> dict[str, str]:

@@ -8,6 +8,9 @@
   state/status.json            the status role's last snapshot
   state/journal.json           how far the per-VM logs are known to be on disk
 ```
+
+Who may control these directories, and the directories above them, is
+``statefs``'s to check: ``prepare`` for the router, ``check_run_dir`` for host tools.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError
+from .statefs import check_state_root
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_IPC_PATH = 107
@@ -64,16 +68,28 @@ class Endpoints:
         return _ipc(self.journal_socket)
 
     def prepare(self) -> None:
-        """Create the directories with owner-only modes (0700), fixing looser ones."""
-        for directory in (self.state_root, self.run_dir, self.logs_dir.parent, self.logs_dir, self.state_dir):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(directory, 0o700)
+        """Create the directories with owner-only modes (0700), fixing looser ones.
+
+        Raises ``UnsafeStateRoot`` when another user could change the state root or
+        a directory above it, or left a symbolic link or a file of theirs in it.
+        """
         for sock in (self.publish_socket, self.subscribe_socket, self.status_socket, self.journal_socket):
             if len(os.fsencode(sock)) > _MAX_IPC_PATH:
                 raise ConfigError(
                     f"state root {self.state_root} is too long for ipc socket paths "
                     f"({_MAX_IPC_PATH} bytes max); choose a shorter --state-root"
                 )
+        check_state_root(self.state_root, (self.run_dir, self.logs_dir.parent, self.logs_dir, self.state_dir),
+                         prepare=True)
+
+    def check_run_dir(self) -> bool:
+        """Whether ``run/`` exists; raises ``UnsafeStateRoot`` when another user could
+        change it, the state root or a directory above.
+
+        Host tools find the router's sockets by path: they call this before they
+        connect, so a socket someone else put there never gets their messages.
+        """
+        return check_state_root(self.state_root, (self.run_dir,), prepare=False)
 
 
 def _ipc(path: Path) -> str:

@@ -33,6 +33,11 @@ class ConfigError(CastraError):
     """A setting is invalid (bad state root, port, policy...)."""
 
 
+class UnsafeStateRoot(ConfigError):
+    """The state root, a directory in it or one above it could be changed by another
+    user (wrong owner, writable by others, a symbolic link): castra refuses to use it."""
+
+
 class RouterBusy(CastraError):
     """Another router owns the state root, or the listen address is taken."""
 

@@ -23,8 +23,9 @@ class EventKind(str, enum.Enum):
     HEARTBEAT = "heartbeat"  # vm, session
     PUBLISH = "publish"  # counts (vm -> committed publishes since the last one), seq; <= 10/s
     BACKPRESSURE = "backpressure"  # vm, session, action, reason
-    SESSIONS = "sessions"  # sessions: the bridge's open sessions, sent periodically
+    SESSIONS = "sessions"  # sessions, sync_round, sync_parts: one part of the bridge's periodic session sync
     JOURNAL = "journal"  # outcome (ok|error), reason, seq: the journal's periodic health
+    PEER = "peer"  # peer, action (detach|attach), reason: a bridge the journal stopped or resumed feeding
 
 
 class SessionInfo(msgspec.Struct, array_like=True):
@@ -49,6 +50,25 @@ class Event(msgspec.Struct, omit_defaults=True):
     counts: dict[str, int] | None = None
     seq: int | None = None
     sessions: list[SessionInfo] | None = None
+    sync_round: int | None = None  # a session sync: when it started (unix ms), the same in each part
+    sync_parts: int | None = None  # how many parts that sync has
+    peer: str | None = None  # a journal socket peer's ZeroMQ routing id, in hex
+
+
+def split_sessions(sessions: list[SessionInfo], part_bytes: int) -> list[list[SessionInfo]]:
+    """``sessions`` in parts whose events stay under ``part_bytes`` (one part at least,
+    maybe empty). A size is bounded from above: each character of a name or topic
+    takes at most 6 bytes in JSON (``\\uXXXX``), the rest of a session under 64."""
+    parts: list[list[SessionInfo]] = [[]]
+    size = 0
+    for info in sessions:
+        info_bytes = 64 + 6 * (len(info.vm) + sum(len(topic) + 3 for topic in info.topics))
+        if size + info_bytes > part_bytes and parts[-1]:
+            parts.append([])
+            size = 0
+        parts[-1].append(info)
+        size += info_bytes
+    return parts
 
 
 def now_ms() -> int:

@@ -1,14 +1,27 @@
-"""Who may connect: an optional identities file (allow-list and per-VM secrets).
+"""Who may connect, and what each VM may read and write on the bus.
 
-Without a file every valid name is accepted (only ``host`` is reserved), and a
-``token=`` in the hello is ignored. With one, only listed names are accepted
-(``error: unknown vm``); a name listed with a token must present it
-(``error: invalid token``), compared in constant time. Handshake-only guests are
-checked the same way. File format, one VM per line, ``#`` starts a comment:
+Connecting: without an identities file every valid name is accepted (only
+``host`` is reserved), and a ``token=`` in the hello is ignored. With one, only
+listed names are accepted (``error: unknown vm``); a name listed with a token must
+present it (``error: invalid token``), compared in constant time. Handshake-only
+guests are checked the same way.
+
+Reading and writing (``Policy``), with or without a file: a guest may subscribe to
+its own ``vm:<name>`` topic and to every topic not starting with ``vm:``; another
+VM's ``vm:`` topic is refused (error ack ``forbidden topic``) and left out of what
+``*`` delivers. Publishing is open. A line of the file may grant a VM more topics
+to read (``subscribe=``) and restrict it to some topics to publish to
+(``publish=``). A pattern is an exact topic, or a prefix when it ends in ``*``
+(``vm:*`` is every VM's topic, ``*`` every topic); patterns are separated by
+commas, so a topic with a comma or a space cannot be named.
+
+File format, one VM per line; ``#`` starts a comment at the start of a line or
+after whitespace (a ``#`` inside a secret is part of it); each option at most once:
 
 ```
-alpha                 # allowed, no secret
-beta token=s3cr3t     # allowed with this secret
+alpha                                   # allowed, no secret
+beta token=Zq8#kP3vLx9!mW2              # allowed with this secret
+monitor subscribe=vm:* publish=alerts   # reads every VM's topic, publishes only to alerts
 ```
 """
 
@@ -16,6 +29,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -24,10 +38,52 @@ from loguru import logger
 
 from .errors import ConfigError, HandshakeError
 from .handshake import Hello, validate_vm_name
+from .wire import MAX_TOPIC, SUBSCRIBE_ALL
+
+VM_TOPIC_PREFIX = "vm:"
+FORBIDDEN_TOPIC = "forbidden topic"  # the error ack's reason for a refused subscribe or publish
+_COMMENT = re.compile(r"(?:^|\s)#")
+
+
+class TopicPatterns(msgspec.Struct, frozen=True):
+    """Exact topics and topic prefixes (a pattern ``p*`` is the prefix ``p``)."""
+
+    exact: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+
+    def match(self, topic: str) -> bool:
+        return topic in self.exact or topic.startswith(self.prefixes)
+
+
+class Policy(msgspec.Struct, frozen=True):
+    """Which topics each VM may read and publish to; ``Policy()`` is the default."""
+
+    reads: dict[str, TopicPatterns] = {}  # vm -> topics it may read besides the default ones
+    publishes: dict[str, TopicPatterns] = {}  # vm -> the only topics it may publish to
+
+    def may_read(self, vm: str, topic: str) -> bool:
+        """Whether a message on ``topic`` may reach ``vm``: any but another VM's
+        ``vm:`` topic, unless granted."""
+        if not topic.startswith(VM_TOPIC_PREFIX) or topic[len(VM_TOPIC_PREFIX):] == vm:
+            return True
+        granted = self.reads.get(vm)
+        return granted is not None and granted.match(topic)
+
+    def may_subscribe(self, vm: str, topic: str) -> bool:
+        """``*`` is always allowed: it means every topic ``vm`` may read."""
+        return topic == SUBSCRIBE_ALL or self.may_read(vm, topic)
+
+    def may_publish(self, vm: str, topic: str) -> bool:
+        allowed = self.publishes.get(vm)
+        return allowed is None or allowed.match(topic)
+
+
+DEFAULT_POLICY = Policy()
 
 
 class Identities(msgspec.Struct, frozen=True):
     tokens: dict[str, str | None]  # vm -> its secret, or None
+    policy: Policy = DEFAULT_POLICY
 
     def check(self, hello: Hello) -> None:
         """Raise ``HandshakeError`` unless ``hello`` may connect."""
@@ -40,10 +96,33 @@ class Identities(msgspec.Struct, frozen=True):
             raise HandshakeError("invalid token")
 
 
+_OPTION_SYNTAX = {
+    "token": "token=<secret>",
+    "subscribe": "subscribe=<pattern>[,<pattern>...]",
+    "publish": "publish=<pattern>[,<pattern>...]",
+}
+
+
+def parse_topic_patterns(text: str) -> TopicPatterns:
+    """``a,b*``: the exact topic ``a`` and every topic starting with ``b``."""
+    exact, prefixes = set(), []
+    for pattern in text.split(","):
+        if not pattern or len(pattern) > MAX_TOPIC or "*" in pattern[:-1]:
+            raise ConfigError(f"invalid topic pattern {pattern!r}: a topic of 1..{MAX_TOPIC} "
+                              "characters, with '*' only at its end")
+        if pattern.endswith("*"):
+            prefixes.append(pattern[:-1])
+        else:
+            exact.add(pattern)
+    return TopicPatterns(exact=frozenset(exact), prefixes=tuple(prefixes))
+
+
 def parse_identities(text: str, source: str = "identities file") -> Identities:
     tokens: dict[str, str | None] = {}
+    reads: dict[str, TopicPatterns] = {}
+    publishes: dict[str, TopicPatterns] = {}
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].split()
+        line = _COMMENT.split(raw, maxsplit=1)[0].split()
         if not line:
             continue
         name, options = line[0], line[1:]
@@ -53,14 +132,24 @@ def parse_identities(text: str, source: str = "identities file") -> Identities:
             validate_vm_name(name)
         except HandshakeError as exc:
             raise ConfigError(f"{source}:{number}: {exc.reason}: {name!r}") from None
-        secret = None
+        given: dict[str, str] = {}
         for option in options:
             key, sep, value = option.partition("=")
-            if key != "token" or not sep or not value:
-                raise ConfigError(f"{source}:{number}: expected token=<secret>, got {option!r}")
-            secret = value
-        tokens[name] = secret
-    return Identities(tokens=tokens)
+            if key not in _OPTION_SYNTAX or key in given:
+                raise ConfigError(f"{source}:{number}: expected {', '.join(_OPTION_SYNTAX.values())}"
+                                  f" (each at most once), got {option!r}")
+            if not sep or not value:
+                raise ConfigError(f"{source}:{number}: expected {_OPTION_SYNTAX[key]}, got {option!r}")
+            given[key] = value
+        tokens[name] = given.get("token")
+        for key, grants in (("subscribe", reads), ("publish", publishes)):
+            grants.pop(name, None)  # a name listed again is described by its last line
+            if key in given:
+                try:
+                    grants[name] = parse_topic_patterns(given[key])
+                except ConfigError as exc:
+                    raise ConfigError(f"{source}:{number}: {exc.reason}") from None
+    return Identities(tokens=tokens, policy=Policy(reads=reads, publishes=publishes))
 
 
 def load_identities(path: str | None) -> Identities | None:

@@ -12,8 +12,11 @@ The journal socket, from the peer's (a DEALER's) side:
 
 | frames                       | direction | meaning                                        |
 |------------------------------|-----------|------------------------------------------------|
-| ``"", batch``                | in        | publishes: one PublishRequest or an array      |
+| ``"", batch``                | in        | publishes: one PublishRequest or an array of   |
+|                              |           | at most ``batch_max``                          |
 | ``"", "attach"``             | in        | a bridge asks for every commit                 |
+| ``"", "connected\\0" vm``    | in        | a bridge tells that ``vm`` connected (UTF-8):  |
+|                              |           | it may get a per-VM log from now on            |
 | ``"", CommitBatch``          | out       | the results of a host tool's publishes         |
 | ``"", CommitBatch, frames``  | out       | to each attached bridge, once per commit: its  |
 |                              |           | results, the index of every committed message, |
@@ -21,6 +24,21 @@ The journal socket, from the peer's (a DEALER's) side:
 
 One frame per batch, not one per message: in pyzmq each frame costs a Python
 call or two on each side, more than the bytes it carries.
+
+Bounds, in bytes (``Settings``): a peer whose message is over ``batch_bytes_max``
+is disconnected by ZeroMQ (ZMQ_MAXMSGSIZE) and gets no answer; a commit takes no
+further message once ``commit_bytes_max`` is reached, so nothing it sends is over
+``Settings.commit_message_bytes_max``; the queues to and from each peer hold
+``queue_bytes`` at most (high-water marks sized from those). An attached bridge
+whose queue stays full for ``commit_timeout`` is detached (``slow_consumer``: a
+log line and a ``peer`` event) and attached again once it publishes. A publish
+whose guest frame would be over ``MAX_FRAME`` bytes is refused: ``message too large``.
+
+Per-VM logs: a VM gets one only once it connected (the bridge's ``connected``
+notice, or a publish through a bridge), when the identities file lists it, or
+when its log is already there; and only while there are fewer than
+``vm_logs_max``. Other messages still go to ``bus.log`` and any log their
+sender or target has.
 
 Host tools subscribe on the bus instead (``bus`` topics through the proxy); those
 messages are sent only while someone subscribes to them.
@@ -42,14 +60,20 @@ from loguru import logger
 from . import runtime, topics
 from .config import Settings, settings_from_env
 from .endpoints import Endpoints
-from .errors import CastraError
+from .errors import CastraError, ConfigError
 from .events import EventKind, event_message
 from .framing import encode_frame
 from .handshake import HOST_SENDER, validate_vm_name
-from .logfiles import AppendFile, last_lines, log_file_name, newest_lines
+from .identity import load_identities
+from .logfiles import SUFFIX, AppendFile, last_lines, log_file_name, newest_lines, vm_from_file_name
+from .statefs import read_regular, replace_file
 from .wire import (
     ATTACH,
+    BUS_MESSAGE_MAX,
+    CONNECTED,
+    MAX_FRAME,
     MAX_TOPIC,
+    MESSAGE_TOO_LARGE,
     SUBSCRIBE_ALL,
     CommitBatch,
     CommitResult,
@@ -60,6 +84,7 @@ from .wire import (
     compact_payload,
     decode_log_record,
     decode_publish_requests,
+    delivery_bytes,
     json_encode,
 )
 
@@ -67,6 +92,13 @@ _MAX_OPEN_FILES = 256
 _MAX_CACHED_TOPICS = 4096
 _SUBSCRIPTIONS_WAIT_MS = 1000  # for the bus's subscriptions to reach a new outbox
 _PUBLISH_EVENT_INTERVAL = 0.1  # seconds: status needs freshness, not an event per commit
+# An entry of a publish event's counts: a VM name (at most 6 bytes a character in
+# JSON), and at most this for its count and punctuation.
+_COUNT_ENTRY_BYTES = 24
+_RESCAN_INTERVAL = 1.0  # seconds between listings of logs/bus/ while at vm_logs_max
+_MAX_DETACHED = 64  # detached bridges remembered, to attach again when they publish
+SLOW_CONSUMER = "slow_consumer"
+_FRAME_PREFIX = 4  # the length before each guest frame
 
 
 class Pending(msgspec.Struct):
@@ -77,8 +109,55 @@ class Pending(msgspec.Struct):
     seq: int = 0
 
 
+class KnownVms:
+    """The VMs that may get a new per-VM log: ``host``, those the identities file
+    lists, and the latest ``limit`` that connected since the journal started.
+
+    Any guest may name any ``vm:<target>``; only a VM that exists gets a file.
+    """
+
+    def __init__(self, listed: frozenset[str], limit: int):
+        self.listed = listed
+        self.limit = limit
+        self.connected: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def __contains__(self, vm: str) -> bool:
+        return vm in self.connected or vm in self.listed or vm == HOST_SENDER
+
+    def add(self, vm: str, refresh: bool = False) -> None:
+        """``vm`` connected; ``refresh`` makes it the latest even if it was known."""
+        if vm in self.connected:
+            if refresh:
+                self.connected.move_to_end(vm)
+            return
+        if len(self.connected) >= self.limit:
+            self.connected.popitem(last=False)
+        self.connected[vm] = None
+
+
+def listed_vms(identities_file: str | None) -> frozenset[str]:
+    """The VM names of the identities file (none without one)."""
+    try:
+        identities = load_identities(identities_file)
+    except ConfigError as exc:  # the bridge refuses to start on it; the logs need not
+        logger.bind(reason=exc.reason).warning("identities file not read: its VMs get a log once they connect")
+        return frozenset()
+    return frozenset(identities.tokens) if identities is not None else frozenset()
+
+
+def vm_log_names(directory: Path) -> set[str]:
+    """The file names of the per-VM logs in ``directory`` (``%%<sha256>.log`` too)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return set()
+    return {name for name in names
+            if (name.startswith("%%") and name.endswith(SUFFIX)) or vm_from_file_name(name) is not None}
+
+
 class LogSet:
-    """``bus.log`` plus per-VM logs, with a bounded set of open files.
+    """``bus.log`` plus per-VM logs, with a bounded set of open files and at most
+    ``vm_logs_max`` per-VM logs, which only known VMs get (see ``KnownVms``).
 
     Only ``bus.log`` is fsynced with each commit: it is the record of truth, and
     one fsync per batch instead of one per file touched is what keeps group commit
@@ -87,22 +166,47 @@ class LogSet:
     checkpoint (see ``Journal.reconcile``).
     """
 
-    def __init__(self, endpoints: Endpoints, sync: bool):
+    def __init__(self, endpoints: Endpoints, sync: bool, known: KnownVms, vm_logs_max: int):
         self.dir = endpoints.logs_dir
         self.sync = sync
+        self.known = known
+        self.vm_logs_max = vm_logs_max
         self.bus = AppendFile(endpoints.bus_log)
         self._vm_files: collections.OrderedDict[str, AppendFile] = collections.OrderedDict()
         self._unsynced: set[AppendFile] = set()
+        self.vm_log_names = vm_log_names(self.dir)  # the per-VM logs there are, by file name
+        self.next_rescan = 0.0
+        self.full = False  # at vm_logs_max: told once, until there is room again
 
-    def vm_file(self, vm: str) -> AppendFile:
+    def vm_file(self, vm: str) -> AppendFile | None:
+        """``vm``'s log, opened (or created) if needed; None when it has none and
+        may not get one."""
         handle = self._vm_files.get(vm)
-        if handle is None:
-            if len(self._vm_files) >= _MAX_OPEN_FILES:
-                self._close(self._vm_files.popitem(last=False)[1])
-            handle = self._vm_files[vm] = AppendFile(self.dir / log_file_name(vm))
-        else:
+        if handle is not None:
             self._vm_files.move_to_end(vm)
+            return handle
+        name = log_file_name(vm)
+        if name not in self.vm_log_names and (vm not in self.known or not self.room_for_a_new_log()):
+            return None
+        if len(self._vm_files) >= _MAX_OPEN_FILES:
+            self._close(self._vm_files.popitem(last=False)[1])
+        handle = self._vm_files[vm] = AppendFile(self.dir / name)
+        self.vm_log_names.add(name)
         return handle
+
+    def room_for_a_new_log(self) -> bool:
+        """Whether there are fewer than ``vm_logs_max`` per-VM logs. At the cap the
+        directory is listed again (at most once per ``_RESCAN_INTERVAL``): logs
+        deleted or rotated away since free their place."""
+        if len(self.vm_log_names) >= self.vm_logs_max and time.monotonic() >= self.next_rescan:
+            self.next_rescan = time.monotonic() + _RESCAN_INTERVAL
+            self.vm_log_names = vm_log_names(self.dir) | {handle.path.name for handle in self._vm_files.values()}
+        room = len(self.vm_log_names) < self.vm_logs_max
+        if not room and not self.full:
+            logger.bind(reason="vm_logs_max").warning("per-VM logs at their cap: other VMs only in bus.log",
+                                                      cap=self.vm_logs_max)
+        self.full = not room
+        return room
 
     def append(self, lines: dict[AppendFile, bytearray]) -> None:
         """Write every file's lines; on any error restore every file and re-raise."""
@@ -180,21 +284,13 @@ class Checkpoint(msgspec.Struct):
 
 def read_checkpoint(path: Path) -> int | None:
     try:
-        return msgspec.json.decode(path.read_bytes(), type=Checkpoint).vm_logs_synced_seq
+        return msgspec.json.decode(read_regular(path), type=Checkpoint).vm_logs_synced_seq
     except (OSError, msgspec.DecodeError):
         return None
 
 
 def write_checkpoint(path: Path, seq: int, sync: bool) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json_encode(Checkpoint(seq)))
-        if sync:
-            os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    replace_file(path, json_encode(Checkpoint(seq)), sync=sync)
 
 
 def sync_fds_then_checkpoint(fds: list[int], path: Path, seq: int, sync: bool) -> int:
@@ -213,6 +309,11 @@ def files_of(vm: str, topic: str) -> tuple[str, ...]:
     """The per-VM logs a message belongs in: its sender's and its target's."""
     target = target_of(topic)
     return (vm,) if target is None or target == vm else (vm, target)
+
+
+def sender_of(vm: str) -> str:
+    """A message's sender as the bus shows it: ``vm:<name>``, or ``host``."""
+    return HOST_SENDER if vm == HOST_SENDER else "vm:" + vm
 
 
 @functools.lru_cache(maxsize=4096)  # called for every message with few distinct topics
@@ -242,7 +343,7 @@ class Journal:
         # only built and sent while a host tool wants them.
         self.outbox = self.context.socket(zmq.XPUB)
         self.outbox.linger = 0
-        self.outbox.sndhwm = settings.hwm
+        self.outbox.sndhwm = settings.hwm_for(BUS_MESSAGE_MAX)  # a stopped proxy: drops past it
         self.outbox.connect(self.endpoints.publish)
         self.subscriptions: set[bytes] = set()  # the bus's, as the outbox sees them
         self.host_wanted: dict[str, bool] = {}  # topic -> does a host tool subscribe to it
@@ -254,10 +355,14 @@ class Journal:
         # their results on the same socket: no proxy hop and no PUB/SUB slow joiner.
         self.router = self.context.socket(zmq.ROUTER)
         self.router.linger = 0
-        self.router.sndhwm = settings.hwm
-        self.router.rcvhwm = settings.hwm
-        self.router.router_mandatory = True  # a peer gone is an error, not a silent drop
-        self.bridges: set[bytes] = set()  # identities of attached bridges
+        self.router.maxmsgsize = settings.batch_bytes_max
+        self.router.sndhwm = settings.hwm_for(settings.commit_message_bytes_max)
+        self.router.rcvhwm = settings.hwm_for(settings.batch_bytes_max)
+        self.router.router_mandatory = True  # a peer gone or full is an error, not a silent drop
+        self.bridges: dict[bytes, float] = {}  # attached bridges -> since when their queue is full (or 0)
+        self.detached: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # the latest ones
+        self.dropped_answers = 0  # to host tools with a full queue, since the last health tick
+        self.known = KnownVms(listed_vms(settings.identities_file), settings.vm_logs_max)
         previous = os.umask(0o077)
         try:
             self.router.bind(self.endpoints.journal)
@@ -267,8 +372,10 @@ class Journal:
 
     def open_logs(self) -> LogSet:
         if self.logs is None:
-            self.endpoints.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.logs = LogSet(self.endpoints, sync=self.settings.fsync == "batch")
+            # Only the last level: the state root's checked directories stay as they are.
+            self.endpoints.logs_dir.mkdir(mode=0o700, exist_ok=True)
+            self.logs = LogSet(self.endpoints, sync=self.settings.fsync == "batch", known=self.known,
+                               vm_logs_max=self.settings.vm_logs_max)
             self.reconcile(self.logs)
         return self.logs
 
@@ -359,6 +466,8 @@ class Journal:
         records.reverse()
         for vm in {vm for _, vms, _ in records for vm in vms}:
             handle = logs.vm_file(vm)
+            if handle is None:  # a VM with no log, as when the line was written
+                continue
             have = last_seq(handle.path)
             missing = b"".join(line + b"\n" for seq, vms, line in records if seq > have and vm in vms)
             if missing:
@@ -390,11 +499,11 @@ class Journal:
             now = time.monotonic()
             if self.published and now >= self.next_publish_event:
                 self.next_publish_event = now + _PUBLISH_EVENT_INTERVAL
-                self.outbox.send_multipart(event_message(EventKind.PUBLISH, counts=self.published, seq=self.seq))
-                self.published = collections.Counter()
+                self.announce_publishes()
             if now >= next_health:
                 next_health = now + self.settings.health_interval
                 self.announce_health()
+                self.report_dropped_answers()
                 self.follow_rotation()
                 self.checkpoint()
 
@@ -422,17 +531,19 @@ class Journal:
         return wanted
 
     def commit(self) -> None:
-        """Group commit: take what arrived, up to about ``batch_max`` publishes,
-        write it, then answer and deliver what was written.
+        """Group commit: take what arrived, up to about ``batch_max`` publishes or
+        ``commit_bytes_max`` bytes to send, write it, then answer and deliver what
+        was written.
 
-        A message is never split, and a bridge puts at most ``batch_max`` publishes
-        in one, so a commit of bridges' publishes holds fewer than ``2 * batch_max``.
+        A message is never split, and holds at most ``batch_max`` publishes, so a
+        commit holds fewer than ``2 * batch_max`` and sends no message larger than
+        ``Settings.commit_message_bytes_max``.
         """
         results: dict[bytes, list[CommitResult]] = collections.defaultdict(list)
         accepted: list[Pending] = []
         now = time.monotonic()
-        count = 0
-        while count < self.settings.batch_max:
+        count = size = 0
+        while count < self.settings.batch_max and size < self.settings.commit_bytes_max:
             try:
                 parts = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -444,8 +555,15 @@ class Journal:
             elif parts[2] == ATTACH:
                 self.attach(parts[0])
                 count += 1
+            elif parts[2].startswith(CONNECTED):
+                self.handle_connected(parts[2])
+                count += 1
             else:
-                count += max(1, self.admit_all(parts[2], parts[0], now, results, accepted))
+                published, frame_bytes = self.admit_all(parts[2], parts[0], now, results, accepted)
+                count += max(1, published)
+                # Its results are no longer than the message; its frames go out twice
+                # (the index entry of a frame is shorter than it).
+                size += len(parts[2]) + 2 * frame_bytes
         committed: list[Committed] = []
         frames = b""
         if accepted:
@@ -459,41 +577,104 @@ class Journal:
 
     def attach(self, identity: bytes) -> None:
         if identity not in self.bridges:
-            self.bridges.add(identity)
+            self.bridges[identity] = 0.0
+            self.detached.pop(identity, None)
             logger.info("bridge attached", bridges=len(self.bridges))
 
+    def handle_connected(self, notice: bytes) -> None:
+        """``connected\\0<vm>``: ``vm`` has a session or said hello; it may get a log."""
+        try:
+            vm = target_of("vm:" + notice[len(CONNECTED):].decode("utf-8"))
+        except UnicodeDecodeError:
+            vm = None
+        if vm is None:
+            logger.warning("dropped malformed journal message", reason="connected notice without a valid vm name")
+        else:
+            self.known.add(vm, refresh=True)
+
     def send(self, identity: bytes, frames: list[bytes]) -> None:
-        """Send to one peer; a peer gone or stuck loses the message, never stalls us."""
+        """Send to one peer; a peer gone or not reading loses the message, never stalls us."""
         try:
             self.router.send_multipart([identity, b"", *frames], zmq.NOBLOCK)
+        except zmq.Again:  # its queue is full; what it lost times out at the peer
+            self.handle_full_queue(identity)
         except zmq.ZMQError as exc:
-            # Results lost this way time out at the peer with an error ack.
             if exc.errno != zmq.EHOSTUNREACH:
-                logger.warning("answer dropped: its peer's queue is full", reason=exc.strerror)
-            elif identity in self.bridges:
-                self.bridges.discard(identity)
-                logger.warning("bridge detached", reason=exc.strerror)
+                raise
+            if self.bridges.pop(identity, None) is not None:
+                logger.bind(reason="disconnected").warning("bridge detached", bridges=len(self.bridges))
+        else:
+            if self.bridges.get(identity):
+                self.bridges[identity] = 0.0
 
-    def admit_all(self, batch: bytes, peer: bytes, now: float, results, accepted) -> int:
+    def handle_full_queue(self, identity: bytes) -> None:
+        """A peer's queue is full: a bridge full for ``commit_timeout`` is detached
+        (no more commits are built for it); a host tool only loses this answer."""
+        full_since = self.bridges.get(identity)
+        if full_since is None:
+            self.dropped_answers += 1
+            return
+        now = time.monotonic()
+        if not full_since:
+            self.bridges[identity] = now
+        elif now - full_since >= self.settings.commit_timeout:
+            del self.bridges[identity]
+            self.detached[identity] = None
+            if len(self.detached) > _MAX_DETACHED:
+                self.detached.popitem(last=False)
+            logger.bind(reason=SLOW_CONSUMER).warning("bridge detached: its queue stayed full for the commit timeout",
+                                                      peer=identity.hex(), bridges=len(self.bridges))
+            self.outbox.send_multipart(event_message(EventKind.PEER, peer=identity.hex(), action="detach",
+                                                     reason=SLOW_CONSUMER))
+
+    def reattach(self, identity: bytes) -> None:
+        """A detached bridge publishes again: it is alive, so it gets commits again
+        (if it still reads nothing, it is detached again)."""
+        del self.detached[identity]
+        self.bridges[identity] = 0.0
+        logger.bind(reason="publishing").info("bridge attached again", peer=identity.hex(), bridges=len(self.bridges))
+        self.outbox.send_multipart(event_message(EventKind.PEER, peer=identity.hex(), action="attach",
+                                                 reason="publishing"))
+
+    def report_dropped_answers(self) -> None:
+        """One line per health tick, not one per answer, for host tools not reading."""
+        if self.dropped_answers:
+            logger.bind(reason=SLOW_CONSUMER).warning("answers dropped: their peers' queues are full",
+                                                      count=self.dropped_answers)
+            self.dropped_answers = 0
+
+    def admit_all(self, batch: bytes, peer: bytes, now: float, results, accepted) -> tuple[int, int]:
         """Check the publishes of one batch frame: each joins ``accepted`` or has its
-        refusal put in ``results``. Returns how many there were."""
+        refusal put in ``results``. Returns how many there were, and the bytes of
+        the guest frames of those accepted."""
         try:
             requests = decode_publish_requests(batch)
         except (msgspec.DecodeError, RecursionError) as exc:
             logger.warning("dropped malformed publish batch", reason=str(exc) or "nested too deeply")
-            return 0
+            return 0, 0
         if isinstance(requests, PublishRequest):
             requests = [requests]
+        elif len(requests) > self.settings.batch_max:
+            logger.warning("dropped malformed publish batch", reason=f"more than {self.settings.batch_max} publishes")
+            return 0, 0
+        if peer in self.detached:
+            self.reattach(peer)
+        from_bridge = peer in self.bridges
         # msgspec keeps a Raw's strings unchecked and its whitespace as sent: a
         # payload must be UTF-8 and must not break its log line.
         check_utf8 = not batch.isascii()
         compact = b"\n" in batch or b"\r" in batch
+        frame_bytes = 0
         for request in requests:
-            self.admit(request, peer, now, results, accepted, check_utf8, compact)
-        return len(requests)
+            frame_bytes += self.admit(request, peer, now, results, accepted, check_utf8, compact)
+            if from_bridge:  # a bridge only publishes for VMs in session
+                self.known.add(request.vm)
+        return len(requests), frame_bytes
 
     def admit(self, request: PublishRequest, peer: bytes, now: float, results, accepted,
-              check_utf8: bool, compact: bool) -> None:
+              check_utf8: bool, compact: bool) -> int:
+        """Accept ``request`` or put its refusal in ``results``; returns the bytes of
+        its guest frame (0 when refused)."""
         reason = None
         if now > request.deadline:
             reason = "commit_timeout"
@@ -511,10 +692,17 @@ class Journal:
                 reason = "payload is not valid JSON"
             else:
                 request.payload = msgspec.Raw(compact_payload(payload))
+        if reason is None:
+            sender = sender_of(request.vm)
+            # Its seq is the next one after those accepted before it in this commit.
+            body = delivery_bytes(request.topic, sender, len(request.payload), self.seq + len(accepted) + 1)
+            if body > MAX_FRAME:
+                reason = MESSAGE_TOO_LARGE
         if reason is not None:
             results[peer].append(CommitResult(corr=request.corr, reason=reason))
-        else:
-            accepted.append(Pending(peer=peer, request=request))
+            return 0
+        accepted.append(Pending(peer=peer, request=request))
+        return _FRAME_PREFIX + body
 
     def write(self, accepted: list[Pending], results) -> tuple[list[Committed], bytes]:
         """Commit ``accepted`` and put each one's result in ``results``. Returns what
@@ -535,7 +723,9 @@ class Journal:
                 )
                 lines[logs.bus] += line + b"\n"
                 for vm in files_of(request.vm, request.topic):
-                    lines[logs.vm_file(vm)] += line + b"\n"
+                    handle = logs.vm_file(vm)
+                    if handle is not None:
+                        lines[handle] += line + b"\n"
             logs.append(lines)
         except OSError as exc:
             reason = f"log_write_failed: {exc.strerror or exc}"
@@ -558,7 +748,7 @@ class Journal:
         for pending in accepted:
             request = pending.request
             results[pending.peer].append(CommitResult(corr=request.corr, seq=pending.seq))
-            sender = HOST_SENDER if request.vm == HOST_SENDER else "vm:" + request.vm
+            sender = sender_of(request.vm)
             body = json_encode(Delivery(request.topic, sender, ts_ms, pending.seq, request.payload))
             frames += encode_frame(body)
             committed.append(Committed(request.topic, sender, len(frames)))
@@ -566,6 +756,21 @@ class Journal:
                 send([topics.bus(request.topic), sender.encode(), body])
             self.published[request.vm] += 1
         return committed, bytes(frames)
+
+    def announce_publishes(self) -> None:
+        """``publish`` events for the counts since the last ones, split so that each
+        is under ``BUS_MESSAGE_MAX`` (the outbox's queue is budgeted by it)."""
+        counts: dict[str, int] = {}
+        size = 0
+        for vm, count in self.published.items():
+            counts[vm] = count
+            size += 6 * len(vm) + _COUNT_ENTRY_BYTES
+            if size >= MAX_FRAME:
+                self.outbox.send_multipart(event_message(EventKind.PUBLISH, counts=counts, seq=self.seq))
+                counts, size = {}, 0
+        if counts:
+            self.outbox.send_multipart(event_message(EventKind.PUBLISH, counts=counts, seq=self.seq))
+        self.published = collections.Counter()
 
     def announce_health(self) -> None:
         outcome = "error" if self.failure else "ok"

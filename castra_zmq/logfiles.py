@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from .statefs import open_private, open_regular
+
 _PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _RESERVED_STEMS = frozenset({"bus"})
@@ -94,7 +96,7 @@ def lines_before(fd: int, end: int) -> Iterator[bytes]:
 def newest_lines(path: Path) -> Iterator[bytes]:
     """The complete lines of ``path`` (without newlines), newest first."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path)
     except FileNotFoundError:
         return
     try:
@@ -114,7 +116,8 @@ def last_lines(path: Path, count: int) -> list[bytes]:
 
 
 class AppendFile:
-    """One log file opened for appending, owner-only (0600).
+    """One log file opened for appending, owner-only (0600), through no symbolic
+    link and only if it is ours alone (``statefs.open_private``).
 
     A torn tail (a process killed mid-write) is cut off at open, so every line in
     the file stays whole; ``rollback`` restores the size before a failed batch.
@@ -124,7 +127,7 @@ class AppendFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         size = os.fstat(self.fd).st_size
         self.size = complete_end(self.fd, size)
         if self.size != size:
@@ -147,7 +150,7 @@ class AppendFile:
     def replaced(self) -> bool:
         """Whether ``path`` no longer names this file (renamed or deleted: rotation)."""
         try:
-            named = os.stat(self.path)
+            named = os.lstat(self.path)
         except FileNotFoundError:
             return True
         opened = os.fstat(self.fd)

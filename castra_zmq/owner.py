@@ -1,7 +1,7 @@
 """Who owns a state root: the supervisor's lock and its ``run/router.json``.
 
 Read by ``castra status`` and host tools to tell whether a router runs, without
-importing the supervisor.
+importing the supervisor. ``router_pid`` first checks that ``run/`` is ours.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import msgspec
 
 from .endpoints import Endpoints
+from .statefs import open_regular, read_regular
 
 
 class RoleState(msgspec.Struct):
@@ -31,7 +32,7 @@ class RouterInfo(msgspec.Struct):
 
 def read_router_info(endpoints: Endpoints) -> RouterInfo | None:
     try:
-        return msgspec.json.decode(endpoints.router_info.read_bytes(), type=RouterInfo)
+        return msgspec.json.decode(read_regular(endpoints.router_info), type=RouterInfo)
     except (OSError, msgspec.DecodeError):
         return None
 
@@ -40,10 +41,13 @@ def router_pid(endpoints: Endpoints) -> int | None:
     """The pid of the router owning ``endpoints``' state root, or None if none runs.
 
     The lock, not a pid file, is the truth: the kernel drops it when the owner dies,
-    even by kill -9.
+    even by kill -9. Raises ``UnsafeStateRoot`` when another user could control
+    ``run/`` (their lock, their sockets).
     """
+    if not endpoints.check_run_dir():
+        return None
     try:
-        fd = os.open(endpoints.lock_file, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(endpoints.lock_file)
     except OSError:
         return None
     try:

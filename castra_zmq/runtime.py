@@ -14,6 +14,8 @@ import sys
 
 from loguru import logger
 
+from .terminal import printable
+
 READY_FD_ENV = "CASTRA_READY_FD"
 _PR_SET_PDEATHSIG = 1
 
@@ -24,9 +26,13 @@ LOG_FORMAT = (
 
 
 def _format_fields(record) -> None:
+    """Bound fields and the message may carry guest-chosen text (a topic, a name):
+    through ``printable``, so no guest can drive the terminal or forge a line."""
     extra = record["extra"]
-    record["extra"]["fields"] = "".join(
-        f" {key}={value}" for key, value in extra.items() if key not in ("role", "fields") and value is not None
+    record["message"] = printable(record["message"])
+    extra["fields"] = "".join(
+        f" {key}={printable(str(value))}" for key, value in extra.items()
+        if key not in ("role", "fields") and value is not None
     )
 
 

@@ -4,12 +4,19 @@
 so thousands of connections cost one small object each. Routing (publishing into
 the bus, subscriber index, acks) belongs to the ``Bridge``; this class owns only
 what is per-connection: the handshake deadline, the frame decoder, the publish
-window and the outbound queue limit.
+window, the outbound byte budget, and closing (see ``finish``).
+
+A guest is untrusted: what one connection costs is bounded. Its socket is read
+only while no ``ReadPause`` holds it, so frames wait in the kernel (TCP pushes
+back on the guest), never in the bridge; at most ``FRAMES_PER_TURN`` of its frames
+are handled per loop turn; everything queued to it counts against
+``subscriber_queue_bytes``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import secrets
 import socket
 import struct
@@ -30,6 +37,7 @@ from .handshake import (
     parse_hello,
     take_line,
 )
+from .identity import FORBIDDEN_TOPIC
 from .wire import (
     MAX_SUBSCRIPTIONS,
     Acknowledge,
@@ -50,8 +58,28 @@ if TYPE_CHECKING:
     from .bridge import Bridge
 
 HELLO, BUS, CLOSED = "hello", "bus", "closed"
-_THROTTLE_NOTICE_S = 10.0
+THROTTLE_NOTICE_S = 10.0
 _LINGER_OFF = struct.pack("ii", 1, 0)
+# Frames of one connection handled per loop turn: a whole publish window at once,
+# yet a guest streaming frames cannot keep the loop (and every other guest) waiting.
+FRAMES_PER_TURN = 64
+# Seconds a closing connection has to take its last frames and our FIN; then it is
+# reset, whatever it left unread.
+CLOSE_LINGER = 1.0
+# Heartbeat replies per session: a burst of this many, refilled at this rate a
+# second. Past it a heartbeat still counts as liveness but gets no reply or event.
+HEARTBEAT_REPLY_BURST = 100
+HEARTBEAT_REPLIES_PER_S = 100.0
+
+
+class ReadPause(str, enum.Enum):
+    """Why a connection's socket is not read; it is read again once none is left."""
+
+    PUBLISH_WINDOW = "publish_window_full"  # its un-acked publishes fill the window
+    OUTBOUND = "outbound_queue_full"  # over half its outbound budget waits for it to read
+    TURN = "frame_budget"  # it had its frames of this loop turn; the rest next turn
+    JOURNAL = "journal_backlog"  # the bridge has too much unanswered by the journal
+    SHUTDOWN = "shutdown"  # the bridge answers what it took, then closes
 
 
 class GuestConnection(asyncio.Protocol):
@@ -69,12 +97,18 @@ class GuestConnection(asyncio.Protocol):
         self.bus_protocol: str | None = None
         self.topics: set[str] = set()
         self.in_flight = 0
-        self.paused = False
-        self.throttle_noticed = float("-inf")
+        self.paused_for: set[ReadPause] = set()
+        self.reading_paused = False  # what the transport was last told
+        self.pause_noticed: dict[ReadPause, float] = {}
         self.last_frame = time.monotonic()
         self.last_heartbeat_ms: int | None = None
+        self.heartbeat_replies = float(HEARTBEAT_REPLY_BURST)  # tokens left in the bucket
+        self.heartbeat_refilled = time.monotonic()
         self.outgoing: list[bytes] = []  # frames to write at the end of this loop turn
         self.outgoing_bytes = 0
+        self.stall: asyncio.TimerHandle | None = None  # slow_consumer deadline while OUTBOUND
+        self.linger: asyncio.TimerHandle | None = None  # the reset of a closing connection
+        self.lost = False  # connection_lost came: the transport is gone
         self.log = logger
 
     # -- asyncio callbacks ------------------------------------------------------------
@@ -87,6 +121,9 @@ class GuestConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Past half the outbound budget the transport calls pause_writing (see there).
+        budget = self.bridge.settings.subscriber_queue_bytes
+        self.transport.set_write_buffer_limits(high=budget // 2, low=budget // 4)
         refusal = self.bridge.admit(self, peer[0] if peer else "?")
         if refusal:
             self.refuse(refusal, vm=None)
@@ -103,13 +140,39 @@ class GuestConnection(asyncio.Protocol):
         elif self.phase is HELLO:
             self.line += data
             self.process_hello()
+        # CLOSED: read only to be dropped (see finish)
+
+    def eof_received(self) -> None:
+        """The guest sends nothing more. Close as any close (see ``finish``): left to
+        asyncio alone, the transport would wait for a guest that does not read."""
+        if self.phase is not CLOSED:
+            self.finish("disconnect")
+        # None: the transport closes once what is queued is sent (or at the linger)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
+        self.lost = True
+        for timer in (self.deadline, self.stall, self.linger):
+            if timer is not None:
+                timer.cancel()
         if self.phase is not CLOSED:
             self.finish("disconnect" if exc is None else f"disconnect: {exc}")
-        self.bridge.release(self)
+        self.bridge.forget(self)
+
+    def pause_writing(self) -> None:
+        """The transport holds over half the outbound budget: stop reading (a guest's
+        frames are what makes most replies) until it drains to a quarter, and reset
+        the guest if it does not within ``slow_consumer_timeout``."""
+        self.pause(ReadPause.OUTBOUND)
+        self.notice_pause(ReadPause.OUTBOUND)
+        if self.phase is BUS and self.stall is None:
+            self.stall = asyncio.get_running_loop().call_later(
+                self.bridge.settings.slow_consumer_timeout, self.drop_slow_consumer)
+
+    def resume_writing(self) -> None:
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+        self.resume(ReadPause.OUTBOUND)
 
     # -- handshake (line mode) --------------------------------------------------------
 
@@ -133,6 +196,7 @@ class GuestConnection(asyncio.Protocol):
         if hello.bus_protocol is None:
             self.transport.write(OK_HANDSHAKE_ONLY)
             self.bridge.emit(EventKind.HANDSHAKE, vm=hello.vm, outcome="ok", capabilities=list(hello.capabilities))
+            self.bridge.announce_connected(hello.vm)
             self.log.bind(vm=hello.vm).info("handshake ok (handshake-only)")
             self.finish(None)
         else:
@@ -165,11 +229,26 @@ class GuestConnection(asyncio.Protocol):
     # -- bus mode (frames) ------------------------------------------------------------
 
     def process_frames(self) -> None:
-        window = self.bridge.settings.publish_window
-        while self.phase is BUS:
-            if self.in_flight >= window:
-                self.throttle()
+        """Handle buffered frames while nothing pauses reading, at most
+        ``FRAMES_PER_TURN``: the rest waits for the next loop turn (reading paused
+        meanwhile, so the buffer holds at most one read's worth)."""
+        settings = self.bridge.settings
+        handled = 0
+        while self.phase is BUS and not self.paused_for:
+            if handled == FRAMES_PER_TURN:
+                self.pause(ReadPause.TURN)
+                asyncio.get_running_loop().call_soon(self.resume, ReadPause.TURN)
                 return
+            if self.in_flight >= settings.publish_window:
+                self.pause(ReadPause.PUBLISH_WINDOW)
+                self.notice_pause(ReadPause.PUBLISH_WINDOW)
+                return
+            if self.bridge.journal_backlog_full:
+                self.bridge.hold(self)
+                return
+            if self.outgoing_bytes >= settings.subscriber_queue_bytes // 2:
+                self.flush()  # now: the transport tells (pause_writing) if the guest lags
+                continue
             try:
                 body = self.decoder.next_frame()
             except FrameError as exc:
@@ -178,6 +257,7 @@ class GuestConnection(asyncio.Protocol):
                 return
             if body is None:
                 return
+            handled += 1
             self.last_frame = time.monotonic()
             self.handle_frame(body)
 
@@ -219,14 +299,17 @@ class GuestConnection(asyncio.Protocol):
         else:
             self.send(AckReply(ack="publish", status="error", topic=topic, id=message_id, reason=reason))
         self.in_flight -= 1
-        if self.paused and self.in_flight < self.bridge.settings.publish_window:
-            self.paused = False
-            self.transport.resume_reading()
-            self.process_frames()
+        if self.in_flight < self.bridge.settings.publish_window:
+            self.resume(ReadPause.PUBLISH_WINDOW)
 
     def handle_subscribe(self, frame: Subscribe) -> None:
         """``subscribe`` -> ``{"type":"ack","ack":"subscribe","status":"ok","topic":T}``;
-        error ack past ``MAX_SUBSCRIPTIONS`` topics."""
+        error ack ``forbidden topic`` for a topic the policy keeps from this VM (another
+        VM's ``vm:`` topic unless granted), and past ``MAX_SUBSCRIPTIONS`` topics."""
+        if not self.bridge.policy.may_subscribe(self.vm, frame.topic):
+            self.send(AckReply(ack="subscribe", status="error", topic=frame.topic, reason=FORBIDDEN_TOPIC))
+            self.log.bind(reason=FORBIDDEN_TOPIC, topic=frame.topic).info("subscribe refused")
+            return
         if frame.topic not in self.topics and len(self.topics) >= MAX_SUBSCRIPTIONS:
             self.send(AckReply(ack="subscribe", status="error", topic=frame.topic,
                                reason=f"too many subscriptions (max {MAX_SUBSCRIPTIONS})"))
@@ -242,9 +325,20 @@ class GuestConnection(asyncio.Protocol):
         self.send(AckReply(ack="unsubscribe", status="ok", topic=frame.topic))
 
     def handle_heartbeat(self) -> None:
-        """``heartbeat`` -> ``{"type":"ack","ack":"heartbeat","status":"ok"}``."""
-        self.send(HEARTBEAT_OK)
+        """``heartbeat`` -> ``{"type":"ack","ack":"heartbeat","status":"ok"}``, at once,
+        up to ``HEARTBEAT_REPLY_BURST`` in a row and ``HEARTBEAT_REPLIES_PER_S`` a
+        second; past that no reply (the frame still counts as liveness)."""
         self.last_heartbeat_ms = now_ms()
+        now = time.monotonic()
+        self.heartbeat_replies = min(
+            HEARTBEAT_REPLY_BURST,
+            self.heartbeat_replies + (now - self.heartbeat_refilled) * HEARTBEAT_REPLIES_PER_S,
+        )
+        self.heartbeat_refilled = now
+        if self.heartbeat_replies < 1:
+            return
+        self.heartbeat_replies -= 1
+        self.send(HEARTBEAT_OK)
         self.bridge.emit(EventKind.HEARTBEAT, vm=self.vm, session=self.token)
 
     # -- output -----------------------------------------------------------------------
@@ -255,7 +349,12 @@ class GuestConnection(asyncio.Protocol):
 
     def queue(self, frame: bytes) -> None:
         """Write ``frame`` with the others of this loop turn: one send() for a burst
-        of acks and deliveries instead of one each."""
+        of acks and deliveries instead of one each. A frame that would take what
+        waits for the guest past ``subscriber_queue_bytes`` resets it instead."""
+        queued = self.transport.get_write_buffer_size() + self.outgoing_bytes + len(frame)
+        if queued > self.bridge.settings.subscriber_queue_bytes:
+            self.drop_slow_consumer()
+            return
         if not self.outgoing:
             asyncio.get_running_loop().call_soon(self.flush)
         self.outgoing.append(frame)
@@ -268,57 +367,106 @@ class GuestConnection(asyncio.Protocol):
         self.outgoing_bytes = 0
 
     def deliver(self, frame: bytes) -> None:
-        """Queue one encoded message; past the queue limit the guest is dropped."""
-        queued = self.transport.get_write_buffer_size() + self.outgoing_bytes + len(frame)
-        if queued > self.bridge.settings.subscriber_queue_bytes:
-            self.bridge.emit(EventKind.BACKPRESSURE, vm=self.vm, session=self.token,
-                             action="disconnect", reason="slow_consumer")
-            self.log.bind(reason="slow_consumer").warning("subscriber disconnected")
-            self.close("slow_consumer", abort=True)
-            return
+        """Queue one encoded message for a subscribed guest."""
         self.queue(frame)
 
-    def throttle(self) -> None:
-        """Stop reading while the publish window is full: TCP pushes back on the guest.
+    def drop_slow_consumer(self) -> None:
+        """Reset a guest that leaves what it is sent unread (see ``queue`` and
+        ``pause_writing``): publishers are never held back by it."""
+        if self.phase is not BUS:
+            return
+        self.bridge.emit(EventKind.BACKPRESSURE, vm=self.vm, session=self.token,
+                         action="disconnect", reason="slow_consumer")
+        self.log.bind(reason="slow_consumer").warning("guest not reading: disconnected")
+        self.close("slow_consumer", abort=True)
 
-        Under load a window fills many times a second, so it is told (log line and
-        event) at most once per ``_THROTTLE_NOTICE_S`` per session.
-        """
-        self.pause()
+    # -- reading ----------------------------------------------------------------------
+
+    def pause(self, reason: ReadPause) -> None:
+        self.paused_for.add(reason)
+        self.sync_reading()
+
+    def resume(self, reason: ReadPause) -> None:
+        """Drop one reason; with none left, handle what is buffered, then read."""
+        if reason not in self.paused_for:
+            return
+        self.paused_for.discard(reason)
+        if not self.paused_for:
+            self.process_frames()
+        self.sync_reading()
+
+    def sync_reading(self) -> None:
+        """Tell the transport to read exactly while no reason pauses this session."""
+        if self.phase is CLOSED:
+            return  # finish reads on, to drop what comes
+        paused = bool(self.paused_for)
+        if paused != self.reading_paused:
+            self.reading_paused = paused
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def notice_pause(self, reason: ReadPause) -> None:
+        """Tell (log line and event) that reading paused. Under load a window fills
+        many times a second: at most once per ``THROTTLE_NOTICE_S`` per session and
+        reason."""
         now = time.monotonic()
-        if now - self.throttle_noticed >= _THROTTLE_NOTICE_S:
-            self.throttle_noticed = now
+        if now - self.pause_noticed.get(reason, float("-inf")) >= THROTTLE_NOTICE_S:
+            self.pause_noticed[reason] = now
             self.bridge.emit(EventKind.BACKPRESSURE, vm=self.vm, session=self.token,
-                             action="pause_reading", reason="publish_window_full")
-            self.log.bind(reason="publish_window_full").info("publish window full: reading paused")
+                             action="pause_reading", reason=reason.value)
+            self.log.bind(reason=reason.value).info("reading paused")
 
-    def pause(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
+    # -- closing ----------------------------------------------------------------------
 
     def close(self, reason: str, abort: bool = False) -> None:
         """Close the session; ``abort`` also discards what is queued for the guest."""
         if self.phase is CLOSED:
             return
-        if abort:
-            # SO_LINGER 0: reset now instead of the kernel trickling megabytes to a
-            # guest that stopped reading.
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
         self.finish(reason)
         if abort:
-            self.transport.abort()
+            self.abort()
 
     def finish(self, reason: str | None) -> None:
-        """Leave the bus (if in it) and close the transport after pending writes."""
+        """Leave the bus (if in it), give the connection slot back at once, and close.
+
+        Queued frames go first (the one that explains the close among them), then a
+        FIN. What the guest still sends is read and dropped, as closing a socket with
+        unread bytes resets it and loses those last frames; the transport closes when
+        the guest closes too, or is reset after ``CLOSE_LINGER``. A connection that
+        was never admitted has no slot and closes at once, so refusals cannot use up
+        the descriptors kept in reserve (see ``Bridge.admit``).
+        """
         was_bus = self.phase is BUS
         self.phase = CLOSED
+        for timer in (self.deadline, self.stall):
+            if timer is not None:
+                timer.cancel()
+        admitted = self.bridge.release(self)
         if was_bus:
             self.bridge.close_session(self, reason or "closed")
-        self.flush()  # the error frame that explains the close goes out first
-        self.transport.close()
+        if self.lost or self.transport.is_closing():
+            return
+        self.flush()
+        if not admitted:
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self.linger = asyncio.get_running_loop().call_later(CLOSE_LINGER, self.abort)
+
+    def abort(self) -> None:
+        """Reset the connection now (SO_LINGER 0): nothing queued for the guest is
+        sent, and the kernel keeps nothing for it either."""
+        if self.lost:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+        self.transport.abort()
 
 
 HEARTBEAT_OK = AckReply(ack="heartbeat", status="ok")

@@ -4,18 +4,24 @@ Pure (no sockets): the status role folds bus events into a ``StatusTable`` and
 snapshots it; ``castra status`` turns a table into a ``StatusView``. Ages are
 computed from wall-clock timestamps (they must survive restarts) and clamped at
 zero, so a clock stepped backwards never yields a negative age.
+
+The table stays small whatever guests do: only an accepted handshake or session
+makes a record (a refused one only counts in ``refused_handshakes``), and at each
+session sync ``prune`` forgets VMs without an open session that were not seen for
+``IDLE_RECORD_TTL_MS``, and the least recently seen beyond ``MAX_IDLE_RECORDS``.
 """
 
 from __future__ import annotations
-
-import os
 
 import msgspec
 
 from .endpoints import Endpoints
 from .events import Event, EventKind, now_ms
-from .handshake import HOST_SENDER
+from .statefs import read_regular, replace_file
 from .wire import json_encode
+
+MAX_IDLE_RECORDS = 1024  # records of VMs without an open session
+IDLE_RECORD_TTL_MS = 7 * 24 * 3600 * 1000  # a VM not seen for this long is forgotten
 
 
 class VmRecord(msgspec.Struct, kw_only=True):
@@ -30,6 +36,7 @@ class VmRecord(msgspec.Struct, kw_only=True):
     last_publish_ms: int | None = None
     last_heartbeat_ms: int | None = None
     last_reason: str | None = None  # why the last session closed or handshake failed
+    sync_round: int = 0  # the last session sync that listed this VM's session open
 
 
 class JournalHealth(msgspec.Struct, kw_only=True):
@@ -47,6 +54,9 @@ class StatusTable(msgspec.Struct, kw_only=True):
     bridge_sync_ms: int | None = None
     handshake_fresh_ms: int = 45_000
     stale_after_ms: int = 2_000  # how old a bridge sync or journal health may get
+    refused_handshakes: int = 0  # since the state root was made; they leave no record
+    sync_round: int = 0  # the bridge's session sync being received
+    sync_parts_seen: int = 0  # of it
     written_ms: int | None = None
 
 
@@ -77,6 +87,7 @@ class StatusView(msgspec.Struct):
     vms: list[VmStatus]
     router: dict = {}
     journal: JournalStatus | None = None
+    refused_handshakes: int = 0
 
 
 def _age(now: int, then: int | None) -> int | None:
@@ -112,10 +123,12 @@ def view(table: StatusTable, now: int) -> StatusView:
         )
     journal = table.journal
     state = journal.state if _fresh(now, journal.seen_ms, table.stale_after_ms) else "down"
-    return StatusView(vms=vms, journal=JournalStatus(state=state, reason=journal.reason, seq=journal.seq))
+    return StatusView(vms=vms, journal=JournalStatus(state=state, reason=journal.reason, seq=journal.seq),
+                      refused_handshakes=table.refused_handshakes)
 
 
 def vm_record(table: StatusTable, vm: str) -> VmRecord:
+    """``vm``'s record, made if needed: only for a VM whose handshake was accepted."""
     record = table.vms.get(vm)
     if record is None:
         record = table.vms[vm] = VmRecord(name=vm)
@@ -133,20 +146,31 @@ def apply_event(table: StatusTable, event: Event) -> None:
         return
     if kind is EventKind.PUBLISH:
         for vm in event.counts or ():
-            if vm != HOST_SENDER:  # host publishes are not a VM's
-                vm_record(table, vm).last_publish_ms = event.ts_ms
+            record = table.vms.get(vm)  # none for host, nor for a VM already forgotten
+            if record is not None:
+                record.last_publish_ms = event.ts_ms
+        return
+    if kind is EventKind.HANDSHAKE and event.outcome == "error":
+        # Any name can be refused, as often as a guest likes: only a VM already
+        # known keeps the reason.
+        table.refused_handshakes += 1
+        record = table.vms.get(event.vm) if event.vm else None
+        if record is not None:
+            record.last_reason = event.reason
         return
     if not event.vm:
         return
-    record = vm_record(table, event.vm)
+    if kind in (EventKind.HANDSHAKE, EventKind.SESSION_OPEN):
+        record = vm_record(table, event.vm)
+    else:
+        record = table.vms.get(event.vm)
+        if record is None:
+            return  # a late event of a VM already forgotten
     if kind is EventKind.HANDSHAKE:
-        if event.outcome == "error":
-            record.last_reason = event.reason
-        else:
-            record.last_handshake_ms = event.ts_ms
-            record.last_handshake_outcome = event.outcome
-            record.capabilities = event.capabilities or []
-            record.bus_protocol = event.bus_protocol
+        record.last_handshake_ms = event.ts_ms
+        record.last_handshake_outcome = event.outcome
+        record.capabilities = event.capabilities or []
+        record.bus_protocol = event.bus_protocol
     elif kind is EventKind.SESSION_OPEN:
         record.session = event.session
         record.session_open = True
@@ -168,21 +192,51 @@ def apply_event(table: StatusTable, event: Event) -> None:
 
 
 def apply_sessions(table: StatusTable, event: Event) -> None:
+    """One part of the bridge's session sync: its sessions are open. Once every
+    part of a sync came, a session that none of them listed is closed; a sync
+    with a part lost closes nothing (the next one, half a second later, will)."""
     table.bridge_sync_ms = event.ts_ms
-    live = {info.vm: info for info in event.sessions or []}
-    for name, info in live.items():
-        record = vm_record(table, name)
+    sync_round = event.sync_round or event.ts_ms
+    if sync_round != table.sync_round:
+        table.sync_round = sync_round
+        table.sync_parts_seen = 0
+    table.sync_parts_seen += 1
+    for info in event.sessions or []:
+        record = vm_record(table, info.vm)
         record.session = info.session
         record.session_open = True
+        record.sync_round = sync_round
         record.bus_protocol = info.bus_protocol
         record.topics = info.topics
         if info.last_heartbeat_ms is not None:
             record.last_heartbeat_ms = info.last_heartbeat_ms
-    for name, record in table.vms.items():
-        if record.session_open and name not in live:
+    if table.sync_parts_seen < (event.sync_parts or 1):
+        return
+    for record in table.vms.values():
+        if record.session_open and record.sync_round != sync_round:
             record.session_open = False
             record.topics = []
             record.last_reason = record.last_reason or "session lost"
+    prune(table, event.ts_ms)
+
+
+def last_seen_ms(record: VmRecord) -> int:
+    return max((t for t in (record.last_handshake_ms, record.last_heartbeat_ms, record.last_publish_ms)
+                if t is not None), default=0)
+
+
+def prune(table: StatusTable, now: int) -> None:
+    """Forget VMs without an open session that were not seen for ``IDLE_RECORD_TTL_MS``,
+    and the least recently seen of them beyond ``MAX_IDLE_RECORDS``."""
+    idle = [(last_seen_ms(record), name) for name, record in table.vms.items() if not record.session_open]
+    if len(idle) > MAX_IDLE_RECORDS:
+        idle.sort(reverse=True)
+        for _, name in idle[MAX_IDLE_RECORDS:]:
+            del table.vms[name]
+        del idle[MAX_IDLE_RECORDS:]
+    for seen, name in idle:
+        if now - seen > IDLE_RECORD_TTL_MS:
+            del table.vms[name]
 
 
 _decode_table = msgspec.json.Decoder(StatusTable).decode
@@ -190,18 +244,12 @@ _decode_table = msgspec.json.Decoder(StatusTable).decode
 
 def load_snapshot(endpoints: Endpoints) -> StatusTable | None:
     try:
-        return _decode_table(endpoints.snapshot.read_bytes())
-    except (FileNotFoundError, msgspec.DecodeError):
+        return _decode_table(read_regular(endpoints.snapshot))
+    except (OSError, msgspec.DecodeError):  # none yet, or not a regular file of ours: start afresh
         return None
 
 
 def write_snapshot(endpoints: Endpoints, table: StatusTable) -> None:
-    """Write to a temp file and rename over the old one: readers never see half."""
+    """Replace the snapshot whole (``statefs.replace_file``): readers never see half."""
     table.written_ms = now_ms()
-    tmp = endpoints.snapshot.with_name(endpoints.snapshot.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json_encode(table))
-    finally:
-        os.close(fd)
-    os.replace(tmp, endpoints.snapshot)
+    replace_file(endpoints.snapshot, json_encode(table))

@@ -15,6 +15,7 @@ from .endpoints import Endpoints
 from .events import now_ms
 from .owner import read_router_info, router_pid
 from .statustable import StatusTable, StatusView, load_snapshot, view
+from .terminal import printable
 
 _decode_view = msgspec.json.Decoder(StatusView).decode
 
@@ -62,7 +63,10 @@ def _age_text(age_ms: int | None) -> str:
 
 
 def render_table(result: StatusView, color: bool = False) -> str:
-    """An aligned table with a legend, styled when ``color`` (the CLI decides)."""
+    """An aligned table with a legend, styled when ``color`` (the CLI decides).
+
+    Names and topics are chosen by guests: they are shown through ``printable``.
+    """
     import click  # only the CLI renders tables
 
     headers = ("VM", "BROKER", "HANDSHAKE AGE", "BUS", "BUS AGE", "TOPICS")
@@ -70,8 +74,9 @@ def render_table(result: StatusView, color: bool = False) -> str:
     for vm in result.vms:
         bus = "subscribed" if vm.bus_subscribed else ("idle" if vm.bus_protocol else "—")
         bus_age = min((a for a in (vm.last_publish_age_ms, vm.last_heartbeat_age_ms) if a is not None), default=None)
-        rows.append((vm.name, "reachable" if vm.reachable else "stale", _age_text(vm.last_handshake_age_ms),
-                     bus, _age_text(bus_age), ",".join(vm.subscribed_topics) or "—"))
+        rows.append((printable(vm.name), "reachable" if vm.reachable else "stale",
+                     _age_text(vm.last_handshake_age_ms), bus, _age_text(bus_age),
+                     ",".join(map(printable, vm.subscribed_topics)) or "—"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     styles = {"reachable": "green", "stale": "yellow", "subscribed": "green"}
 
@@ -91,6 +96,8 @@ def render_table(result: StatusView, color: bool = False) -> str:
         head = f"router: not running (start it with `castra up`), status from {router.get('source')}"
     if result.journal is not None and result.journal.state != "ok":
         head += f"\njournal: {result.journal.state}" + (f" ({result.journal.reason})" if result.journal.reason else "")
+    if result.refused_handshakes:
+        head += f"\nhandshakes refused: {result.refused_handshakes} (each in the router's log)"
     out = [head, "", line(headers, bold=True)]
     out += [line(r) for r in rows] or ["(no VMs seen yet)"]
     out += ["", ("BROKER reachable: handshake under 45 s old or a live bus session; "

@@ -1,10 +1,11 @@
 """The supervisor (``castra up``): owns the state root and the four role processes.
 
-Start-up: prepare ``<state_root>`` (0700), take ``run/router.lock`` so one router
-owns it, bind the guest port (so a taken port is refused before anything starts,
-and a restarted bridge inherits the same listening socket without dropping queued
-connections), then start proxy, journal, status and bridge in that order, each
-waiting for its ready line. A role that exits is restarted with back-off; on
+Start-up: prepare ``<state_root>`` (0700; refused when another user could change
+it, see ``statefs``), take ``run/router.lock`` so one router owns it, bind the
+guest port (so a taken port is refused before anything starts, and a restarted
+bridge inherits the same listening socket without dropping queued connections),
+then start proxy, journal, status and bridge in that order, each waiting for its
+ready line. A role that exits is restarted with back-off; on
 SIGINT/SIGTERM the roles stop in reverse order. ``run/router.json`` tells
 ``castra status`` the listen address, uptime and each role's state.
 """
@@ -31,6 +32,7 @@ from .events import now_ms
 from .identity import load_identities
 from .owner import RoleState, RouterInfo, read_router_info, router_pid
 from .runtime import READY_FD_ENV
+from .statefs import open_private, replace_file
 
 ROLES = ("proxy", "journal", "status", "bridge")
 _READY_TIMEOUT = 15.0
@@ -96,7 +98,10 @@ class Supervisor:
         self.write_info()
 
     def take_lock(self) -> None:
-        fd = os.open(self.endpoints.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = open_private(self.endpoints.lock_file, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            raise CastraError(f"cannot open {self.endpoints.lock_file}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -210,10 +215,7 @@ class Supervisor:
             started_ms=self.started_ms,
             processes={name: role.state for name, role in self.roles.items()},
         )
-        tmp = self.endpoints.router_info.with_suffix(".tmp")
-        tmp.write_bytes(msgspec.json.encode(info))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.endpoints.router_info)
+        replace_file(self.endpoints.router_info, msgspec.json.encode(info))
 
     # -- shutdown ---------------------------------------------------------------------
 

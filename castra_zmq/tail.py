@@ -32,6 +32,8 @@ import msgspec
 from .endpoints import Endpoints
 from .errors import CastraError
 from .logfiles import complete_end, lines_before, log_file_name
+from .statefs import open_regular
+from .terminal import printable
 from .wire import LogRecord, decode_log_record
 
 DEFAULT_COUNT = 10
@@ -76,7 +78,8 @@ def parse_entries(lines: Iterable[bytes], topics: Collection[str], notify: Notif
 
 
 def format_record(record: LogRecord, color: bool = False) -> str:
-    """``HH:MM:SS.mmm  vm  topic  payload``: local time, the payload as compact JSON."""
+    """``HH:MM:SS.mmm  vm  topic  payload``: local time, the payload as compact JSON,
+    guest-chosen text through ``printable``."""
     seconds, millis = divmod(record.ts_ms, 1000)
     clock = time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{millis:03d}"
     payload = msgspec.json.format(record.payload, indent=-1).decode("utf-8", "replace")
@@ -87,16 +90,6 @@ def format_record(record: LogRecord, color: bool = False) -> str:
         (printable(payload), {}),
     )
     return "  ".join(click.style(text, **style) if color and style else text for text, style in cells)
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters escaped (``\\x1b``).
-
-    Topics and payloads are chosen by guests: they must not drive the terminal.
-    """
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 # -- reading a log file -----------------------------------------------------------
@@ -143,7 +136,7 @@ class LogFollower:
 
     def _open(self) -> bool:
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = open_regular(self.path)  # no symbolic link followed, no FIFO waited on
         except FileNotFoundError:
             return False
         except OSError as exc:

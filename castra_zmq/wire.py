@@ -16,11 +16,13 @@ trigger nor lengthen the cyclic garbage collector's passes.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 import msgspec
 
 from .errors import FrameError
+from .handshake import MAX_NAME
 
 MAX_FRAME = 65536
 MAX_TOPIC = 256
@@ -31,7 +33,8 @@ NULL = msgspec.Raw(b"null")
 
 # A NUL would let one topic frame be the prefix of another (see topics.py).
 Topic = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TOPIC, pattern="^[^\x00]*$")]
-MessageId = str | int | None
+MAX_ID = 1024  # characters: the ack echoes the id, so the ack stays under MAX_FRAME too
+MessageId = Annotated[str, msgspec.Meta(max_length=MAX_ID)] | int | None
 
 
 # -- guest -> broker ---------------------------------------------------------------
@@ -199,6 +202,59 @@ class PublishRequest(msgspec.Struct, gc=False):
 
 ATTACH = b"attach"
 """A bridge's request to the journal socket for every commit from now on."""
+
+CONNECTED = b"connected\0"
+"""Prefix of a bridge's notice to the journal socket that a VM connected; no JSON
+batch starts with it (nor is it ``attach``)."""
+
+
+def encode_connected(vm: str) -> bytes:
+    """The notice that ``vm`` connected (a bus session or a handshake-only hello):
+    from then on it may get a per-VM log (see ``journal``)."""
+    return CONNECTED + vm.encode("utf-8")
+
+
+# A JSON string of a name or topic takes at most 6 bytes per character (``\u001f``).
+_JSON_BYTES_PER_CHAR = 6
+_REQUEST_OVERHEAD = 128  # "corr", "deadline", the keys and the punctuation, at their widest
+PUBLISH_REQUEST_MAX = _REQUEST_OVERHEAD + _JSON_BYTES_PER_CHAR * (MAX_NAME + MAX_TOPIC) + MAX_FRAME
+"""The largest PublishRequest a bridge sends: a guest frame's payload, and the
+sender and topic re-encoded at their widest."""
+
+
+def publish_request_bytes(vm: str, topic: str, payload: msgspec.Raw) -> int:
+    """An upper bound of the encoded size of one PublishRequest (a bridge's batch
+    must stay under the journal socket's message limit)."""
+    return _REQUEST_OVERHEAD + _JSON_BYTES_PER_CHAR * (len(vm) + len(topic)) + len(payload)
+
+
+_TS_MS_WIDEST = 10**13 - 1  # unix ms have 13 digits until the year 2286
+_ONE_BYTE = msgspec.Raw(b"0")  # not NULL: a payload left at its default is not encoded
+
+
+@functools.lru_cache(maxsize=4096)  # called for every message, with few distinct topics and senders
+def _delivery_envelope_bytes(topic: str, sender: str) -> int:
+    """A Delivery's JSON size less its payload and its ``seq`` digits."""
+    return len(json_encode(Delivery(topic, sender, _TS_MS_WIDEST, 1, _ONE_BYTE))) - 2
+
+
+def delivery_bytes(topic: str, sender: str, payload_bytes: int, seq: int) -> int:
+    """The size of a message's Delivery JSON: the body of its guest frame, which
+    PROTOCOL.md limits to ``MAX_FRAME`` bytes."""
+    return _delivery_envelope_bytes(topic, sender) + payload_bytes + len(str(seq))
+
+
+FRAME_OVER_REQUEST = 64
+"""A message's guest frame is at most this many bytes longer than its PublishRequest
+(the prefix, ``type``, ``from`` and ``ts_ms`` at their widest, less ``corr``,
+``vm`` and ``deadline`` at their narrowest)."""
+
+MESSAGE_TOO_LARGE = "message too large"
+"""The reason a publish is refused when its delivery would not fit in a guest frame."""
+
+BUS_MESSAGE_MAX = MAX_FRAME + 4 * (MAX_TOPIC + MAX_NAME) + 16
+"""The largest message the journal puts on the bus: a Delivery, its topic frame and
+its sender (UTF-8: at most 4 bytes a character); its events stay under it too."""
 
 
 class Committed(msgspec.Struct, array_like=True, gc=False):

@@ -13,6 +13,7 @@ from castra_zmq import client
 from castra_zmq import tail as bus_tail
 from castra_zmq.endpoints import Endpoints
 from castra_zmq.errors import CastraError
+from castra_zmq.terminal import json_for_terminal, printable
 
 from .options import state_root_option, stdout_wants_color
 
@@ -35,7 +36,8 @@ def publish(state_root: Path, topic: str, payload: str, timeout: float, as_json:
     """Publish one message as `host`; exit 0 once it is in the bus log.
 
     Prints the message's seq and the log it went to. Exits 1 when the payload is
-    not JSON, no router runs, or the commit failed or timed out.
+    not JSON, the message is too large (its delivery over 65,536 bytes), no router
+    runs, or the commit failed or timed out.
 
     \b
     Examples:
@@ -68,7 +70,8 @@ def publish(state_root: Path, topic: str, payload: str, timeout: float, as_json:
 @click.option("-f", "--follow", is_flag=True, help="Then print each new line as it is appended, until Ctrl-C.")
 @click.option("--topic", "topics", metavar="T", multiple=True,
               help="Only messages on topic T (exact match; repeat for several).")
-@click.option("--json", "as_json", is_flag=True, help="Print the log's JSON lines unchanged (for jq).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the log's JSON lines (for jq), C1 control characters \\u-escaped.")
 def tail(state_root: Path, shared: bool, vm: str | None, count: int, follow: bool,
          topics: tuple[str, ...], as_json: bool) -> None:
     """Show the last lines of a bus log; with -f, follow it.
@@ -93,13 +96,14 @@ def tail(state_root: Path, shared: bool, vm: str | None, count: int, follow: boo
     color = stdout_wants_color()
     entries = bus_tail.tail_entries(
         bus_tail.log_path(state_root, vm), count=count, follow=follow, topics=frozenset(topics),
-        notify=lambda note: click.echo(f"castra bus tail: {note}", err=True),
+        notify=lambda note: click.echo(f"castra bus tail: {printable(note)}", err=True),
     )
     # SIGTERM ends a follow the way Ctrl-C does: quietly, with status 0.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         for entry in entries:
-            click.echo(entry.line if as_json else bus_tail.format_record(entry.record, color))
+            text = json_for_terminal(entry.line) if as_json else bus_tail.format_record(entry.record, color)
+            click.echo(text)
     except KeyboardInterrupt:
         pass
     except CastraError as exc:

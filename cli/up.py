@@ -30,7 +30,19 @@ from .options import state_root_option
               help="Seconds after which an uncommitted publish gets an error ack.")
 @click.option("--subscriber-queue", "subscriber_queue_bytes", type=click.IntRange(min=1024),
               default=DEFAULTS.subscriber_queue_bytes, show_default=True,
-              help="Bytes queued to one subscribed guest before it is dropped as slow_consumer.")
+              help="Bytes queued to one guest (acks, replies, deliveries): past half, its socket is "
+                   "not read; past all, it is reset as slow_consumer.")
+@click.option("--slow-consumer-timeout", type=click.FloatRange(min=0.1), default=DEFAULTS.slow_consumer_timeout,
+              show_default=True,
+              help="Seconds a guest may leave over half its --subscriber-queue unread before it is "
+                   "reset as slow_consumer.")
+@click.option("--queue-bytes", type=click.IntRange(min=1024 * 1024), default=DEFAULTS.queue_bytes,
+              show_default=True,
+              help="Bytes one internal queue may hold for one host-side peer (a subscriber, a bridge): "
+                   "what it cannot hold is dropped.")
+@click.option("--max-vm-logs", "vm_logs_max", type=click.IntRange(min=1), default=DEFAULTS.vm_logs_max,
+              show_default=True,
+              help="Per-VM log files in logs/bus/; VMs past it are logged in bus.log only.")
 @click.option("--identities", "identities_file", type=click.Path(dir_okay=False, exists=True),
               help="Allow-list of VM names, optionally with a secret each (`beta token=...`); "
                    "others get `error: unknown vm`.")

@@ -370,6 +370,8 @@ def test_status_without_router_exits_0_and_shows_a_stale_vm_from_the_snapshot(st
 
 
 def test_tail_shows_the_last_lines_filtered_by_topic(router):
+    with Guest(router.port) as alpha:  # a VM that connected gets a log
+        assert alpha.hello("alpha", capabilities=None) == "ok"
     for n in range(12):
         client.publish("vm:alpha" if n % 3 == 0 else "broadcast", {"n": n}, state_root=router.state_root)
     root = str(router.state_root)

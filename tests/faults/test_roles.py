@@ -132,6 +132,8 @@ def test_restart_after_crash_mid_commit_repairs_the_logs(router_factory):
     """A crash after bus.log was written but before the per-VM logs (and with a torn
     line at the end) leaves logs that the next start completes and trims."""
     router = router_factory()
+    with Guest(router.port) as beta:  # a VM that connected gets a log
+        assert beta.hello("beta", capabilities=None) == "ok"
     with connect_bus(router.port, "alpha") as guest:
         guest.publish(1, topic="vm:beta")
     router.stop()

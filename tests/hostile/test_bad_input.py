@@ -227,7 +227,10 @@ def test_frame_of_exactly_65536_bytes_is_read(bus_router):
     with connect_bus(bus_router.port, "maxframe") as guest:
         prefix, suffix = b'{"type":"publish","topic":"big","payload":"', b'"}'
         guest.send_raw(frame(prefix + b"x" * (MAX_FRAME - len(prefix) - len(suffix)) + suffix))
-        assert guest.recv()["status"] == "ok"
+        # Read as a frame; its delivery would be over the limit, so the publish is refused.
+        ack = guest.recv()
+        assert (ack["ack"], ack["status"], ack["reason"]) == ("publish", "error", "message too large")
+        assert_open(guest)
     assert_router_intact(bus_router)
 
 
@@ -421,4 +424,22 @@ def test_malformed_journal_socket_message_is_dropped_and_logged(bus_router, fram
     wait_for(lambda: bus_router.log_text().count("dropped malformed") > warnings, timeout=5,
              what="the journal's warning")
     assert client.publish("after", 1, state_root=bus_router.state_root, timeout=3) > 0
+    assert_router_intact(bus_router)
+
+
+def test_publish_id_over_1024_characters_gets_error_ack_and_no_ack_exceeds_the_frame_limit(bus_router):
+    """The ack echoes the id: an id of ~65 KB would make an ack over 65,536 bytes,
+    which guests reject. Longer ids are refused; the longest id allowed, all
+    escaped 6x and with the longest escaped topic, still makes an ack in bounds."""
+    with connect_bus(bus_router.port, "longid") as guest:
+        reply = guest.publish(1, id="i" * 1025)
+        assert reply["ack"] == "publish" and reply["status"] == "error" and "id" in reply["reason"]
+        assert "id" not in reply
+        topic, message_id = "\x01" * 256, "\x02" * 1024
+        guest.send({"type": "publish", "topic": topic, "payload": 1, "id": message_id})
+        body = guest.recv_raw()
+        assert len(body) + 4 <= MAX_FRAME
+        reply = json.loads(body)
+        assert (reply["status"], reply["id"], reply["topic"]) == ("ok", message_id, topic)
+        assert_open(guest)
     assert_router_intact(bus_router)

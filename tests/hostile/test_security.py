@@ -20,12 +20,16 @@ IDENTITIES = """
 alpha
 beta token=s3cr3t   # bus guest with a secret
 vm:legacy
+delta token=Zq8#kP3vLx9!mW2	# a '#' inside a secret is part of it
+  # epsilon: an indented comment line
+#zeta
 """
 
 
 def test_identities_file_parsing():
     identities = parse_identities(IDENTITIES)
-    assert identities.tokens == {"alpha": None, "beta": "s3cr3t", "legacy": None}
+    assert identities.tokens == {"alpha": None, "beta": "s3cr3t", "legacy": None, "delta": "Zq8#kP3vLx9!mW2"}
+    identities.check(parse_hello(b"hello vm:delta capabilities=bus-v1 token=Zq8#kP3vLx9!mW2"))
     identities.check(parse_hello(b"hello vm:alpha"))
     identities.check(parse_hello(b"hello vm:beta capabilities=bus-v1 token=s3cr3t"))
     for line, reason in [
@@ -33,6 +37,8 @@ def test_identities_file_parsing():
         (b"hello vm:beta capabilities=bus-v1", "invalid token"),
         (b"hello vm:beta capabilities=bus-v1 token=s3cr3T", "invalid token"),
         (b"hello vm:Alpha", "unknown vm"),  # names are exact, not case-folded
+        (b"hello vm:delta capabilities=bus-v1 token=Zq8", "invalid token"),  # the secret is not cut at '#'
+        (b"hello vm:zeta", "unknown vm"),
     ]:
         with pytest.raises(HandshakeError) as refused:
             identities.check(parse_hello(line))
@@ -63,6 +69,7 @@ def test_router_with_identities_refuses_unknown_and_wrong_token(router_factory, 
         "hello vm:gamma capabilities=bus-v1": "error: unknown vm",
         "hello vm:beta capabilities=bus-v1": "error: invalid token",
         "hello vm:beta capabilities=bus-v1 token=nope": "error: invalid token",
+        "hello vm:delta capabilities=bus-v1 token=Zq8": "error: invalid token",
     }
     for hello, expected in refusals.items():
         with Guest(router.port) as guest:
@@ -72,6 +79,8 @@ def test_router_with_identities_refuses_unknown_and_wrong_token(router_factory, 
     with Guest(router.port) as guest:
         assert guest.hello("beta", capabilities="bus-v1 token=s3cr3t").startswith("ok session=")
         assert guest.publish(1)["status"] == "ok"
+    with Guest(router.port) as guest:
+        assert guest.hello("delta", capabilities="bus-v1 token=Zq8#kP3vLx9!mW2").startswith("ok session=")
     with Guest(router.port) as guest:  # handshake-only guests keep working
         assert guest.hello("legacy", capabilities=None) == "ok"
     wait_for(lambda: "reason=unknown vm" in router.log_text(), what="refusal log line")

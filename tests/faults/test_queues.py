@@ -1,0 +1,212 @@
+"""Internal queues are budgeted in bytes (issue 10): a host-side peer that stops
+reading, or a stopped proxy, leaves the proxy and the journal within
+``--queue-bytes`` under a flood of ~64 KB messages, and publishers are never
+held back.
+
+The memory tests run their own router with a 4 MiB budget and flood at least
+38 MB of host publishes: without a byte budget the queue in question takes all
+of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import zmq
+
+from castra_zmq import client
+
+from ..conftest import wait_for
+from ..guest import connect_bus
+from ..load import role_rss_kib
+
+QUEUE_BYTES = 4 * 1024 * 1024
+# What the allocators keep beyond the queue: freed 64 KB buffers, arenas of threads.
+SLACK_KIB = 12 * 1024
+PAYLOAD = json.dumps("x" * 64_000).encode()
+FLOOD_COUNT = 600  # 38 MB
+
+
+def start_router(router_factory, *args: str):
+    return router_factory("--queue-bytes", str(QUEUE_BYTES), *args)
+
+
+def ipc(router, name: str) -> str:
+    return f"ipc://{router.state_root}/run/{name}"
+
+
+class Flood:
+    """Host publishes of ~64 KB on the journal socket, at most ``window`` unanswered,
+    sampling a role's RSS (KiB) as it goes; bounded in count and time."""
+
+    def __init__(self, router, role: str, window: int = 8):
+        self.router = router
+        self.role = role
+        self.window = window
+        self.peak_kib = role_rss_kib(router, role)
+        self.refused = 0
+        self.answered = 0
+
+    def run(self, count: int, until=lambda: False, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        sent = 0
+        with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
+            sock.linger = 0
+            sock.connect(ipc(self.router, "journal.sock"))
+            while self.answered < count and not until():
+                assert time.monotonic() < deadline, f"flood stalled at {self.answered} of {count}"
+                while sent < count and sent - self.answered < self.window:
+                    sent += 1
+                    sock.send_multipart([b"", b'{"corr":%d,"vm":"host","topic":"flood","deadline":%r,"payload":%s}'
+                                         % (sent, time.monotonic() + 10, PAYLOAD)])
+                assert sock.poll(10_000), "the journal stopped answering"
+                for _corr, _seq, reason in json.loads(sock.recv_multipart()[-1])["results"]:
+                    self.answered += 1
+                    self.refused += reason is not None
+                if self.answered % 50 == 0:
+                    self.peak_kib = max(self.peak_kib, role_rss_kib(self.router, self.role))
+        self.peak_kib = max(self.peak_kib, role_rss_kib(self.router, self.role))
+
+
+def subscribed(router, topic: str) -> zmq.Socket:
+    """A SUB on ``bus\\0<topic>\\0`` once host publishes on ``topic`` reach it."""
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.SUB)
+    sock.linger = 0
+    sock.subscribe(f"bus\0{topic}\0".encode())
+    sock.connect(ipc(router, "bus-out.sock"))
+
+    def arrives() -> bool:
+        client.publish(topic, "probe", state_root=router.state_root)
+        return sock.poll(100) != 0
+
+    wait_for(arrives, timeout=10, what="the subscription to reach the journal")
+    while sock.poll(0):
+        sock.recv_multipart()
+    return sock
+
+
+def peer_events(router) -> zmq.Socket:
+    """A SUB on ``peer`` events, once events reach it (the journal's health comes
+    every health tick)."""
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.linger = 0
+    for topic in (b"evt\0peer\0", b"evt\0journal\0"):
+        sock.subscribe(topic)
+    sock.connect(ipc(router, "bus-out.sock"))
+    next_event(sock, b"evt\0journal\0")
+    return sock
+
+
+def next_event(sock: zmq.Socket, topic: bytes, timeout: float = 5.0) -> dict:
+    """The next message on ``topic`` (others are skipped)."""
+    deadline = time.monotonic() + timeout
+    while sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        frames = sock.recv_multipart()
+        if frames[0] == topic:
+            return json.loads(frames[-1])
+    raise AssertionError(f"no {topic!r} in time")
+
+
+def idle_socket(socket_type: int, endpoint: str) -> zmq.Socket:
+    """A socket that will never read: its own queue holds one message at most."""
+    sock = zmq.Context.instance().socket(socket_type)
+    sock.linger = 0
+    sock.rcvhwm = 1
+    sock.connect(endpoint)
+    return sock
+
+
+def test_host_subscriber_that_never_reads_is_disconnected_and_the_proxy_stays_within_budget(router_factory):
+    router = start_router(router_factory, "--slow-consumer-timeout", "1")
+    idle = idle_socket(zmq.SUB, ipc(router, "bus-out.sock"))
+    idle.subscribe(b"bus\0flood\0")
+    subscribed(router, "flood").close()  # proves idle's subscription arrived before it
+    events = peer_events(router)
+    flood = Flood(router, "proxy")
+    before = flood.peak_kib
+    flood.run(5 * FLOOD_COUNT, until=lambda: "subscriber disconnected" in router.log_text())
+    idle.close()
+    assert flood.refused == 0  # the publisher was never held back
+    growth = flood.peak_kib - before
+    assert growth < QUEUE_BYTES // 1024 + SLACK_KIB, f"the proxy grew by {growth} KiB"
+    assert f"reason=slow_consumer peer=pid:{os.getpid()}" in router.log_text()
+    peer_event = next_event(events, b"evt\0peer\0")
+    assert (peer_event["action"], peer_event["reason"], peer_event["peer"]) == (
+        "disconnect", "slow_consumer", f"pid:{os.getpid()}")
+    events.close()
+
+
+def test_attached_peer_that_never_reads_is_detached_and_the_journal_stays_within_budget(router_factory):
+    router = start_router(router_factory, "--commit-timeout", "1")
+    events = peer_events(router)
+    idle = idle_socket(zmq.DEALER, ipc(router, "journal.sock"))
+    idle.send_multipart([b"", b"attach"])
+    flood = Flood(router, "journal")
+    before = flood.peak_kib
+    flood.run(5 * FLOOD_COUNT, until=lambda: "bridge detached" in router.log_text())
+    assert "bridge detached" in router.log_text(), "the peer that never reads was never detached"
+    assert flood.refused == 0
+    growth = flood.peak_kib - before
+    assert growth < QUEUE_BYTES // 1024 + SLACK_KIB, f"the journal grew by {growth} KiB"
+    peer_event = next_event(events, b"evt\0peer\0")
+    assert (peer_event["action"], peer_event["reason"]) == ("detach", "slow_consumer")
+    assert "reason=slow_consumer" in router.log_text()
+    # The real bridge was never detached: guests still get acks and deliveries.
+    with connect_bus(router.port, "alpha") as alpha, connect_bus(router.port, "beta") as beta:
+        beta.subscribe("after")
+        assert alpha.publish("after", topic="after")["status"] == "ok"
+        assert beta.recv()["payload"] == "after"
+    # A detached peer that publishes is attached again.
+    idle.send_multipart([b"", b'{"corr":1,"vm":"host","topic":"t","deadline":1e18,"payload":1}'])
+    wait_for(lambda: "bridge attached again" in router.log_text(), what="the peer attached again")
+    idle.close()
+
+
+def test_a_commit_sends_no_message_over_its_byte_cap(router_factory):
+    """40 publishes of 64 KB waiting at once: the default group commit stops taking
+    them past 1 MiB (commit_bytes_max), so no commit message to a bridge is over
+    1 MiB + 3 x 256 KiB (batch_bytes_max) + 128 KiB (2 x 64 bytes x batch_max)."""
+    router = router_factory()
+    largest = 1024 * 1024 + 3 * 256 * 1024 + 128 * 1024
+    with zmq.Context() as context, context.socket(zmq.DEALER) as bridge:
+        bridge.linger = 0
+        bridge.connect(ipc(router, "journal.sock"))
+        bridge.send_multipart([b"", b"attach"])
+        wait_for(lambda: router.log_text().count("bridge attached") == 2, what="the attach")
+        flood = Flood(router, "journal", window=40)
+        flood.run(400)
+        sizes = []
+        while bridge.poll(500):
+            sizes.append(sum(len(frame) for frame in bridge.recv_multipart()))
+    assert flood.refused == 0 and len(sizes) >= 10
+    assert max(sizes) <= largest, f"a commit message of {max(sizes)} bytes"
+
+
+def test_stopped_proxy_leaves_the_journal_within_budget(router_factory):
+    router = start_router(router_factory)
+    reader = subscribed(router, "flood")
+    proxy = router.role_pid("proxy")
+    flood = Flood(router, "journal")
+    before = flood.peak_kib
+    os.kill(proxy, signal.SIGSTOP)
+    try:
+        flood.run(FLOOD_COUNT)
+    finally:
+        os.kill(proxy, signal.SIGCONT)
+    assert flood.refused == 0  # publishing does not wait for the bus
+    growth = flood.peak_kib - before
+    assert growth < QUEUE_BYTES // 1024 + SLACK_KIB, f"the journal grew by {growth} KiB"
+
+    def delivered_again() -> bool:
+        client.publish("flood", "after", state_root=router.state_root)
+        while reader.poll(200):  # what the proxy held for it comes first
+            if reader.recv_multipart()[-1].endswith(b'"payload":"after"}'):
+                return True
+        return False
+
+    wait_for(delivered_again, timeout=10, what="the bus delivering again")
+    reader.close()

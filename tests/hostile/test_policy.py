@@ -1,0 +1,119 @@
+"""What a guest may read and publish: the default policy and the identities file's
+grants, first as pure code, then against a real router."""
+
+from __future__ import annotations
+
+import pytest
+
+from castra_zmq import client
+from castra_zmq.errors import ConfigError
+from castra_zmq.identity import DEFAULT_POLICY, parse_identities
+
+from ..conftest import wait_for
+from ..guest import Guest, connect_bus
+
+FORBIDDEN_BETA = b'{"type":"ack","ack":"subscribe","status":"error","topic":"vm:beta","reason":"forbidden topic"}'
+
+IDENTITIES = """
+alpha
+beta token=s3cr3t
+gamma
+monitor subscribe=vm:*,metrics
+reporter subscribe=vm:beta publish=alerts*,vm:beta
+"""
+
+# -- pure ------------------------------------------------------------------------------
+
+
+def test_default_policy_keeps_other_vms_topics_from_a_guest():
+    policy = DEFAULT_POLICY
+    assert policy.may_subscribe("gamma", "vm:gamma") and policy.may_subscribe("gamma", "broadcast")
+    assert policy.may_subscribe("gamma", "*") and policy.may_subscribe("gamma", "metrics")
+    for topic in ("vm:beta", "vm:gamma2", "vm:", "vm:*"):
+        assert not policy.may_subscribe("gamma", topic), topic
+    assert not policy.may_read("gamma", "vm:beta") and policy.may_read("gamma", "VM:beta")  # exact prefix
+    assert policy.may_publish("gamma", "vm:beta") and policy.may_publish("gamma", "anything")
+
+
+def test_identities_file_grants_reads_and_restricts_publishes():
+    policy = parse_identities(IDENTITIES).policy
+    assert policy.may_subscribe("monitor", "vm:beta") and policy.may_read("monitor", "vm:alpha")
+    assert not policy.may_subscribe("gamma", "vm:beta")  # grants are per VM
+    assert policy.may_subscribe("reporter", "vm:beta") and not policy.may_subscribe("reporter", "vm:alpha")
+    assert policy.may_publish("reporter", "alerts") and policy.may_publish("reporter", "alerts/disk")
+    assert policy.may_publish("reporter", "vm:beta")
+    assert not policy.may_publish("reporter", "broadcast") and not policy.may_publish("reporter", "vm:beta2")
+    assert policy.may_publish("monitor", "broadcast")  # no publish= list: open, as by default
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a subscribe=", "expected subscribe=<pattern>"),
+    ("a publish=x,,y", "invalid topic pattern ''"),
+    ("a subscribe=vm:*:x", "invalid topic pattern 'vm:*:x'"),
+    ("a subscribe=" + "t" * 257, "invalid topic pattern"),
+    ("a subscribe=x subscribe=y", "each at most once"),
+    ("a token=x token=y", "each at most once"),
+    ("a read=x", "expected token=<secret>, subscribe="),
+])
+def test_bad_grants_are_refused_with_their_line(line, message):
+    with pytest.raises(ConfigError) as refused:
+        parse_identities("ok\n" + line, "ids")
+    assert refused.value.reason.startswith("ids:2: ") and message in refused.value.reason
+
+
+# -- real router -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def identities(tmp_path):
+    path = tmp_path / "identities"
+    path.write_text(IDENTITIES)
+    path.chmod(0o600)
+    return path
+
+
+def connect_as(port: int, vm: str, token: str | None = None) -> Guest:
+    guest = Guest(port)
+    reply = guest.hello(vm, capabilities="bus-v1" + (f" token={token}" if token else ""))
+    assert reply.startswith("ok session="), reply
+    return guest
+
+
+def test_a_guest_cannot_read_another_vms_messages(router_factory, identities):
+    router = router_factory("--identities", str(identities))
+    with connect_as(router.port, "beta", "s3cr3t") as beta, connect_as(router.port, "gamma") as gamma, \
+            connect_as(router.port, "monitor") as monitor:
+        gamma.send({"type": "subscribe", "topic": "vm:beta"})
+        assert gamma.recv_raw() == FORBIDDEN_BETA
+        for guest, topic in ((gamma, "*"), (beta, "vm:beta"), (monitor, "vm:beta"), (monitor, "*")):
+            assert guest.subscribe(topic)["status"] == "ok", (guest, topic)
+        command = client.publish("vm:beta", {"cmd": "secret"}, state_root=router.state_root)
+        news = client.publish("broadcast", {"n": 1}, state_root=router.state_root)
+        # gamma's "*" skips beta's command; the next thing it gets is the broadcast.
+        assert gamma.recv()["seq"] == news
+        assert beta.recv()["seq"] == command
+        # monitor is granted vm:*: it gets the command (once, though two of its
+        # subscriptions match it) and the broadcast.
+        assert [monitor.recv()["seq"], monitor.recv()["seq"]] == [command, news]
+    wait_for(lambda: "subscribe refused" in router.log_text() and "reason=forbidden topic" in router.log_text(),
+             what="the refusal's log line")
+
+
+def test_publish_restricted_by_the_identities_file_gets_an_error_ack(router_factory, identities):
+    router = router_factory("--identities", str(identities))
+    with connect_as(router.port, "reporter") as reporter:
+        assert reporter.publish({"disk": "full"}, topic="alerts/disk")["status"] == "ok"
+        refused = reporter.publish({"n": 1}, topic="broadcast", id=7)
+        assert refused == {"type": "ack", "ack": "publish", "status": "error", "topic": "broadcast", "id": 7,
+                           "reason": "forbidden topic"}
+    assert [record["topic"] for record in router.read_log()] == ["alerts/disk"]
+
+
+def test_default_policy_applies_without_an_identities_file(router):
+    with connect_bus(router.port, "gamma") as gamma, connect_bus(router.port, "beta") as beta:
+        gamma.send({"type": "subscribe", "topic": "vm:beta"})
+        assert gamma.recv_raw() == FORBIDDEN_BETA
+        assert gamma.subscribe("*")["status"] == "ok"
+        assert beta.publish({"n": 1}, topic="vm:beta")["status"] == "ok"
+        ack = beta.publish({"n": 2}, topic="vm:gamma")
+        assert gamma.recv()["seq"] == ack["seq"]  # its own topic, and not beta's before it
