@@ -32,7 +32,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import runtime
 from .config import Settings, settings_from_env
-from .events import EventKind, SessionInfo, event_message, now_ms, split_sessions
+from .events import EVENT_BYTES_MAX, EventKind, SessionInfo, event_message, now_ms, split_sessions
 from .handshake import Hello
 from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
 from .session import CLOSE_LINGER, THROTTLE_NOTICE_S, GuestConnection, ReadPause
@@ -111,7 +111,8 @@ class Bridge:
         self.journal_monitor = self.journal.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.journal.connect(endpoints.journal)
         self.events = self.context.socket(zmq.PUB)  # drops at its HWM: never waits
-        self.events.sndhwm = settings.hwm
+        # A guest's subscribe storm while the proxy stalls grows this queue: in bytes.
+        self.events.sndhwm = settings.hwm_for(EVENT_BYTES_MAX)
         self.events.connect(endpoints.publish)
         for sock in (self.journal, self.events):
             sock.linger = 0
@@ -410,13 +411,13 @@ class Bridge:
                 self.sync_sessions()
 
     def sync_sessions(self) -> None:
-        """Tell status every open session, in parts of at most half the bus's frame
-        limit: 20,000 sessions with 16 long topics each would be far over it, and
-        the proxy drops a publisher that sends a larger frame."""
+        """Tell status every open session, in parts of at most ``EVENT_BYTES_MAX``:
+        20,000 sessions with 16 long topics each would be hundreds of MB in one, and
+        the proxy drops a publisher that sends a frame over its limit."""
         parts = split_sessions([
             SessionInfo(c.vm, c.token, c.bus_protocol, sorted(c.topics), c.last_heartbeat_ms)
             for c in self.sessions.values()
-        ], self.settings.bus_frame_bytes_max // 2)
+        ], EVENT_BYTES_MAX)
         sync_round = now_ms()
         for part in parts:
             self.emit(EventKind.SESSIONS, sessions=part, sync_round=sync_round, sync_parts=len(parts))

@@ -52,7 +52,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # One frame into the proxy (events, deliveries): small enough that a queue of
     # queue_bytes still holds 256 of them for a host subscriber that lags a moment.
     bus_frame_bytes_max: int = 256 * KIB
-    hwm: int = 200_000  # messages: the bridge's and status's sockets (sized by their roles)
+    # Messages: the bridge's queue of answers from the journal, which must not drop
+    # (a dropped answer is a false commit_timeout); the journal sends at most its own budget.
+    hwm: int = 200_000
     vm_logs_max: int = 10_000  # per-VM log files; a VM past it is logged in bus.log only
     health_interval: float = 0.5  # journal health and bridge session sync period
     snapshot_interval: float = 0.25  # status snapshot file, at most this often

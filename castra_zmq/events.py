@@ -55,6 +55,12 @@ class Event(msgspec.Struct, omit_defaults=True):
     peer: str | None = None  # a journal socket peer's ZeroMQ routing id, in hex
 
 
+# No event is larger: a subscribe event lists at most 16 topics of 256 characters
+# (6 bytes each at worst in JSON, about 25 KB), and the session sync is split to fit.
+# Event sockets' high-water marks are sized from it (``Settings.hwm_for``).
+EVENT_BYTES_MAX = 32 * 1024
+
+
 def split_sessions(sessions: list[SessionInfo], part_bytes: int) -> list[list[SessionInfo]]:
     """``sessions`` in parts whose events stay under ``part_bytes`` (one part at least,
     maybe empty). A size is bounded from above: each character of a name or topic

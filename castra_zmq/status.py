@@ -39,7 +39,8 @@ class StatusService:
         self.context = zmq.Context()
         self.events = self.context.socket(zmq.SUB)
         self.events.linger = 0
-        self.events.rcvhwm = settings.hwm
+        # Bounded in bytes; a lost event is mended by the next session sync.
+        self.events.rcvhwm = settings.hwm_for(settings.bus_frame_bytes_max)
         self.events.subscribe(topics.EVENT_ALL)
         self.events.connect(self.endpoints.subscribe)
         self.queries = self.context.socket(zmq.ROUTER)

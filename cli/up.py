@@ -44,8 +44,9 @@ from .options import state_root_option
               show_default=True,
               help="Per-VM log files in logs/bus/; VMs past it are logged in bus.log only.")
 @click.option("--identities", "identities_file", type=click.Path(dir_okay=False, exists=True),
-              help="Allow-list of VM names, optionally with a secret each (`beta token=...`); "
-                   "others get `error: unknown vm`.")
+              help="Allow-list of VM names, one a line, each optionally with a secret and topic "
+                   "grants (`beta token=s3cr3t subscribe=vm:*,metrics publish=alerts*`); others get "
+                   "`error: unknown vm`.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=DEFAULTS.max_connections,
               show_default=True, help="Guest connections open at once.")
 @click.option("--max-per-address", "max_connections_per_address", type=click.IntRange(min=0),
