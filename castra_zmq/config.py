@@ -38,6 +38,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # 0: no cap. Guests behind QEMU user networking all arrive from 127.0.0.1, so a
     # per-address cap only makes sense for guests on a bridged network.
     max_connections_per_address: int = 0
+    # Bus sessions one VM may hold at once (an agent, a publish, a second agent...):
+    # a hello past it gets "error: too many sessions for this vm". A guest reset
+    # without closing its connections keeps its sessions until heartbeat_timeout.
+    max_sessions_per_vm: int = 8
     identities_file: str | None = None  # allow-list and per-VM secrets (see identity.py)
     # Journal: "batch" fsyncs once per group commit, "never" leaves it to the OS.
     fsync: Literal["batch", "never"] = "batch"
@@ -46,12 +50,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Internal queues, in bytes. ZeroMQ counts a queue in messages, so each role sets
     # its high-water marks to queue_bytes over the largest message the queue can hold
     # (``hwm_for``), and caps what peers may send it (ZMQ_MAXMSGSIZE).
-    queue_bytes: int = 64 * MIB  # one queue of one role socket, for one peer
+    # One queue of one role socket, for one peer. 128 MiB: the bus queues (frames of
+    # up to 65.5 KiB) then hold about 2,000 messages, a whole commit's worth of small
+    # ones (up to 2 x batch_max), so a host subscriber that reads loses none in a burst.
+    queue_bytes: int = 128 * MIB
     batch_bytes_max: int = 256 * KIB  # one message to the journal socket (a bridge's batch)
     commit_bytes_max: int = 1 * MIB  # a group commit takes no further message past this
-    # One frame into the proxy (events, deliveries): small enough that a queue of
-    # queue_bytes still holds 256 of them for a host subscriber that lags a moment.
-    bus_frame_bytes_max: int = 256 * KIB
+    # One frame into the proxy: the largest the router sends (a bus message's body;
+    # events are at most 32 KiB): the proxy's queues are queue_bytes over it.
+    bus_frame_bytes_max: int = BUS_MESSAGE_MAX
     # Messages: the bridge's queue of answers from the journal, which must not drop
     # (a dropped answer is a false commit_timeout); the journal sends at most its own budget.
     hwm: int = 200_000
@@ -85,6 +92,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ConfigError(f"{name} must be positive")
         if self.publish_window < 1:
             raise ConfigError("publish_window must be at least 1")
+        if self.max_sessions_per_vm < 1:
+            raise ConfigError("max_sessions_per_vm must be at least 1")
         if self.batch_bytes_max < PUBLISH_REQUEST_MAX:
             raise ConfigError(f"batch_bytes_max must be at least {PUBLISH_REQUEST_MAX} (one publish)")
         if self.bus_frame_bytes_max < BUS_MESSAGE_MAX:

@@ -210,3 +210,40 @@ def test_stopped_proxy_leaves_the_journal_within_budget(router_factory):
 
     wait_for(delivered_again, timeout=10, what="the bus delivering again")
     reader.close()
+
+
+def test_a_host_subscriber_that_reads_gets_every_message_of_commit_sized_bursts(router):
+    """Byte budgets must not cost a reading subscriber anything: bursts of 1,000
+    small host publishes in one batch (one commit) all reach a SUB that reads all
+    along. With queues of 32 messages (a 64 MiB budget over 2 MiB frames), or even
+    of 1,000, a burst overflowed them."""
+    bursts, size = 5, 1000
+    with zmq.Context() as context, context.socket(zmq.SUB) as sub, context.socket(zmq.DEALER) as dealer:
+        for sock in (sub, dealer):
+            sock.linger = 0
+        sub.rcvhwm = 100_000
+        sub.subscribe(b"bus\0burst\0")
+        sub.connect(ipc(router, "bus-out.sock"))
+        # The subscription reaches the journal (slow joiner): a probe comes back.
+        wait_for(lambda: client.publish("burst", "probe", state_root=router.state_root) and sub.poll(100),
+                 timeout=10, what="the subscription in place")
+        while sub.poll(200):
+            sub.recv_multipart()
+        dealer.connect(ipc(router, "journal.sock"))
+        received = 0
+        deadline = time.monotonic() + 30
+        for burst in range(bursts):
+            requests = [{"corr": burst * size + n, "vm": "host", "topic": "burst",
+                         "deadline": time.monotonic() + 10, "payload": n} for n in range(size)]
+            dealer.send_multipart([b"", json.dumps(requests).encode()])
+            while not dealer.poll(0):  # read while the journal commits and answers
+                assert time.monotonic() < deadline, "no answer from the journal"
+                if sub.poll(10):
+                    sub.recv_multipart()
+                    received += 1
+            results = json.loads(dealer.recv_multipart()[-1])["results"]
+            assert all(reason is None for _, _, reason in results), results[:3]
+        while received < bursts * size and sub.poll(1000):
+            sub.recv_multipart()
+            received += 1
+    assert received == bursts * size
