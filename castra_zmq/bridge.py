@@ -55,6 +55,7 @@ _SHUTDOWN_GRACE = 2.0  # seconds for the journal to answer what guests sent, whe
 _BATCHES_IN_FLIGHT = 4  # a batch that is not full waits while this many are unanswered
 _DRAIN_MAX = 4096  # bus messages handled per wake-up before yielding to guests
 _COMMIT_GRACE = 0.5  # seconds past its deadline before the bridge times a publish out
+TOO_MANY_SESSIONS = "too many sessions for this vm"  # hello past max_sessions_per_vm
 # Descriptors kept out of the connection cap: the bridge's own (about 25) and those
 # of closing connections, which give their slot back before their socket goes.
 FD_RESERVE = 64
@@ -75,7 +76,9 @@ class Bridge:
         self.per_address: collections.Counter[str] = collections.Counter()
         self.identities = load_identities(settings.identities_file)
         self.policy = self.identities.policy if self.identities is not None else DEFAULT_POLICY
-        self.sessions: dict[str, GuestConnection] = {}  # vm -> its current session
+        # vm -> its open sessions, oldest first (a dict as an ordered set): processes
+        # of one guest share its name, each with its own subscriptions.
+        self.sessions: dict[str, dict[GuestConnection, None]] = {}
         self.subscribers: dict[str, set[GuestConnection]] = {}  # topic -> sessions
         self.pending: dict[int, PendingPublish] = {}  # in commit order, so deadlines too
         self.corr = itertools.count(1)
@@ -155,17 +158,23 @@ class Bridge:
         if self.identities is not None:
             self.identities.check(hello)
 
+    def session_refusal(self, vm: str) -> str | None:
+        """A reason to refuse ``vm`` one more bus session, or None. A new hello never
+        closes the VM's other sessions: a stale one (a guest reset without a FIN)
+        goes at its heartbeat timeout, so the cap must leave room for those."""
+        open_sessions = self.sessions.get(vm)
+        if open_sessions is not None and len(open_sessions) >= self.settings.max_sessions_per_vm:
+            return TOO_MANY_SESSIONS
+        return None
+
     def open_session(self, connection: GuestConnection, hello: Hello) -> None:
-        previous = self.sessions.get(hello.vm)
-        if previous is not None:
-            previous.log.bind(reason="replaced").info("session replaced by a new one")
-            previous.close("replaced")
-        self.sessions[hello.vm] = connection
+        open_sessions = self.sessions.setdefault(hello.vm, {})
+        open_sessions[connection] = None
         self.emit(EventKind.HANDSHAKE, vm=hello.vm, outcome="session", capabilities=list(hello.capabilities),
                   bus_protocol=hello.bus_protocol)
         self.emit(EventKind.SESSION_OPEN, vm=hello.vm, session=connection.token, bus_protocol=hello.bus_protocol)
         self.announce_connected(hello.vm)
-        connection.log.info("session open")
+        connection.log.info("session open", vm_sessions=len(open_sessions))
 
     def announce_connected(self, vm: str) -> None:
         """Tell the journal ``vm`` connected: messages to it may get a per-VM log."""
@@ -176,8 +185,11 @@ class Bridge:
         for topic in connection.topics:
             self._drop_subscriber(connection, topic)
         connection.topics.clear()
-        if self.sessions.get(connection.vm) is connection:
-            del self.sessions[connection.vm]
+        open_sessions = self.sessions.get(connection.vm)
+        if open_sessions is not None:
+            open_sessions.pop(connection, None)
+            if not open_sessions:
+                del self.sessions[connection.vm]
         self.emit(EventKind.SESSION_CLOSE, vm=connection.vm, session=connection.token, reason=reason)
         connection.log.bind(reason=reason).info("session closed")
 
@@ -369,7 +381,9 @@ class Bridge:
 
     def deliver(self, committed: Committed, frame: bytes) -> None:
         """Push one committed message's guest frame to every subscriber of its topic
-        but its sender; ``*`` subscribers get a ``vm:`` topic only if they may read it."""
+        but the sender's sessions (all of them: a VM never hears its own publishes,
+        whichever of its sessions sent it); ``*`` subscribers get a ``vm:`` topic only
+        if they may read it."""
         exact = self.subscribers.get(committed.topic)
         every = self.subscribers.get(SUBSCRIBE_ALL)
         if every and committed.topic.startswith(VM_TOPIC_PREFIX):
@@ -402,7 +416,8 @@ class Bridge:
             previous = now
             self.fail_pending("commit_timeout", deadline_before=ran_until - _COMMIT_GRACE)
             limit = now - self.settings.heartbeat_timeout
-            silent = [c for c in self.sessions.values() if c.last_frame < limit and c not in self.held]
+            silent = [c for open_sessions in self.sessions.values() for c in open_sessions
+                      if c.last_frame < limit and c not in self.held]
             for connection in silent:
                 connection.log.bind(reason="heartbeat_timeout").info("session timed out")
                 connection.close("heartbeat_timeout")
@@ -416,7 +431,7 @@ class Bridge:
         the proxy drops a publisher that sends a frame over its limit."""
         parts = split_sessions([
             SessionInfo(c.vm, c.token, c.bus_protocol, sorted(c.topics), c.last_heartbeat_ms)
-            for c in self.sessions.values()
+            for open_sessions in self.sessions.values() for c in open_sessions
         ], EVENT_BYTES_MAX)
         sync_round = now_ms()
         for part in parts:

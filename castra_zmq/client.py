@@ -25,6 +25,7 @@ import msgspec
 import zmq
 
 from . import topics
+from .config import DEFAULTS
 from .endpoints import Endpoints, default_state_root
 from .errors import PublishFailed, RouterUnavailable
 from .handshake import HOST_SENDER
@@ -32,6 +33,7 @@ from .owner import router_pid
 from .wire import (
     MAX_FRAME,
     MESSAGE_TOO_LARGE,
+    CommitResult,
     Delivery,
     PublishRequest,
     decode_commit_batch,
@@ -40,6 +42,8 @@ from .wire import (
 )
 
 DEFAULT_TIMEOUT = 5.0
+BATCH_MAX = DEFAULTS.batch_max  # requests in one frame to the journal
+BATCH_BYTES_MAX = DEFAULTS.batch_bytes_max  # bytes in one frame: past it, ZeroMQ drops the tool
 _validate = msgspec.json.Decoder(msgspec.Raw).decode
 
 
@@ -83,26 +87,98 @@ def publish(
     committed within ``timeout`` seconds. It is never half-written. A message
     whose guest frame would be over 65,536 bytes is refused: ``message too large``.
     """
-    endpoints = _endpoints(state_root)
     body = encode_payload(payload)
     # The journal has the last word; what cannot fit in any case is not sent (past
     # the journal socket's message limit, it would not even be answered).
     if len(body) + len(topic) > MAX_FRAME:
         raise PublishFailed(MESSAGE_TOO_LARGE)
-    require_router(endpoints)
-    deadline = time.monotonic() + timeout
-    request = json_encode(PublishRequest(corr=1, vm=HOST_SENDER, topic=topic, deadline=deadline, payload=msgspec.Raw(body)))
-    with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
-        sock.linger = 0
-        sock.connect(endpoints.journal)
-        sock.send_multipart([b"", request])
-        # A little past the deadline: the journal answers commit_timeout itself.
-        if not sock.poll(int((timeout + 0.5) * 1000)):
-            raise PublishFailed(f"no commit within {timeout:g}s (is the journal running? see `castra status`)")
-        result = decode_commit_batch(sock.recv_multipart()[-1]).results[0]
+    with Publisher(state_root=state_root) as publisher:
+        [result] = publisher.publish_batch([(topic, msgspec.Raw(body))], timeout=timeout)
     if result.reason is not None:
         raise PublishFailed(result.reason)
     return result.seq
+
+
+class Publisher:
+    """One connection to the journal for many publishes as ``host``.
+
+    ``publish_batch`` sends its messages as JSON arrays of requests, each one frame
+    the journal commits whole (at most ``BATCH_MAX`` requests and ``BATCH_BYTES_MAX``
+    bytes a frame), and returns once every message is in the log or refused::
+
+        with client.Publisher() as publisher:
+            for result in publisher.publish_batch([("builds", {"n": 1}), ("builds", {"n": 2})]):
+                print(result.seq, result.reason)
+    """
+
+    def __init__(self, *, state_root: os.PathLike | str | None = None):
+        self.endpoints = _endpoints(state_root)
+        require_router(self.endpoints)
+        self.corr = 0
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(self.endpoints.journal)
+
+    def __enter__(self) -> Publisher:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.context.term()
+
+    def publish_batch(self, messages: Iterable[tuple[str, object]], *,
+                      timeout: float = DEFAULT_TIMEOUT) -> list[CommitResult]:
+        """Publish ``(topic, payload)`` pairs (payloads as for ``publish``); return a
+        result per message, in their order, ``corr`` being its index: ``seq`` once it
+        is in the bus log, else ``reason`` (one that is not JSON, or too large, is
+        not sent). Raises ``RouterUnavailable`` when the router is gone."""
+        deadline = time.monotonic() + timeout
+        results: list[CommitResult | None] = []
+        waiting: dict[int, int] = {}  # corr -> index in results
+        frames: list[list[bytes]] = [[]]
+        frame_bytes = 2
+        for index, (topic, payload) in enumerate(messages):
+            results.append(None)
+            try:
+                body = encode_payload(payload)
+            except PublishFailed as exc:
+                results[index] = CommitResult(corr=index, reason=exc.reason)
+                continue
+            if len(body) + len(topic) > MAX_FRAME:
+                results[index] = CommitResult(corr=index, reason=MESSAGE_TOO_LARGE)
+                continue
+            self.corr += 1
+            request = json_encode(PublishRequest(corr=self.corr, vm=HOST_SENDER, topic=topic, deadline=deadline,
+                                                 payload=msgspec.Raw(body)))
+            if len(frames[-1]) >= BATCH_MAX or frame_bytes + len(request) + 1 > BATCH_BYTES_MAX:
+                frames.append([])
+                frame_bytes = 2
+            frames[-1].append(request)
+            frame_bytes += len(request) + 1
+            waiting[self.corr] = index
+        for requests in frames:
+            if requests:
+                self.sock.send_multipart([b"", b"[" + b",".join(requests) + b"]"])
+        # A little past the deadline: the journal answers commit_timeout itself.
+        end = deadline + 0.5
+        while waiting:
+            left = end - time.monotonic()
+            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                if router_pid(self.endpoints) is None:
+                    raise RouterUnavailable(f"the router on {self.endpoints.state_root} stopped")
+                reason = f"no commit within {timeout:g}s (is the journal running? see `castra status`)"
+                for index in waiting.values():
+                    results[index] = CommitResult(corr=index, reason=reason)
+                break
+            for result in decode_commit_batch(self.sock.recv_multipart()[-1]).results:
+                index = waiting.pop(result.corr, None)
+                if index is not None:  # else the answer to an earlier batch given up on
+                    results[index] = CommitResult(corr=index, seq=result.seq, reason=result.reason)
+        return results
 
 
 def _bus_subscriptions(sock: zmq.Socket, topic_names: Iterable[str]) -> None:

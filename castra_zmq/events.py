@@ -16,7 +16,7 @@ from . import topics
 
 class EventKind(str, enum.Enum):
     HANDSHAKE = "handshake"  # vm, capabilities, outcome (ok|session|error), reason
-    SESSION_OPEN = "session_open"  # vm, session, bus_protocol
+    SESSION_OPEN = "session_open"  # vm, session, bus_protocol; a VM may have several sessions open
     SESSION_CLOSE = "session_close"  # vm, session, reason
     SUBSCRIBE = "subscribe"  # vm, session, topics (the session's topics after it)
     UNSUBSCRIBE = "unsubscribe"  # vm, session, topics

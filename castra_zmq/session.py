@@ -191,6 +191,11 @@ class GuestConnection(asyncio.Protocol):
         except HandshakeError as exc:
             self.refuse(exc.reason, vm=hello.vm)
             return
+        if hello.bus_protocol is not None:
+            refusal = self.bridge.session_refusal(hello.vm)
+            if refusal is not None:  # its other sessions go on
+                self.refuse(refusal, vm=hello.vm)
+                return
         self.deadline.cancel()
         self.line = b""
         if hello.bus_protocol is None:

@@ -5,6 +5,10 @@ snapshots it; ``castra status`` turns a table into a ``StatusView``. Ages are
 computed from wall-clock timestamps (they must survive restarts) and clamped at
 zero, so a clock stepped backwards never yields a negative age.
 
+A VM may hold several bus sessions at once (processes of one guest share its
+name): its record keeps each open one (``sessions``) and shows one row for all of
+them: open while any is, ``session`` the oldest open one, ``topics`` the union.
+
 The table stays small whatever guests do: only an accepted handshake or session
 makes a record (a refused one only counts in ``refused_handshakes``), and at each
 session sync ``prune`` forgets VMs without an open session that were not seen for
@@ -24,19 +28,29 @@ MAX_IDLE_RECORDS = 1024  # records of VMs without an open session
 IDLE_RECORD_TTL_MS = 7 * 24 * 3600 * 1000  # a VM not seen for this long is forgotten
 
 
+class SessionRecord(msgspec.Struct, kw_only=True):
+    """One open bus session of a VM."""
+
+    topics: list[str] = []
+    opened_ms: int = 0  # when status learnt it is open (its session_open event, or a sync)
+    sync_round: int = 0  # the last session sync that listed it open
+
+
 class VmRecord(msgspec.Struct, kw_only=True):
     name: str
     capabilities: list[str] = []
     bus_protocol: str | None = None
     last_handshake_ms: int | None = None
     last_handshake_outcome: str | None = None
-    session: str | None = None
-    session_open: bool = False
-    topics: list[str] = []
+    # The VM's open sessions by token, oldest first; the three fields after it are
+    # what they add up to (see ``refresh_sessions``).
+    sessions: dict[str, SessionRecord] = {}
+    session: str | None = None  # the oldest open session (the last one, once none is open)
+    session_open: bool = False  # any session open
+    topics: list[str] = []  # the union of the open sessions' topics, sorted
     last_publish_ms: int | None = None
     last_heartbeat_ms: int | None = None
     last_reason: str | None = None  # why the last session closed or handshake failed
-    sync_round: int = 0  # the last session sync that listed this VM's session open
 
 
 class JournalHealth(msgspec.Struct, kw_only=True):
@@ -73,8 +87,9 @@ class VmStatus(msgspec.Struct):
     subscribed_topics: list[str]
     last_publish_age_ms: int | None
     last_heartbeat_age_ms: int | None
-    session: str | None
+    session: str | None  # the oldest open session, when there are several
     last_reason: str | None
+    sessions: int = 0  # open bus sessions of this VM (processes of one guest share its name)
 
 
 class JournalStatus(msgspec.Struct):
@@ -119,6 +134,8 @@ def view(table: StatusTable, now: int) -> StatusView:
                 last_heartbeat_age_ms=_age(now, record.last_heartbeat_ms),
                 session=record.session if open_session else None,
                 last_reason=record.last_reason,
+                # A snapshot of an older router may say open with no sessions listed.
+                sessions=max(1, len(record.sessions)) if open_session else 0,
             )
         )
     journal = table.journal
@@ -172,51 +189,75 @@ def apply_event(table: StatusTable, event: Event) -> None:
         record.capabilities = event.capabilities or []
         record.bus_protocol = event.bus_protocol
     elif kind is EventKind.SESSION_OPEN:
-        record.session = event.session
-        record.session_open = True
+        if event.session:
+            record.sessions[event.session] = SessionRecord(opened_ms=event.ts_ms, sync_round=table.sync_round)
         record.bus_protocol = event.bus_protocol
-        record.topics = []
         record.last_heartbeat_ms = event.ts_ms
-    elif event.session != record.session:
-        return  # a late event of a session already replaced
+        refresh_sessions(record)
+    elif event.session not in record.sessions:
+        return  # a late event of a session already closed
     elif kind is EventKind.SESSION_CLOSE:
-        record.session_open = False
-        record.topics = []
+        del record.sessions[event.session]
         record.last_reason = event.reason
+        refresh_sessions(record)
     elif kind in (EventKind.SUBSCRIBE, EventKind.UNSUBSCRIBE):
-        record.topics = event.topics or []
+        record.sessions[event.session].topics = event.topics or []
+        refresh_sessions(record)
     elif kind is EventKind.HEARTBEAT:
         record.last_heartbeat_ms = event.ts_ms
     elif kind is EventKind.BACKPRESSURE:
         record.last_reason = event.reason
 
 
+def refresh_sessions(record: VmRecord) -> None:
+    """Sum up the VM's open sessions in its row: open while any is, ``session`` the
+    oldest, ``topics`` the union (at most ``max_sessions_per_vm`` x 16 of them)."""
+    if record.sessions:
+        record.session_open = True
+        record.session = next(iter(record.sessions))
+        record.topics = sorted({topic for state in record.sessions.values() for topic in state.topics})
+    else:
+        record.session_open = False
+        record.topics = []
+
+
 def apply_sessions(table: StatusTable, event: Event) -> None:
     """One part of the bridge's session sync: its sessions are open. Once every
     part of a sync came, a session that none of them listed is closed; a sync
-    with a part lost closes nothing (the next one, half a second later, will)."""
+    with a part lost closes nothing (the next one, half a second later, will).
+    One VM's sessions may be spread over several parts."""
     table.bridge_sync_ms = event.ts_ms
     sync_round = event.sync_round or event.ts_ms
     if sync_round != table.sync_round:
         table.sync_round = sync_round
         table.sync_parts_seen = 0
     table.sync_parts_seen += 1
+    touched: dict[str, VmRecord] = {}
     for info in event.sessions or []:
-        record = vm_record(table, info.vm)
-        record.session = info.session
-        record.session_open = True
-        record.sync_round = sync_round
+        record = touched.get(info.vm) or vm_record(table, info.vm)
+        touched[info.vm] = record
+        state = record.sessions.get(info.session)
+        if state is None:
+            state = record.sessions[info.session] = SessionRecord(opened_ms=event.ts_ms)
+        state.sync_round = sync_round
+        state.topics = info.topics
         record.bus_protocol = info.bus_protocol
-        record.topics = info.topics
         if info.last_heartbeat_ms is not None:
-            record.last_heartbeat_ms = info.last_heartbeat_ms
+            record.last_heartbeat_ms = max(record.last_heartbeat_ms or 0, info.last_heartbeat_ms)
+    for record in touched.values():
+        refresh_sessions(record)
     if table.sync_parts_seen < (event.sync_parts or 1):
         return
     for record in table.vms.values():
-        if record.session_open and record.sync_round != sync_round:
-            record.session_open = False
-            record.topics = []
-            record.last_reason = record.last_reason or "session lost"
+        if not record.session_open:
+            continue
+        lost = [token for token, state in record.sessions.items() if state.sync_round != sync_round]
+        for token in lost:
+            del record.sessions[token]
+        if lost or not record.sessions:  # none listed: also a record of an older snapshot
+            refresh_sessions(record)
+            if not record.session_open:
+                record.last_reason = record.last_reason or "session lost"
     prune(table, event.ts_ms)
 
 

@@ -69,7 +69,7 @@ def render_table(result: StatusView, color: bool = False) -> str:
     """
     import click  # only the CLI renders tables
 
-    headers = ("VM", "BROKER", "HANDSHAKE AGE", "BUS", "BUS AGE", "TOPICS")
+    headers = ("VM", "ROUTER", "HANDSHAKE AGE", "BUS", "BUS AGE", "TOPICS")
     rows = []
     for vm in result.vms:
         bus = "subscribed" if vm.bus_subscribed else ("idle" if vm.bus_protocol else "—")
@@ -100,6 +100,6 @@ def render_table(result: StatusView, color: bool = False) -> str:
         head += f"\nhandshakes refused: {result.refused_handshakes} (each in the router's log)"
     out = [head, "", line(headers, bold=True)]
     out += [line(r) for r in rows] or ["(no VMs seen yet)"]
-    out += ["", ("BROKER reachable: handshake under 45 s old or a live bus session; "
+    out += ["", ("ROUTER reachable: the router heard the VM (handshake under 45 s old or a live bus session); "
                 "BUS subscribed: session open, idle: no session now, —: handshake-only.")]
     return "\n".join(out)

@@ -6,8 +6,9 @@ lands, and never shown before.
 
 Following tracks the path, not the open file, like ``tail -F``: a log truncated in
 place is read again from its start, a replaced one (rotation, a new state root) is
-read to its end and then swapped for the new file, and a log that does not exist
-yet is waited for. Wake-ups come from inotify on the log's directory, so a new line
+read until the writer has moved to the new file, then to its end, and then the
+new file is read (no line skipped), and a log that does not exist yet is waited
+for. Wake-ups come from inotify on the log's directory, so a new line
 shows within milliseconds; a short ``select`` timeout is the safety net for a missed
 event, and without inotify (or while the directory does not exist) a 30 ms poll
 takes over.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import itertools
 import os
 import select
@@ -40,6 +42,7 @@ DEFAULT_COUNT = 10
 POLL_INTERVAL = 0.03  # seconds between checks without inotify
 SAFETY_INTERVAL = 0.25  # with inotify: check anyway this often, in case an event was missed
 _READ_CHUNK = 1 << 20  # far above the longest record (a 64 KiB payload plus its fields)
+_MAX_OPEN_FILES = 4  # a replaced log and the files that replaced it, read until one has data
 _VM_WIDTH = 12
 _TOPIC_WIDTH = 16
 
@@ -77,11 +80,17 @@ def parse_entries(lines: Iterable[bytes], topics: Collection[str], notify: Notif
             yield Entry(line, record)
 
 
-def format_record(record: LogRecord, color: bool = False) -> str:
-    """``HH:MM:SS.mmm  vm  topic  payload``: local time, the payload as compact JSON,
-    guest-chosen text through ``printable``."""
-    seconds, millis = divmod(record.ts_ms, 1000)
-    clock = time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{millis:03d}"
+def format_time(ts_ms: int, utc: bool = False) -> str:
+    """ISO 8601 to the millisecond with the UTC offset: local time, or UTC with ``utc``."""
+    seconds, millis = divmod(ts_ms, 1000)
+    when = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(microsecond=millis * 1000)
+    return when.isoformat(timespec="milliseconds") if utc else when.astimezone().isoformat(timespec="milliseconds")
+
+
+def format_record(record: LogRecord, color: bool = False, utc: bool = False) -> str:
+    """``2024-05-01T12:00:00.042+02:00  vm  topic  payload``: the time as ``format_time``,
+    the payload as compact JSON, guest-chosen text through ``printable``."""
+    clock = format_time(record.ts_ms, utc)
     payload = msgspec.json.format(record.payload, indent=-1).decode("utf-8", "replace")
     cells = (
         (clock, {"dim": True}),
@@ -95,62 +104,24 @@ def format_record(record: LogRecord, color: bool = False) -> str:
 # -- reading a log file -----------------------------------------------------------
 
 
-class LogFollower:
-    """The complete lines of the log at ``path``: those already there, then new ones.
+class _OpenLog:
+    """One log file as opened, and how far its complete lines were handed out."""
 
-    ``offset`` is the end of the last line handed out. A file shorter than that was
-    truncated in place; a path that names another file (or none) was replaced.
-    Either is told through ``notify``, so a reader knows why lines repeat or skip.
-    """
-
-    def __init__(self, path: Path, notify: Notify):
-        self.path = path
-        self.notify = notify
-        self.fd: int | None = None
-        self.identity: tuple[int, int] | None = None
-        self.offset = 0
-        if self._open():
-            self.offset = complete_end(self.fd, os.fstat(self.fd).st_size)
-
-    def existing_lines(self) -> Iterator[bytes]:
-        """The lines in the log when it was opened, newest first; call before ``new_lines``."""
-        return lines_before(self.fd, self.offset) if self.fd is not None else iter(())
-
-    def new_lines(self) -> Iterator[bytes]:
-        """The lines completed since the last call, oldest first."""
-        if self.fd is None:
-            if not self._open():
-                return
-            self.notify(f"{self.path} appeared; reading it")
-        yield from self._drain()
-        if self._replaced():
-            self.close()  # the old file was read to its end just above
-            self.notify(f"{self.path} was replaced or removed; following the file by that name")
-            if self._open():
-                yield from self._drain()
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def _open(self) -> bool:
-        try:
-            self.fd = open_regular(self.path)  # no symbolic link followed, no FIFO waited on
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise CastraError(f"cannot read {self.path}: {exc.strerror}") from None
-        stat = os.fstat(self.fd)
+    def __init__(self, fd: int):
+        self.fd = fd
+        stat = os.fstat(fd)
         self.identity = (stat.st_dev, stat.st_ino)
         self.offset = 0
-        return True
 
-    def _drain(self) -> Iterator[bytes]:
+    def has_data(self) -> bool:
+        return self.offset > 0 or os.fstat(self.fd).st_size > 0
+
+    def drain(self, path: Path, notify: Notify) -> Iterator[bytes]:
+        """The complete lines after ``offset``; a file shorter than that was truncated."""
         while True:
             size = os.fstat(self.fd).st_size
             if size < self.offset:
-                self.notify(f"{self.path} was truncated; reading it from the start")
+                notify(f"{path} was truncated; reading it from the start")
                 self.offset = 0
             data = os.pread(self.fd, min(size - self.offset, _READ_CHUNK), self.offset)
             lines = data.split(b"\n")
@@ -163,12 +134,99 @@ class LogFollower:
             if len(data) < _READ_CHUNK:
                 return
 
-    def _replaced(self) -> bool:
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class LogFollower:
+    """The complete lines of the log at ``path``: those already there, then new ones.
+
+    A file shorter than what was read of it was truncated in place: it is read
+    again from its start. A path that names another file (or none) was replaced,
+    as by rotation: the writer goes on appending to the old file for a while (the
+    journal notices the rename at its next health tick), so the old file is kept
+    open and read until the new one holds data. The writer appends to one file at
+    a time and moves to a newer one only once done with the older, so from then on
+    the old file is complete: it is read to its end, closed, and the new one read.
+    No line is skipped and none is read twice. Truncation and replacement are told
+    through ``notify``, so a reader knows why lines repeat.
+    """
+
+    def __init__(self, path: Path, notify: Notify):
+        self.path = path
+        self.notify = notify
+        self.files: list[_OpenLog] = []  # oldest first; only the last may be at ``path``
+        self.at_path = False  # whether ``files[-1]`` is the file ``path`` names
+        self.missing = False  # whether ``path`` named no file at the last look
+        opened = self._open()
+        if opened is None:
+            self.missing = True
+        else:
+            opened.offset = complete_end(opened.fd, os.fstat(opened.fd).st_size)
+
+    @property
+    def fd(self) -> int | None:
+        """The file ``path`` names, while it is open."""
+        return self.files[-1].fd if self.at_path else None
+
+    def existing_lines(self) -> Iterator[bytes]:
+        """The lines in the log when it was opened, newest first; call before ``new_lines``."""
+        if not self.at_path:
+            return iter(())
+        current = self.files[-1]
+        return lines_before(current.fd, current.offset)
+
+    def new_lines(self) -> Iterator[bytes]:
+        """The lines completed since the last call, oldest first."""
+        self._look_at_path()
+        # Every file older than the newest one holding data is complete (see above).
+        newest = max((i for i, log in enumerate(self.files) if log.has_data()), default=0)
+        for older in self.files[:newest]:
+            yield from older.drain(self.path, self.notify)
+            older.close()
+        del self.files[:newest]
+        if self.files:
+            yield from self.files[0].drain(self.path, self.notify)
+        # Files after the first are empty; only a path replaced again and again by
+        # empty files makes many, and then the oldest of them are let go.
+        while len(self.files) > _MAX_OPEN_FILES:
+            self.files.pop(1).close()
+
+    def close(self) -> None:
+        for log in self.files:
+            log.close()
+        self.files.clear()
+        self.at_path = False
+
+    def _look_at_path(self) -> None:
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
-            return True
-        return (stat.st_dev, stat.st_ino) != self.identity
+            stat = None
+        if self.at_path and (stat is None or (stat.st_dev, stat.st_ino) != self.files[-1].identity):
+            self.at_path = False
+            self.notify(f"{self.path} was replaced or removed; reading the old file to its end, "
+                        "then the one by that name")
+        if stat is None:
+            self.missing = True
+        elif not self.at_path and self.files and (stat.st_dev, stat.st_ino) == self.files[-1].identity:
+            self.at_path = True  # moved back before anything replaced it
+        elif not self.at_path and self._open() is not None and self.missing:
+            self.notify(f"{self.path} appeared; reading it")
+            self.missing = False
+
+    def _open(self) -> _OpenLog | None:
+        """Open the file at ``path`` as the newest one (None when there is none)."""
+        try:
+            fd = open_regular(self.path)  # no symbolic link followed, no FIFO waited on
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CastraError(f"cannot read {self.path}: {exc.strerror}") from None
+        opened = _OpenLog(fd)
+        self.files.append(opened)
+        self.at_path = True
+        return opened
 
 
 # -- waiting for a change ---------------------------------------------------------
@@ -258,9 +316,12 @@ def tail_entries(
     follow: bool = False,
     topics: Collection[str] = (),
     notify: Notify,
+    caught_up: Callable[[bool], None] | None = None,
 ) -> Iterator[Entry]:
     """The last ``count`` entries of the log at ``path``, oldest first; with ``follow``,
     then every new one as it is appended, until the caller stops iterating.
+
+    ``caught_up`` is called once the last entries are out, with whether the log exists.
     """
     with contextlib.ExitStack() as cleanup:
         # Watching starts before the first read, so no append falls between the two.
@@ -268,6 +329,8 @@ def tail_entries(
         follower = cleanup.enter_context(contextlib.closing(LogFollower(path, notify)))
         recent = list(itertools.islice(parse_entries(follower.existing_lines(), topics, notify), count))
         yield from reversed(recent)
+        if caught_up is not None:
+            caught_up(follower.at_path)
         while watch is not None:
             watch.wait()
             yield from parse_entries(follower.new_lines(), topics, notify)

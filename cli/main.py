@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
+import sys
 
 import click
 
@@ -25,6 +28,21 @@ class LazyGroup(click.Group):
             return super().get_command(ctx, name)
         module, attribute = self.lazy_commands[name].split(":")
         return getattr(importlib.import_module(module), attribute)
+
+    def invoke(self, ctx: click.Context):
+        """Run the command; a reader that stopped reading (``castra bus tail | head -1``)
+        is a normal end, status 0, as for ``tail`` and ``cat``."""
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            # Nothing more can be written: what is still buffered goes nowhere, so
+            # the flush at exit does not fail again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            ctx.exit(0)
 
 
 @click.group(

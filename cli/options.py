@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,3 +23,20 @@ state_root_option = click.option(
 def stdout_wants_color() -> bool:
     """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def interrupt_on_signals() -> None:
+    """Make Ctrl-C and SIGTERM raise ``KeyboardInterrupt`` in a long-running command.
+
+    Set whatever the parent left: a shell starts ``cmd &`` with SIGINT ignored, and
+    Python then leaves it ignored. The command catches the interrupt and ends
+    quietly.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def no_entries_note() -> None:
+    """``-- No entries --`` on a terminal, as journalctl says it; nothing for scripts."""
+    if sys.stdout.isatty():
+        click.echo("-- No entries --")

@@ -53,6 +53,11 @@ from .options import state_root_option
               default=DEFAULTS.max_connections_per_address, show_default=True,
               help="Guest connections from one source address (0: no cap; guests behind QEMU "
                    "user networking all come from 127.0.0.1).")
+@click.option("--max-sessions-per-vm", type=click.IntRange(min=1), default=DEFAULTS.max_sessions_per_vm,
+              show_default=True,
+              help="Bus sessions one VM name may hold at once (its agent, a publish...); a hello past it "
+                   "gets `error: too many sessions for this vm`. A guest reset without closing its "
+                   "connections keeps its sessions until --heartbeat-timeout: leave room for them.")
 def up(state_root: Path, identities_file: str | None, **options) -> None:
     """Start the router (proxy, journal, status, bridge) and supervise it.
 

@@ -34,7 +34,7 @@ from .guest import Guest, connect_bus
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 VM_KEYS = {
     "name", "reachable", "last_handshake_age_ms", "capabilities", "bus_protocol", "bus_subscribed",
-    "subscribed_topics", "last_publish_age_ms", "last_heartbeat_age_ms", "session",
+    "subscribed_topics", "last_publish_age_ms", "last_heartbeat_age_ms", "session", "sessions",
 }
 AGE_KEYS = ("last_handshake_age_ms", "last_publish_age_ms", "last_heartbeat_age_ms")
 ROLES = {"proxy", "journal", "status", "bridge"}
@@ -58,6 +58,13 @@ def write_log(state_root: Path, *lines: bytes, tail_bytes: bytes = b"") -> Path:
 def castra(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli.main", *args], check=False, input=input,
                           capture_output=True, text=True, timeout=30)
+
+
+# A shell starts `cmd &` with SIGINT ignored, and exec keeps it so: like this prefix
+# of a Python command line (a preexec_fn is unsafe while the test runs threads).
+_IGNORE_SIGINT_THEN_EXEC = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+SIGINT_IGNORED = [sys.executable, "-c", _IGNORE_SIGINT_THEN_EXEC]
 
 
 class Lines:
@@ -105,9 +112,10 @@ class Lines:
 class Follow:
     """``castra bus tail -f`` running in the background."""
 
-    def __init__(self, state_root: Path, *args: str):
+    def __init__(self, state_root: Path, *args: str, ignore_sigint: bool = False):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "bus", "tail", "-f", "--state-root", str(state_root), *args],
+            [*(SIGINT_IGNORED if ignore_sigint else [sys.executable]),
+             "-m", "cli.main", "bus", "tail", "-f", "--state-root", str(state_root), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.stdout = Lines(self.process.stdout)
@@ -126,8 +134,8 @@ def follow():
     """Start ``castra bus tail -f`` processes; any left running is killed afterwards."""
     started: list[Follow] = []
 
-    def start(state_root: Path, *args: str) -> Follow:
-        started.append(Follow(state_root, *args))
+    def start(state_root: Path, *args: str, ignore_sigint: bool = False) -> Follow:
+        started.append(Follow(state_root, *args, ignore_sigint=ignore_sigint))
         return started[-1]
 
     yield start
@@ -140,11 +148,14 @@ def follow():
 # -- pure: castra_zmq.tail on plain files -----------------------------------------------
 
 
-def test_format_record_is_local_time_vm_topic_and_compact_payload():
+def test_format_record_is_iso_local_time_vm_topic_and_compact_payload():
     record = decode_log_record(b'{"timestamp":1700000000.042,"ts_ms":1700000000042,"seq":7,'
                                b'"vm":"alpha","topic":"vm:beta","payload":{"a": [1, 2], "s": "x y"}}')
-    clock = time.strftime("%H:%M:%S", time.localtime(1_700_000_000)) + ".042"
+    local = time.localtime(1_700_000_000)
+    offset = time.strftime("%z", local)
+    clock = time.strftime("%Y-%m-%dT%H:%M:%S", local) + f".042{offset[:3]}:{offset[3:]}"
     assert tail.format_record(record).split() == [clock, "alpha", "vm:beta", '{"a":[1,2],"s":"x', 'y"}']
+    assert tail.format_record(record, utc=True).split()[0] == "2023-11-14T22:13:20.042+00:00"
 
 
 def test_format_record_escapes_control_characters_and_colours_only_when_asked():
@@ -213,10 +224,40 @@ def test_follower_reads_a_truncated_or_replaced_log_from_its_start(tmp_path):
         assert list(follower.new_lines()) == [record_line(4), record_line(5)]
         assert "replaced" in notes[-1]
         path.unlink()
-        assert list(follower.new_lines()) == [] and follower.fd is None
+        assert list(follower.new_lines()) == [] and follower.fd is None and "removed" in notes[-1]
         write_log(tmp_path, record_line(6))
         assert list(follower.new_lines()) == [record_line(6)] and "appeared" in notes[-1]
     finally:
+        follower.close()
+
+
+def test_follower_reads_a_renamed_log_until_the_writer_moves_to_the_new_one(tmp_path):
+    """Issue 12, defect 5: the journal appends to a renamed log until its next health
+    tick; lines it writes there after the rename are read, in order, before the new
+    log's."""
+    path = write_log(tmp_path, record_line(1))
+    follower = tail.LogFollower(path, notify=lambda note: None)
+    old = open(path, "ab")  # noqa: SIM115 - the writer's descriptor, as the journal holds it
+    try:
+        assert list(follower.new_lines()) == []
+        path.rename(tmp_path / "bus.log.1")
+        old.write(record_line(2) + b"\n")
+        old.flush()
+        assert list(follower.new_lines()) == [record_line(2)]
+        path.touch()  # logrotate's `create`: a new, empty log before the writer moves
+        old.write(record_line(3) + b"\n")
+        old.flush()
+        assert list(follower.new_lines()) == [record_line(3)]
+        old.write(record_line(4) + b"\n")  # its last line there, then the writer moves on
+        old.flush()
+        write_log(tmp_path, record_line(5))
+        assert list(follower.new_lines()) == [record_line(4), record_line(5)]
+        assert len(follower.files) == 1 and follower.fd is not None  # the old file is let go
+        with open(path, "ab") as new:
+            new.write(record_line(6) + b"\n")
+        assert list(follower.new_lines()) == [record_line(6)]
+    finally:
+        old.close()
         follower.close()
 
 
@@ -296,6 +337,7 @@ def check_vm_schema(vm: dict) -> None:
     assert isinstance(vm["name"], str) and isinstance(vm["capabilities"], list)
     assert isinstance(vm["reachable"], bool) and isinstance(vm["bus_subscribed"], bool)
     assert isinstance(vm["subscribed_topics"], list)
+    assert type(vm["sessions"]) is int and vm["sessions"] >= 0 and (vm["sessions"] > 0) is vm["bus_subscribed"]
     for key in AGE_KEYS:
         assert vm[key] is None or (type(vm[key]) is int and vm[key] >= 0), (key, vm[key])
 
@@ -335,7 +377,7 @@ def test_status_json_for_handshake_only_subscribed_and_disconnected_guests(route
     assert legacy["last_handshake_age_ms"] is not None and legacy["last_publish_age_ms"] is None
     assert sub["reachable"] and sub["bus_subscribed"] and sub["bus_protocol"] == "bus-v1"
     assert sorted(sub["subscribed_topics"]) == ["news", "vm:sub"]
-    assert sub["session"] == subscribed.session and sub["capabilities"] == ["bus-v1"]
+    assert sub["session"] == subscribed.session and sub["capabilities"] == ["bus-v1"] and sub["sessions"] == 1
     assert sub["last_publish_age_ms"] is not None and sub["last_heartbeat_age_ms"] is not None
     assert gone["reachable"]  # its handshake is still fresh
     assert not gone["bus_subscribed"] and gone["subscribed_topics"] == [] and gone["session"] is None
@@ -441,13 +483,58 @@ def test_tail_follow_waits_for_the_log_and_survives_a_router_restart(router_fact
     assert following.next_record()["seq"] == second == first + 1
 
 
+@pytest.mark.parametrize("ignore_sigint", [False, True], ids=["", "started-with-SIGINT-ignored"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
-def test_tail_follow_stops_quietly_with_status_0(state_root, follow, sig):
+def test_tail_follow_stops_quietly_with_status_0(state_root, follow, sig, ignore_sigint):
+    """Also when its shell started it with SIGINT ignored (`castra bus tail -f &`, tox &)."""
     write_log(state_root, record_line(1))
-    following = follow(state_root, "-n", "1")
+    following = follow(state_root, "-n", "1", ignore_sigint=ignore_sigint)
     following.stdout.next()
     assert following.stop(sig) == 0
     assert following.stderr.remaining() == []  # no traceback, no "Aborted!"
+
+
+def test_tail_follow_loses_no_line_at_rename_rotation(router, follow):
+    """Issue 12, defect 5: rotated by renaming under steady publishing, three times;
+    the journal writes to the renamed file until its next health tick (0.5 s)."""
+    published = [client.publish("broadcast", "first", state_root=router.state_root)]
+    following = follow(router.state_root, "-n", "1", "--json")
+    seen = [following.next_record()["seq"]]  # it has read the log and is following
+    stop = threading.Event()
+
+    def publish_steadily() -> None:
+        with client.Publisher(state_root=router.state_root) as publisher:
+            while not stop.is_set():
+                [result] = publisher.publish_batch([("broadcast", {"n": len(published)})])
+                assert result.reason is None, result.reason
+                published.append(result.seq)
+                time.sleep(0.002)
+
+    publisher = threading.Thread(target=publish_steadily)
+    publisher.start()
+    try:
+        for rotation in range(1, 4):
+            count = len(published) + 60
+            wait_for(lambda count=count: len(published) >= count and (router.logs / "bus.log").exists(), timeout=10,
+                     what="messages in a new log to rotate")
+            # tail follows a path: one renamed twice before it got there is skipped
+            # whole (as with tail -F); it has caught up with the log it is in.
+            caught_up = published[-1]
+            while seen[-1] < caught_up:
+                seen.append(following.next_record()["seq"])
+            (router.logs / "bus.log").rename(router.logs / f"bus.log.{rotation}")
+        count = len(published) + 200
+        wait_for(lambda: len(published) >= count, timeout=10, what="messages after the last rotation")
+    finally:
+        stop.set()
+        publisher.join(10)
+    last = published[-1]
+    while seen[-1] < last:
+        seen.append(following.next_record()["seq"])
+    assert seen == published == list(range(1, last + 1))
+    kept = [json.loads(line)["seq"] for name in ("bus.log.1", "bus.log.2", "bus.log.3", "bus.log")
+            for line in (router.logs / name).read_text().splitlines()]
+    assert kept == seen  # every rotated file got lines after the rename was seen
 
 
 # -- examples/watch_vm.py -----------------------------------------------------------------
@@ -491,3 +578,187 @@ def test_watch_vm_example_prints_each_message_for_its_vm(router):
 def test_publish_to_the_subscribe_all_topic_is_refused(router):
     result = castra("bus", "publish", "--state-root", str(router.state_root), "--topic", "*", "--payload", "1")
     assert result.returncode == 1 and "topic * is only for subscribe" in result.stderr
+
+
+# -- issue 12: impossible state roots, closed pipes, empty results, status, publish -------
+
+
+def impossible_roots(tmp_path: Path) -> dict[str, str]:
+    """State roots no command can use: under a regular file, and in /proc."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    return {"under-a-file": str(afile / "sub"), "in-proc": "/proc/castra"}
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "in-proc"])
+@pytest.mark.parametrize("command", [
+    ("up", "--port", "0"), ("status",), ("bus", "publish", "-m", "1"), ("bus", "tail"),
+], ids=" ".join)
+def test_an_impossible_state_root_is_an_error_not_a_traceback(tmp_path, command, where):
+    """Issue 12, defect 3: `Error: ...` and exit 1, or for a root that merely does not
+    exist (nothing can be made in /proc) what a missing root means to that command."""
+    root = impossible_roots(tmp_path)[where]
+    result = subprocess.run([sys.executable, "-m", "cli.main", *command, "--state-root", root], check=False,
+                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in result.stderr
+    if command[0] == "up" or where == "under-a-file":
+        assert result.returncode == 1, result
+        assert result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1
+        assert "not a directory" in result.stderr.lower() or "cannot use /proc/castra" in result.stderr
+    elif command == ("bus", "publish", "-m", "1"):
+        assert result.returncode == 1 and "no router is running" in result.stderr
+    else:  # a state root that does not exist: no router, no log
+        assert result.returncode == 0, result
+
+
+def run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """``castra ARGS`` with its stdout a pipe whose reader is gone (`| head -1` after its line)."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], stdout=writer, stderr=subprocess.PIPE,
+                              text=True, timeout=30, check=False)
+    finally:
+        os.close(writer)
+
+
+def test_a_reader_gone_is_a_normal_end(router):
+    """Issue 12, defect 7: `castra bus tail -n 1000 | head -1` exits 0, silently; so
+    does every command that prints."""
+    with client.Publisher(state_root=router.state_root) as publisher:
+        publisher.publish_batch([("broadcast", n) for n in range(1000)])
+    root = ("--state-root", str(router.state_root))
+    for args in (("bus", "tail", "-n", "1000", *root), ("bus", "tail", "-n", "1000", "--json", *root),
+                 ("status", *root), ("status", "--json", *root), ("bus", "publish", "-m", "1", *root),
+                 ("bus", "--help",)):
+        result = run_into_closed_pipe(*args)
+        assert (result.returncode, result.stderr) == (0, ""), args
+
+
+def run_on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """``castra ARGS`` with its stdout a pseudo-terminal: (status, stdout, stderr)."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "cli.main", *args], stdout=terminal,
+                                stderr=subprocess.PIPE, text=True, timeout=30, check=False)
+        os.close(terminal)
+        terminal = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        os.close(controller)
+    return result.returncode, out.decode().replace("\r\n", "\n"), result.stderr
+
+
+def test_tail_says_when_there_are_no_entries(state_root):
+    """On a terminal, `-- No entries --` (as journalctl); for scripts stdout stays empty
+    and stderr tells a log that does not exist."""
+    root = ("--state-root", str(state_root))
+    for args in (("--vm", "nosuch"), ()):  # no state root at all yet
+        status, out, err = run_on_a_terminal("bus", "tail", *args, *root)
+        assert (status, out) == (0, "-- No entries --\n")
+        assert "no log yet" in err and "does not exist" in err
+        piped = castra("bus", "tail", *args, *root)
+        assert (piped.returncode, piped.stdout) == (0, "") and "no log yet" in piped.stderr
+    write_log(state_root, record_line(1, "a"))
+    status, out, err = run_on_a_terminal("bus", "tail", "--topic", "b", *root)
+    assert (status, out, err) == (0, "-- No entries --\n", "")
+    assert castra("bus", "tail", "--topic", "b", "--json", *root).stdout == ""
+
+
+def test_tail_shows_the_date_and_utc_on_request(state_root):
+    write_log(state_root, record_line(1))  # ts_ms 1_700_000_000_001
+    result = castra("bus", "tail", "--utc", "--state-root", str(state_root))
+    assert result.stdout.split()[0] == "2023-11-14T22:13:20.001+00:00"
+    local = castra("bus", "tail", "--state-root", str(state_root)).stdout.split()[0]
+    assert re.fullmatch(r"2023-11-1[45]T\d\d:\d\d:\d\d\.001[+-]\d\d:\d\d", local)
+
+
+def test_status_check_exit_code_and_the_router_column(router_factory, state_root):
+    """`--check`: 0 while the router runs, 3 when not (as `systemctl status`)."""
+    assert castra("status", "--check", "--state-root", str(state_root)).returncode == 3
+    router_factory()
+    result = castra("status", "--check", "--state-root", str(state_root))
+    assert result.returncode == 0 and "router: running" in result.stdout
+    header = next(line for line in result.stdout.splitlines() if line.startswith("VM "))
+    assert header.split()[:2] == ["VM", "ROUTER"] and "BROKER" not in result.stdout
+    assert castra("status", "--check", "--json", "--state-root", str(state_root)).returncode == 0
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_status_watch_shows_it_again_until_ctrl_c(state_root, as_json):
+    process = subprocess.Popen(  # started as `castra status --watch &` is: SIGINT ignored
+        [*SIGINT_IGNORED, "-m", "cli.main", "status", "--watch", "0.1", *(["--json"] if as_json else []),
+         "--state-root", str(state_root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        lines = Lines(process.stdout)
+        for _ in range(3):
+            line = lines.until(lambda line: line.startswith(("router:", "{")))
+            assert json.loads(line)["router"]["running"] is False if as_json else "not running" in line
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+        assert process.stderr.read() == b""
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_publish_takes_topic_and_payload_as_arguments_or_short_flags(router):
+    root = ("--state-root", str(router.state_root))
+    assert castra("bus", "publish", "vm:alpha", '{"cmd":"x"}', *root).stdout.startswith("seq=1 topic=vm:alpha ")
+    assert castra("bus", "publish", "-t", "builds", "-m", "[2]", *root).stdout.startswith("seq=2 topic=builds ")
+    assert castra("bus", "publish", "news", *root).stdout.startswith("seq=3 topic=news ")  # payload null
+    assert castra("bus", "publish", "-m", "-", "logs", *root, input='"x"').returncode == 0
+    assert [(line["topic"], line["payload"]) for line in router.read_log()] == [
+        ("vm:alpha", {"cmd": "x"}), ("builds", [2]), ("news", None), ("logs", "x")]
+    twice = castra("bus", "publish", "-t", "a", "b", *root)
+    assert twice.returncode == 2 and "give the topic once" in twice.stderr
+    bare = castra("bus", "publish", "--payload", "hello", *root)
+    assert bare.returncode == 1 and "payload is not valid JSON" in bare.stderr
+    assert """castra bus publish broadcast '"hello"'""" in bare.stderr and "Traceback" not in bare.stderr
+
+
+def test_publish_lines_publishes_each_stdin_line_and_tells_each_result(router):
+    lines = ['{"n":1}', "", "2", "not json", '"three"']
+    result = castra("bus", "publish", "-l", "--json", "builds", "--state-root", str(router.state_root),
+                    input="\n".join(lines))  # no newline after the last line: it counts too
+    assert result.returncode == 1  # one line was not published
+    assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == [1, 2, 3]
+    assert result.stderr.splitlines() == [
+        "castra bus publish: line 4: payload is not valid JSON: JSON is malformed: invalid character (byte 1)"]
+    assert [line["payload"] for line in router.read_log()] == [{"n": 1}, 2, "three"]
+
+    many = "".join(f'{{"n":{n}}}\n' for n in range(3000))
+    result = castra("bus", "publish", "-l", "-t", "bulk", "--state-root", str(router.state_root), input=many)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3000 and result.stdout.splitlines()[-1].startswith("seq=3003 ")
+    assert [line["payload"]["n"] for line in router.read_log()[3:]] == list(range(3000))
+
+
+def test_publish_batch_returns_a_result_per_message_in_order(router):
+    with client.Publisher(state_root=router.state_root) as publisher:
+        results = publisher.publish_batch([("a", 1), ("*", 2), ("b", b"{oops"), ("c", "x" * 70_000), ("d", 3)])
+    assert [(r.corr, r.seq) for r in results] == [(0, 1), (1, None), (2, None), (3, None), (4, 2)]
+    assert results[1].reason == "topic * is only for subscribe"
+    assert results[2].reason.startswith("payload is not valid JSON") and results[3].reason == "message too large"
+
+
+@pytest.mark.parametrize("command", [(), ("up",), ("status",), ("bus",), ("bus", "publish"), ("bus", "tail")],
+                         ids=lambda command: " ".join(("castra", *command)))
+def test_every_help_has_an_example(command):
+    result = castra(*command, "--help")
+    assert result.returncode == 0
+    assert re.search(r"^\s+castra .+", result.stdout.split("Options:")[0], re.MULTILINE), result.stdout

@@ -143,13 +143,99 @@ def test_seventeenth_subscription_is_refused(router):
         assert guest.subscribe("t3")["status"] == "ok"  # re-subscribing is not a new topic
 
 
-def test_new_session_replaces_old_one(router):
-    first = connect_bus(router.port, "dup")
-    second = connect_bus(router.port, "dup")
-    assert first.is_closed()
-    assert second.publish(1)["status"] == "ok"
-    first.close()
+def test_a_second_session_of_a_vm_leaves_the_first_subscribed(router):
+    """Issue 12: a guest's own publish (a second session of its name) must not kick
+    its agent off; a host message to the VM meanwhile reaches the agent."""
+    with connect_bus(router.port, "alpha") as agent:
+        assert agent.subscribe("vm:alpha")["status"] == "ok"
+        with connect_bus(router.port, "alpha") as publisher:
+            assert publisher.session != agent.session
+            assert publisher.publish({"event": "booted"})["status"] == "ok"
+            seq = client.publish("vm:alpha", {"cmd": "reload"}, state_root=router.state_root)
+            message = agent.recv()
+            assert (message["from"], message["seq"], message["payload"]) == ("host", seq, {"cmd": "reload"})
+        later = client.publish("vm:alpha", {"cmd": "after"}, state_root=router.state_root)
+        assert agent.recv()["seq"] == later  # the publisher's goodbye closed only its own session
+        assert agent.request({"type": "heartbeat"})["status"] == "ok"
+    assert "reason=replaced" not in router.log_text()
+
+
+def test_every_subscribed_session_of_a_vm_gets_a_delivery_but_none_its_own_publish(router):
+    with connect_bus(router.port, "alpha") as first, connect_bus(router.port, "alpha") as second, \
+            connect_bus(router.port, "beta") as beta:
+        for session in (first, second):
+            assert session.subscribe("news")["status"] == "ok"
+        assert second.subscribe("vm:alpha")["status"] == "ok"
+        ack = beta.publish({"n": 1}, topic="news")
+        assert first.recv()["seq"] == second.recv()["seq"] == ack["seq"]
+        command = client.publish("vm:alpha", {"n": 2}, state_root=router.state_root)
+        assert second.recv()["seq"] == command  # only the session subscribed to it
+        # No echo to the sender: to none of its VM's sessions, whichever sent it.
+        assert first.publish({"own": True}, topic="news")["status"] == "ok"
+        last = beta.publish({"n": 3}, topic="news")["seq"]
+        assert first.recv()["seq"] == second.recv()["seq"] == last
+
+
+def test_sessions_past_the_cap_of_a_vm_are_refused_and_the_others_go_on(router_factory):
+    router = router_factory("--max-sessions-per-vm", "2")
+    first, second = connect_bus(router.port, "capped"), connect_bus(router.port, "capped")
+    with Guest(router.port) as third:
+        assert third.hello("capped") == "error: too many sessions for this vm"
+        assert third.is_closed()
+    with Guest(router.port) as handshake_only:  # not a session: not counted
+        assert handshake_only.hello("capped", capabilities=None) == "ok"
+    with connect_bus(router.port, "other"):  # the cap is per VM
+        pass
+    for session in (first, second):
+        assert session.publish(1)["status"] == "ok"
+    wait_for(lambda: "vm=capped" in router.log_text() and "reason=too many sessions for this vm" in router.log_text(),
+             what="the refusal's log line")
+    first.close()  # its slot comes back once the router sees the connection end
+
+    def reopened():
+        guest = Guest(router.port)
+        if guest.hello("capped").startswith("ok session="):
+            return guest
+        guest.close()
+        return None
+
+    with wait_for(reopened, what="a session in the freed place") as third:
+        assert third.publish(2)["status"] == "ok"
     second.close()
+
+
+def test_a_stale_session_holds_its_place_until_its_heartbeat_timeout(router_factory):
+    """A guest reset without a FIN leaves a session that counts against the cap until
+    the heartbeat timeout reaps it (the cap must leave room for those)."""
+    router = router_factory("--max-sessions-per-vm", "1", "--heartbeat-timeout", "1")
+    with connect_bus(router.port, "rebooted") as stale:  # never heartbeats, never closes
+        with Guest(router.port) as early:
+            assert early.hello("rebooted") == "error: too many sessions for this vm"
+        assert stale.is_closed(timeout=4)
+        with connect_bus(router.port, "rebooted") as fresh:
+            assert fresh.publish(1)["status"] == "ok"
+    assert "reason=heartbeat_timeout" in router.log_text()
+
+
+def test_status_shows_one_row_for_all_sessions_of_a_vm(router):
+    def alpha():
+        return next((vm for vm in collect_status(router.state_root).vms if vm.name == "alpha"), None)
+
+    with connect_bus(router.port, "alpha") as agent, connect_bus(router.port, "alpha") as second:
+        agent.subscribe("vm:alpha")
+        second.subscribe("news")
+        second.subscribe("vm:alpha")
+        row = wait_for(lambda: (vm := alpha()) and vm.sessions == 2 and len(vm.subscribed_topics) == 2 and vm,
+                       what="alpha's two sessions in status")
+        assert [vm.name for vm in collect_status(router.state_root).vms] == ["alpha"]
+        assert row.bus_subscribed and row.subscribed_topics == ["news", "vm:alpha"]  # the union
+        assert row.session == agent.session  # the oldest open one
+        agent.close()
+        row = wait_for(lambda: (vm := alpha()) and vm.sessions == 1 and vm, what="one session left")
+        assert row.session == second.session and row.subscribed_topics == ["news", "vm:alpha"]
+        assert row.bus_subscribed and row.last_reason == "disconnect"
+    row = wait_for(lambda: (vm := alpha()) and not vm.bus_subscribed and vm, what="alpha closed")
+    assert (row.sessions, row.session, row.subscribed_topics) == (0, None, [])
 
 
 def test_heartbeat_timeout_closes_session_and_clears_subscriptions(router_factory):
@@ -191,11 +277,10 @@ def test_second_router_on_same_state_root_is_refused(router):
     assert "another router" in result.stderr and "owns" in result.stderr
 
 
-def test_taken_port_is_refused(router, tmp_path_factory):
-    import tempfile
-    other = tempfile.mkdtemp(prefix="cz", dir="/tmp")
+def test_taken_port_is_refused(router):
+    other = router.state_root.parent / "other"  # removed with the fixture's directory
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "up", "--state-root", other, "--port", str(router.port)],
+        [sys.executable, "-m", "cli.main", "up", "--state-root", str(other), "--port", str(router.port)],
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 1

@@ -117,3 +117,16 @@ def test_default_policy_applies_without_an_identities_file(router):
         assert beta.publish({"n": 1}, topic="vm:beta")["status"] == "ok"
         ack = beta.publish({"n": 2}, topic="vm:gamma")
         assert gamma.recv()["seq"] == ack["seq"]  # its own topic, and not beta's before it
+
+
+def test_each_session_of_a_vm_presents_its_token(router_factory, identities):
+    router = router_factory("--identities", str(identities))
+    with connect_as(router.port, "beta", "s3cr3t") as agent, connect_as(router.port, "beta", "s3cr3t") as second:
+        for token in (None, "guess"):
+            with Guest(router.port) as intruder:
+                hello = "bus-v1" + (f" token={token}" if token else "")
+                assert intruder.hello("beta", capabilities=hello) == "error: invalid token"
+        assert agent.subscribe("vm:beta")["status"] == "ok"
+        assert second.publish({"n": 1}, topic="metrics")["status"] == "ok"
+        command = client.publish("vm:beta", {"cmd": "reload"}, state_root=router.state_root)
+        assert agent.recv()["seq"] == command  # the refusals closed none of beta's sessions

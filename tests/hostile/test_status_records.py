@@ -10,7 +10,14 @@ import subprocess
 import sys
 
 from castra_zmq.events import Event, EventKind, SessionInfo, split_sessions
-from castra_zmq.statustable import IDLE_RECORD_TTL_MS, MAX_IDLE_RECORDS, StatusTable, apply_event
+from castra_zmq.statustable import (
+    IDLE_RECORD_TTL_MS,
+    MAX_IDLE_RECORDS,
+    StatusTable,
+    VmRecord,
+    apply_event,
+    view,
+)
 from castra_zmq.wire import json_encode
 
 from ..conftest import wait_for
@@ -75,6 +82,46 @@ def test_records_of_vms_not_seen_for_the_ttl_are_dropped():
     assert set(table.vms) == {"gone", "back", "open"}  # not older than the TTL yet
     sync(table, "open", ts_ms=later)
     assert set(table.vms) == {"back", "open"}
+
+
+def test_sessions_of_one_vm_make_one_record_open_while_any_is():
+    table = StatusTable()
+    for session, topics in (("s1", ["vm:alpha"]), ("s2", ["news", "vm:alpha"])):
+        apply_event(table, event(EventKind.SESSION_OPEN, vm="alpha", session=session, bus_protocol="bus-v1"))
+        apply_event(table, event(EventKind.SUBSCRIBE, vm="alpha", session=session, topics=topics))
+    [record] = table.vms.values()
+    assert (record.session, record.session_open, record.topics) == ("s1", True, ["news", "vm:alpha"])
+    [row] = view(table, NOW).vms  # no bridge sync yet: not shown open
+    assert (row.sessions, row.bus_subscribed) == (0, False)
+
+    apply_event(table, event(EventKind.SESSION_CLOSE, vm="alpha", session="s1", reason="disconnect"))
+    assert (record.session, record.session_open, record.topics) == ("s2", True, ["news", "vm:alpha"])
+    apply_event(table, event(EventKind.SUBSCRIBE, vm="alpha", session="s1", topics=["late"]))  # closed: ignored
+    assert record.topics == ["news", "vm:alpha"] and record.last_reason == "disconnect"
+
+    # A sync lists each session; one VM's sessions may be split over its parts.
+    infos = [SessionInfo("alpha", "s2", "bus-v1", ["news"], NOW), SessionInfo("alpha", "s3", "bus-v1", ["x"], NOW)]
+    for info in infos:
+        apply_event(table, event(EventKind.SESSIONS, NOW + 10, sessions=[info], sync_round=NOW + 10, sync_parts=2))
+    assert list(record.sessions) == ["s2", "s3"] and record.topics == ["news", "x"]
+    [row] = view(table, NOW + 20).vms
+    assert (row.sessions, row.session, row.subscribed_topics, row.bus_subscribed) == (2, "s2", ["news", "x"], True)
+
+    apply_event(table, event(EventKind.SESSIONS, NOW + 500, sync_round=NOW + 500, sync_parts=1,
+                             sessions=[SessionInfo("alpha", "s3", "bus-v1", ["x"], NOW)]))
+    assert (record.session, record.topics) == ("s3", ["x"])  # s2 was not listed: closed
+    sync(table, ts_ms=NOW + 1000)
+    assert not record.session_open and record.topics == [] and record.sessions == {}
+    [row] = view(table, NOW + 1000).vms
+    assert (row.sessions, row.session, row.bus_subscribed) == (0, None, False)
+
+
+def test_a_snapshot_of_an_older_router_is_mended_by_the_first_sync():
+    old = VmRecord(name="old", session="s1", session_open=True, topics=["t"], last_handshake_ms=NOW)
+    table = StatusTable(vms={"old": old}, bridge_sync_ms=NOW)
+    assert view(table, NOW).vms[0].sessions == 1
+    sync(table, ts_ms=NOW + 500)
+    assert not table.vms["old"].session_open and table.vms["old"].last_reason == "session lost"
 
 
 # -- real router -------------------------------------------------------------------------
