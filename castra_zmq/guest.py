@@ -32,6 +32,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 from concurrent import futures
 from typing import NamedTuple
 
@@ -53,6 +54,9 @@ MAX_LINE = 512
 MAX_FRAME = 65536
 MAX_TOPIC = 256
 MAX_NAME = 128
+RESERVED_NAME = "host"
+# Unicode categories a VM name must not contain (handshake.validate_vm_name).
+FORBIDDEN_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
 # A heartbeat ack slower than this means the connection is dead (a host that went
 # away without a FIN): short intervals in tests must not make a busy host look dead.
 HEARTBEAT_ACK_FLOOR = 5.0
@@ -74,6 +78,10 @@ class GuestError(Exception):
 
 class ConnectFailed(GuestError):
     """The host could not be reached, or the handshake did not open a session."""
+
+
+class CannotConnect(ConnectFailed):
+    """No TCP connection to the host's port (refused, unreachable, timed out)."""
 
 
 class HandshakeRefused(ConnectFailed):
@@ -104,11 +112,20 @@ class SessionClosed(GuestError):
 
 
 def vm_name(name: str) -> str:
-    """``name`` without a ``vm:`` prefix, checked to fit in a hello line."""
+    """``name`` without a ``vm:`` prefix, checked as the router checks it
+    (``handshake.validate_vm_name``: 1..128 printable characters, not ``host``) and
+    without whitespace, since the router splits the hello line on it. The messages
+    are those of ``guest/castra-bus-agent.sh``, word for word."""
     if name.startswith("vm:"):
         name = name[3:]
-    if not 1 <= len(name) <= MAX_NAME or any(ch.isspace() for ch in name):
-        raise ValueError(f"invalid vm name {name!r}: 1..{MAX_NAME} characters, no spaces")
+    if not name:
+        raise ValueError("missing vm name")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"vm name too long ({len(name)} characters, max {MAX_NAME})")
+    if any(ch.isspace() or unicodedata.category(ch) in FORBIDDEN_CATEGORIES for ch in name):
+        raise ValueError(f"invalid vm name '{name}': no whitespace or control characters")
+    if name.lower() == RESERVED_NAME:
+        raise ValueError(f"reserved vm name '{name}'")
     return name
 
 
@@ -168,18 +185,21 @@ def _read_line(stream) -> str:
 def handshake(host: str, port: int, hello: bytes, timeout: float):
     """Connect, read the greeting, say ``hello``: ``(socket, stream, reply line)``.
 
-    Raises ``HandshakeRefused`` on ``error: <reason>``, ``ConnectFailed`` otherwise.
+    Raises ``CannotConnect`` without a TCP connection, ``HandshakeRefused`` on
+    ``error: <reason>`` (in place of the greeting too: connection limits),
+    ``ConnectFailed`` otherwise.
     """
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
-        raise ConnectFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        raise CannotConnect(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     stream = sock.makefile("rb")
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _read_line(stream)  # the greeting: its content is not part of the contract
-        sock.sendall(hello)
-        reply = _read_line(stream)
+        reply = _read_line(stream)  # the greeting: its content is not part of the contract
+        if not reply.startswith("error:"):
+            sock.sendall(hello)
+            reply = _read_line(stream)
     except (OSError, ConnectFailed) as exc:
         _close(sock, stream)
         reason = exc.reason if isinstance(exc, ConnectFailed) else str(exc)
@@ -351,17 +371,22 @@ class GuestSession:
     def connected(self) -> bool:
         return self._sock is not None
 
-    def close(self) -> None:
-        """End the session; waiting calls raise ``SessionClosed`` (or ``ConnectionLost``)."""
+    def close(self, timeout: float | None = None) -> None:
+        """End the session; waiting calls raise ``SessionClosed`` (or ``ConnectionLost``).
+
+        Waits up to ``timeout`` seconds (default: the connect timeout plus one) for
+        the session's threads, which may be inside a connection attempt.
+        """
         self._closed.set()
         with self._state:
             sock = self._sock
             self._state.notify_all()
         if sock is not None:
             _shutdown(sock)
+        deadline = time.monotonic() + (self.connect_timeout + 1 if timeout is None else timeout)
         for thread in (self._reader, self._heartbeat):
             if thread is not threading.current_thread():
-                thread.join(self.connect_timeout + 1)
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self):
         return self
@@ -630,20 +655,25 @@ def forward_frame(session: GuestSession, frame, timeout: float) -> dict:
 
 
 def forward_stdin(session: GuestSession, timeout: float) -> None:
-    """Forward each JSON line of stdin until its end; a refused line is reported on stderr."""
+    """Forward each JSON line of stdin until its end, then close the session (which
+    ends the agent); a refused line is reported on stderr. Each line waits for its
+    ack (at most ``timeout``), so at the end of stdin nothing sent is left unanswered."""
     # A stream of its own on a copy of fd 0: at exit the interpreter flushes
     # sys.stdin, whose lock this daemon thread would be holding.
     with open(os.dup(sys.stdin.fileno()), "rb") as stdin:
         while True:
             line = stdin.readline(MAX_FRAME + 1)  # a longer line could not be one frame
             if not line:
-                return
+                break
             if not line.strip():
                 continue
             try:
                 forward_frame(session, json.loads(line), timeout)
             except (ValueError, TypeError, GuestError) as exc:
-                log.warning("stdin frame not forwarded (%s): %.200s", exc, line.decode("utf-8", "replace").strip())
+                reason = exc.reason if isinstance(exc, GuestError) else exc
+                log.warning("stdin frame not forwarded (%s): %.200s", reason, line.decode("utf-8", "replace").strip())
+    log.info("end of stdin: stopping")
+    session.close()
 
 
 def run_publish(args, target: Target) -> int:
@@ -655,11 +685,10 @@ def run_publish(args, target: Target) -> int:
     with GuestSession(target.host, target.port, target.vm, token=target.token, connect_timeout=args.timeout) as session:
         ack = session.publish(args.topic, payload, args.timeout)
     print(json.dumps(ack, separators=(",", ":")))
-    return 0
+    return EXIT_OK
 
 
 def run_agent(args, target: Target) -> int:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends it as Ctrl-C does
     session = GuestSession(
         target.host, target.port, target.vm,
         subscribe=args.subscribe,
@@ -674,35 +703,95 @@ def run_agent(args, target: Target) -> int:
         if args.stdin_json:
             threading.Thread(target=forward_stdin, args=(session, args.timeout), name="castra-guest-stdin",
                              daemon=True).start()
-        for message in session:
+        for message in session:  # until a stop signal, or the end of stdin closes the session
             print(json.dumps(message, separators=(",", ":"), ensure_ascii=False), flush=True)
-    except KeyboardInterrupt:
-        pass
     finally:
-        session.close()
-    return 0
+        session.close(SHUTDOWN_WAIT)  # further stop signals are ignored meanwhile (handle_stop_signal)
+    return EXIT_OK
 
 
 def run_ping(args, target: Target) -> int:
     ping(target.host, target.port, target.vm, args.timeout, target.token)
     print("ok")
-    return 0
+    return EXIT_OK
 
 
-EXAMPLES = """\
-examples:
-  castra-guest publish --payload '{"event":"booted"}'
-  castra-guest publish --topic vm:beta --payload - < event.json
-  castra-guest agent --subscribe broadcast --subscribe vm:alpha
-  producer | castra-guest agent --stdin-json   # lines like {"type":"publish","topic":"t","payload":{}}
-  castra-guest ping && echo reachable
+# -- signals and exit statuses ------------------------------------------------------------
 
+# One table for castra-guest and guest/castra-bus-agent.sh (README "Guests").
+EXIT_OK = 0           # an ok ack (publish), "ok" (ping); the agent: stopped by a signal or by the end of stdin
+EXIT_REFUSED = 1      # the host refused (handshake error line, error ack) or did not answer in time
+EXIT_USAGE = 2        # bad options or input: unknown option, vm name, port, --payload not JSON, too large
+EXIT_UNREACHABLE = 3  # no TCP connection to the host's port
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SHUTDOWN_WAIT = 2.0   # seconds the agent waits for its threads once told to stop
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the command. A BaseException, as KeyboardInterrupt
+    is: no ``except Exception`` may take it for an error."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def handle_stop_signal(signum, frame) -> None:
+    """Interrupt the main thread once. Later stop signals are ignored: ``timeout``
+    sends its SIGTERM to the command and again to its process group, and a second
+    Ctrl-C must not break into the shutdown the first one began (it is bounded)."""
+    for each in STOP_SIGNALS:
+        signal.signal(each, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def end_by_signal(command: str, signum: int) -> int:
+    """End the process by ``signum`` itself, with the default action: the shell then
+    shows 128 + signum (130 for Ctrl-C, 143 for SIGTERM), as for any command a signal
+    stops, and a script running this command stops at Ctrl-C too."""
+    print(f"castra-guest: {command} interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return 128 + signum  # only if the signal is blocked
+
+
+EXIT_STATUS = """\
+exit status (the same for guest/castra-bus-agent.sh):
+  0    ok: an ok ack (publish), "ok" (ping); agent: stopped by SIGTERM or
+       SIGINT, or --stdin-json and stdin ended (after the acks of what it sent)
+  1    the host refused (handshake error, error ack) or gave no ack within
+       --timeout: not delivered, or (connection lost) not known
+  2    usage or bad input: options, vm name, port, --payload not JSON, too large
+  3    cannot connect: no TCP connection to the host's port
+  130  publish or ping interrupted by Ctrl-C (SIGINT); 143 by SIGTERM
+"""
+
+SETTINGS = """\
 The host, port, VM name and token come from --host/--port/--vm/--token, else
 $BUS_HOST, $BUS_PORT, $BUS_VM_NAME and $BUS_TOKEN, else the same names in
 /etc/conf.d/castra-handshake (another file: $CASTRA_HANDSHAKE_CONF), else
-10.0.2.2, 7070, the short hostname and no token.
-Exit status: 0 on success (an ok ack), 1 when the host refused or did not answer,
-2 on a usage error.
+10.0.2.2, 7070, the short hostname and no token. A VM name has 1..128 printable
+characters, no whitespace, and is not "host".
+"""
+
+PUBLISH_EXAMPLES = """\
+examples:
+  castra-guest publish --payload '{"event":"booted"}'
+  castra-guest publish --topic vm:beta --payload - < event.json
+"""
+
+AGENT_EXAMPLES = """\
+examples:
+  castra-guest agent --subscribe broadcast --subscribe vm:alpha
+  producer | castra-guest agent --stdin-json   # lines like {"type":"publish","topic":"t","payload":{}}
+"""
+
+PING_EXAMPLES = """\
+examples:
+  castra-guest ping && echo reachable
+  castra-guest ping --host 10.0.2.2 --port 7070 --timeout 2
 """
 
 
@@ -715,14 +804,20 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                         help="seconds to wait for a connection or an ack (default: %(default)g)")
 
+    def epilog(examples: str) -> str:
+        return f"{examples}\n{SETTINGS}\n{EXIT_STATUS}"
+
+    raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="castra-guest", description="Talk to the Castra bus from a guest VM.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=epilog(PUBLISH_EXAMPLES + AGENT_EXAMPLES[len("examples:\n"):] + PING_EXAMPLES[len("examples:\n"):]),
+        formatter_class=raw,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     publish = commands.add_parser("publish", parents=[common], help="publish one message; exit 0 on an ok ack",
-                                  description="Publish one message and print the host's ack (a JSON line).")
+                                  description="Publish one message and print the host's ack (a JSON line).",
+                                  epilog=epilog(PUBLISH_EXAMPLES), formatter_class=raw)
     publish.add_argument("--topic", default="broadcast", help="broadcast (default), vm:<name> or any topic")
     publish.add_argument("--payload", required=True, metavar="JSON", help="the message, as JSON ('-': read stdin)")
     publish.set_defaults(run=run_publish)
@@ -731,11 +826,14 @@ def build_parser() -> argparse.ArgumentParser:
         "agent", parents=[common], help="stay connected; print delivered messages as JSON lines",
         description="Stay connected (heartbeats, reconnects forever), print every delivered message as one "
                     "JSON line on stdout, and with --stdin-json forward each stdin line (a publish, subscribe, "
-                    "unsubscribe or heartbeat frame) until stdin ends. Exits 0 on SIGTERM or Ctrl-C.",
+                    "unsubscribe or heartbeat frame) until stdin ends, then exit once their acks are in. "
+                    "Exits 0 on SIGTERM or Ctrl-C.",
+        epilog=epilog(AGENT_EXAMPLES), formatter_class=raw,
     )
     agent.add_argument("--subscribe", action="append", default=[], metavar="TOPIC",
                        help="receive messages on TOPIC (repeatable; '*': everything)")
-    agent.add_argument("--stdin-json", action="store_true", help="forward newline-delimited JSON frames from stdin")
+    agent.add_argument("--stdin-json", action="store_true",
+                       help="forward newline-delimited JSON frames from stdin; exit at its end")
     agent.add_argument("--heartbeat", type=float, default=HEARTBEAT_INTERVAL, metavar="S",
                        help="seconds between heartbeats (default: %(default)g)")
     agent.add_argument("--backoff", type=float, default=BACKOFF_INITIAL, metavar="S",
@@ -746,24 +844,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     ping_command = commands.add_parser("ping", parents=[common], help="handshake only: exit 0 if the host answers ok",
                                        description="Say hello without a bus capability, as reachability-only "
-                                                   "guests do; print ok and exit 0 if the host answers ok.")
+                                                   "guests do; print ok and exit 0 if the host answers ok.",
+                                       epilog=epilog(PING_EXAMPLES), formatter_class=raw)
     ping_command.set_defaults(run=run_ping)
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(format="castra-guest: %(message)s",
-                        level=logging.INFO if args.command == "agent" else logging.WARNING)
-    # The one place where errors become a message and an exit status.
+def run_command(args) -> int:
+    """The one place where errors become a message and an exit status."""
+    target = None
     try:
-        return args.run(args, resolve_target(args.host, args.port, args.vm, args.token))
+        target = resolve_target(args.host, args.port, args.vm, args.token)
+        return args.run(args, target)
     except ValueError as exc:
         print(f"castra-guest: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except CannotConnect as exc:
+        print(f"castra-guest: {exc.reason}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except HandshakeRefused as exc:
+        print(f"castra-guest: {target.host}:{target.port} refused vm:{target.vm}: {exc.reason}", file=sys.stderr)
+        return EXIT_REFUSED
+    except AckError as exc:
+        print(f"castra-guest: {exc.ack.get('ack', args.command)} refused by {target.host}:{target.port}: "
+              f"{exc.reason}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ConnectionLost as exc:
+        print(f"castra-guest: connection to {target.host}:{target.port} lost before the ack ({exc.reason}): "
+              "the message may or may not be in the bus log", file=sys.stderr)
+        return EXIT_REFUSED
     except GuestError as exc:
         print(f"castra-guest: {exc.reason}", file=sys.stderr)
-        return 1
+        return EXIT_REFUSED
+
+
+def main(argv=None) -> int:
+    """The ``castra-guest`` command (it owns the process: a stop signal may end it)."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # a background job of a script keeps ignoring SIGINT
+            signal.signal(signum, handle_stop_signal)
+    command = None
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        logging.basicConfig(format="castra-guest: %(message)s",
+                            level=logging.INFO if command == "agent" else logging.WARNING)
+        return run_command(args)
+    except Interrupted as stop:
+        if command == "agent":
+            return EXIT_OK  # how an agent is told to stop
+        return end_by_signal(command or "castra-guest", stop.signum)
 
 
 if __name__ == "__main__":

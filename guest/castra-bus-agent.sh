@@ -23,18 +23,53 @@ handshake, and for an ack where `timeout` is installed; default 10); without the
 $BUS_PORT, $BUS_VM_NAME and $BUS_TOKEN, else the same names in
 /etc/conf.d/castra-handshake (another file: $CASTRA_HANDSHAKE_CONF), else 10.0.2.2,
 7070, the short hostname and no token (a token is for hosts with an identities file).
+A VM name has 1..128 printable characters, no whitespace, and is not "host".
 
 examples:
   castra-bus-agent.sh publish --topic broadcast --payload '{"event":"booted"}'
   castra-bus-agent.sh agent --subscribe broadcast --subscribe "vm:$(hostname)"
+
+exit status (the same for castra-guest):
+  0    ok: an ok ack (publish), "ok" (ping); agent: stopped by SIGTERM or SIGINT
+  1    the host refused (handshake error, error ack) or gave no ack within
+       --timeout: not delivered, or (connection lost) not known
+  2    usage or bad input: options, vm name, port, --payload not JSON, too large
+  3    cannot connect: no TCP connection to the host's port
+  130  publish or ping interrupted by Ctrl-C (SIGINT); 143 by SIGTERM
 EOF
 
 
 MAX_FRAME=65536
+MAX_NAME=128
+# Exit statuses: one table with castra-guest (USAGE, README "Guests").
+EXIT_REFUSED=1 EXIT_USAGE=2 EXIT_UNREACHABLE=3
 
 log() { printf 'castra-bus-agent: %s\n' "$*" >&2; }
 usage() { printf '%s\n' "$USAGE"; }
-usage_error() { log "$*"; exit 2; }
+usage_error() { log "$*"; exit "$EXIT_USAGE"; }
+
+check_vm_name() {  # the router's rules (PROTOCOL.md 2.2) with castra-guest's messages, word for word
+    local name=$1 chars
+    [ -n "$name" ] || usage_error "missing vm name"
+    chars=${name//[$'\x80'-$'\xbf']/}  # without UTF-8 continuation bytes: one byte per character
+    [ "${#chars}" -le "$MAX_NAME" ] || usage_error "vm name too long (${#chars} characters, max $MAX_NAME)"
+    # ASCII whitespace and controls, then in UTF-8: C1 controls, NBSP, soft hyphen,
+    # U+1680, U+2000-U+200F, U+2028-U+202F, U+205F-U+206F, U+3000, U+FEFF. Rarer
+    # characters the router refuses (unassigned, private use) get its `invalid vm name`.
+    case $name in
+        *[[:space:][:cntrl:]]* | *$'\xc2'[$'\x80'-$'\xa0']* | *$'\xc2\xad'* | *$'\xe1\x9a\x80'* | \
+            *$'\xe2\x80'[$'\x80'-$'\x8f'$'\xa8'-$'\xaf']* | *$'\xe2\x81'[$'\x9f'-$'\xaf']* | *$'\xe3\x80\x80'* | \
+            *$'\xef\xbb\xbf'*)
+            usage_error "invalid vm name '$name': no whitespace or control characters" ;;
+    esac
+    [ "${name,,}" != host ] || usage_error "reserved vm name '$name'"
+}
+
+interrupted() {  # $1: the signal; end by it, as castra-guest does, so the shell sees 128 + its number
+    log "$mode interrupted by SIG$1"
+    trap - "$1"
+    kill -s "$1" "$$"
+}
 
 # -- frames on fd 3 -------------------------------------------------------------------
 
@@ -57,7 +92,7 @@ send_frame() {  # $1: a JSON object that fits -> 4-byte big-endian length, then 
 read_frame() {  # the next frame's body on stdout; fails at the end of the stream, on a bad length,
     # and with $1, after $1 seconds where `timeout` (coreutils, BusyBox) is installed
     local b n wait=()
-    [ -n "${1:-}" ] && command -v timeout >/dev/null && wait=(timeout "$1")
+    [ -n "${1:-}" ] && [ -n "$timeout_cmd" ] && wait=($timeout_cmd "$1")
     b=($(${wait[@]+"${wait[@]}"} dd bs=1 count=4 <&3 2>/dev/null | od -An -tu1))
     [ "${#b[@]}" -eq 4 ] || return 1
     n=$(((b[0] << 24) | (b[1] << 16) | (b[2] << 8) | b[3]))
@@ -70,29 +105,42 @@ read_frame() {  # the next frame's body on stdout; fails at the end of the strea
 
 # -- handshake --------------------------------------------------------------------------
 
-connect() {  # open fd 3 and say hello with capability $1 (none if empty); the answer is in $reply
+connect() {  # open fd 3 and say hello with capability $1 (none if empty); the answer is in $reply.
+    # Fails with the exit status that fits: EXIT_UNREACHABLE or EXIT_REFUSED.
     if ! { exec 3<>"/dev/tcp/$host/$port"; } 2>/dev/null; then
         log "cannot connect to $host:$port"
-        return 1
+        return "$EXIT_UNREACHABLE"
     fi
-    local greeting
-    if IFS= read -r -t "$wait_s" greeting <&3 2>/dev/null &&
-        printf 'hello vm:%s%s%s\n' "$vm" "${1:+ capabilities=$1}" "${token:+ token=$token}" >&3 2>/dev/null &&
-        IFS= read -r -t "$wait_s" reply <&3 2>/dev/null; then
-        reply=${reply%$'\r'}
-        return 0
+    if IFS= read -r -t "$wait_s" reply <&3 2>/dev/null; then  # the greeting, or an error line in its place
+        case $reply in
+            error:*) ;;
+            *) printf 'hello vm:%s%s%s\n' "$vm" "${1:+ capabilities=$1}" "${token:+ token=$token}" >&3 2>/dev/null &&
+                IFS= read -r -t "$wait_s" reply <&3 2>/dev/null || reply= ;;
+        esac
+    else
+        reply=
     fi
-    log "handshake with $host:$port failed"
+    reply=${reply%$'\r'}
+    case $reply in
+        '') log "handshake with $host:$port failed: no answer within ${wait_s}s, or the connection closed" ;;
+        error:*) log "$host:$port refused vm:$vm: ${reply#error: }" ;;
+        *) return 0 ;;
+    esac
     exec 3>&-
-    return 1
+    return "$EXIT_REFUSED"
 }
 
 open_session() {  # connect in bus mode; fd 3 then carries frames
-    connect bus-v1 || return 1
+    connect bus-v1 || return
     case $reply in
         "ok session="*) ;;
-        *) log "$host:$port refused: $reply"; exec 3>&-; return 1 ;;
+        *) log "$host:$port did not open a bus session (reply: $reply)"; exec 3>&-; return "$EXIT_REFUSED" ;;
     esac
+}
+
+reason_of() {  # the "reason" of a compact reply (always its last key)
+    local reason=${1#*'"reason":"'}
+    printf '%s' "${reason%'"}'}"
 }
 
 # -- modes ------------------------------------------------------------------------------
@@ -101,23 +149,25 @@ run_publish() {
     [ "$payload" != - ] || payload=$(</dev/stdin)
     [ -n "$payload" ] || usage_error "publish needs --payload JSON"
     local frame="{\"type\":\"publish\",\"topic\":$(json_string "$topic"),\"payload\":$payload}"
-    fits "$frame" || exit 2
-    open_session || exit 1
-    send_frame "$frame" || exit 1
+    fits "$frame" || exit "$EXIT_USAGE"
+    open_session || exit
+    send_frame "$frame" || exit "$EXIT_REFUSED"
     while frame=$(read_frame "$wait_s"); do
         case $frame in
             *'"ack":"publish"'*'"status":"ok"'*) printf '%s\n' "$frame"; exit 0 ;;
-            *'"ack":"publish"'* | '{"type":"error"'*) log "refused: $frame"; exit 1 ;;
+            # only a payload that is not JSON can break the frame this script builds
+            '{"type":"error"'*) usage_error "--payload is not JSON: $(reason_of "$frame")" ;;
+            *'"ack":"publish"'*) log "publish refused by $host:$port: $(reason_of "$frame")"; exit "$EXIT_REFUSED" ;;
         esac  # anything else is not the answer
     done
     log "no publish ack within ${wait_s}s, or the connection closed"
-    exit 1
+    exit "$EXIT_REFUSED"
 }
 
 run_ping() {
-    connect "" || exit 1
+    connect "" || exit
     exec 3>&-
-    [ "$reply" = ok ] || { log "$host:$port answered: $reply"; exit 1; }
+    [ "$reply" = ok ] || { log "$host:$port answered: $reply"; exit "$EXIT_REFUSED"; }
     echo ok
 }
 
@@ -129,6 +179,10 @@ reader() {  # the only reader of the socket: dispatches every frame until the co
             *'"ack":"subscribe","status":"ok"'*)
                 topic=${frame#*'"topic":"'}
                 log "subscribed to ${topic%'"}'}"
+                ;;
+            *'"ack":"subscribe","status":"error"'*)
+                topic=${frame#*'"topic":"'}
+                log "subscription to ${topic%%'","reason"'*} refused: $(reason_of "$frame")"
                 ;;
             *'"status":"error"'* | '{"type":"error"'*) log "refused: $frame" ;;
         esac  # ok acks of heartbeats and publishes need nothing
@@ -230,7 +284,7 @@ mode=${1:-}
 case $mode in
     publish | agent | ping) shift ;;
     -h | --help) usage; exit 0 ;;
-    *) usage >&2; exit 2 ;;
+    *) usage >&2; exit "$EXIT_USAGE" ;;
 esac
 opt_host= opt_port= opt_vm= opt_token= wait_s=10 topic=broadcast payload= stdin_json=0 heartbeat=25 backoff=1 backoff_max=30
 subscriptions=()
@@ -265,17 +319,28 @@ host=${opt_host:-${BUS_HOST:-${conf_BUS_HOST:-10.0.2.2}}}
 port=${opt_port:-${BUS_PORT:-${conf_BUS_PORT:-7070}}}
 vm=${opt_vm:-${BUS_VM_NAME:-${conf_BUS_VM_NAME:-${HOSTNAME%%.*}}}}
 vm=${vm#vm:}
+check_vm_name "$vm"
 token=${opt_token:-${BUS_TOKEN:-$conf_BUS_TOKEN}}
 case $port in '' | *[!0-9]*) usage_error "invalid port: $port" ;; esac
 case $wait_s in '' | *[!0-9.]* | *.*.*) usage_error "invalid --timeout: $wait_s (seconds)" ;; esac
 heartbeat_ms=$(to_ms "$heartbeat") && backoff_ms=$(to_ms "$backoff") && backoff_max_ms=$(to_ms "$backoff_max") ||
-    exit 2
+    exit "$EXIT_USAGE"
 [ "$heartbeat_ms" -ge 1 ] && [ "$backoff_ms" -ge 1 ] && [ "$backoff_max_ms" -ge "$backoff_ms" ] ||
     usage_error "--heartbeat and --backoff must be > 0, and --backoff-max >= --backoff"
 
 trap '' PIPE            # a write to a dropped connection fails instead of killing the agent
+# coreutils `timeout` puts its command in a process group of its own, out of reach of
+# Ctrl-C, unless --foreground (which BusyBox's lacks, and needs not: it keeps the group).
+timeout_cmd=
+if command -v timeout >/dev/null; then
+    timeout_cmd=timeout
+    ! timeout --foreground 1 true 2>/dev/null || timeout_cmd="timeout --foreground"
+fi
 exec {idle}<> <(:)      # a pipe nothing is written to: `read -t S -u $idle` waits S seconds
 
+case $mode in
+    publish | ping) trap 'interrupted INT' INT; trap 'interrupted TERM' TERM ;;
+esac
 case $mode in
     publish) run_publish ;;
     agent) run_agent ;;

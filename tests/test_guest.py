@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from castra_zmq import client
+from castra_zmq import client, guest, handshake, wire
+from castra_zmq.errors import HandshakeError
 from castra_zmq.guest import (
     AckError,
     GuestError,
@@ -90,8 +91,9 @@ class Lines:
 
 class Child:
     def __init__(self, args: list[str], env: dict):
-        self.process = subprocess.Popen(args, env=env, cwd=REPO, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # A session of its own: a test can signal its process group, as a terminal's Ctrl-C does.
+        self.process = subprocess.Popen(args, env=env, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True)
         self.stdout = Lines(self.process.stdout)
         self.stderr = Lines(self.process.stderr)
 
@@ -241,9 +243,7 @@ def test_cli_publish_and_ping_exit_codes(router):
 
     assert run([*GUEST_CLI, "publish", "--payload", "{not json"], env).returncode == 2
     refused = run([*GUEST_CLI, "publish", "--vm", "host", "--payload", "{}"], env)
-    assert refused.returncode == 1 and b"reserved vm name" in refused.stderr
-    unreachable = run([*GUEST_CLI, "publish", "--payload", "{}"], guest_env(free_port(), "cli"))
-    assert unreachable.returncode == 1 and b"cannot connect" in unreachable.stderr
+    assert refused.returncode == 2 and b"reserved vm name" in refused.stderr
 
     pong = run([*GUEST_CLI, "ping"], env)
     assert (pong.returncode, pong.stdout) == (0, b"ok\n")
@@ -287,9 +287,7 @@ def test_bash_agent_publish(router):
     assert ok.returncode == 0, ok.stderr
     assert b'"status":"ok"' in ok.stdout and logged(router, "bash-pub", {"n": "é"})
     refused = run(["bash", str(BASH_AGENT), "publish", "--payload", "{}"], guest_env(router.port, "host"))
-    assert refused.returncode == 1 and b"reserved vm name" in refused.stderr
-    bad = run(["bash", str(BASH_AGENT), "publish", "--payload", "{bad"], env)
-    assert bad.returncode == 1 and b"invalid JSON" in bad.stderr
+    assert refused.returncode == 2 and b"reserved vm name" in refused.stderr
 
 
 @pytest.fixture
@@ -341,6 +339,22 @@ def test_bash_agent_subscribes_heartbeats_and_forwards_stdin(router_factory, spa
     assert agent.terminate() == 0
 
 
+@pytest.mark.parametrize("command", [GUEST_CLI, ["bash", str(BASH_AGENT)]], ids=["castra-guest", "bash-agent"])
+def test_a_guests_own_publish_leaves_its_agent_subscribed(router, spawn, command):
+    """Issue 12: ``agent --subscribe vm:alpha`` running, then ``publish`` from the same
+    guest: a host message to vm:alpha right after it reaches the agent, which never
+    reconnected."""
+    env = guest_env(router.port, "alpha")
+    agent = spawn([*command, "agent", "--subscribe", "vm:alpha"], env)
+    agent.stderr.wait("subscribed to vm:alpha")
+    published = run([*command, "publish", "--topic", "broadcast", "--payload", '{"event": "booted"}'], env)
+    assert published.returncode == 0, published.stderr
+    client.publish("vm:alpha", {"cmd": "reload"}, state_root=router.state_root)
+    agent.wait_message({"cmd": "reload"}, timeout=5)
+    assert agent.stderr.count("lost") == 0 and agent.stderr.count("connected to") == 1, agent.stderr.lines
+    assert agent.terminate() == 0
+
+
 # -- what guests run -----------------------------------------------------------------------------
 
 
@@ -381,3 +395,177 @@ def test_python38_imports_and_publishes(router, tmp_path):
     result = run([exe, str(single_file), "publish", "--payload", '{"single": "file"}'], env)
     assert result.returncode == 0, result.stderr
     assert logged(router, "py38", {"python": "3.8"}) and logged(router, "py38", {"single": "file"})
+
+
+# -- one contract for both agents: names, exit statuses, signals, limits ---------------------
+
+COMMANDS = pytest.mark.parametrize("command", [GUEST_CLI, ["bash", str(BASH_AGENT)]], ids=["castra-guest", "bash-agent"])
+PREFIXES = (b"castra-guest: ", b"castra-bus-agent: ")
+
+
+def message(result: subprocess.CompletedProcess) -> bytes:
+    """The last stderr line without the program's name: the same in both agents."""
+    line = result.stderr.strip().splitlines()[-1]
+    for prefix in PREFIXES:
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    raise AssertionError(result.stderr)
+
+
+@pytest.fixture
+def silent_host():
+    """A port that accepts connections and never says a word: the port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+    for conn in accepted:
+        conn.close()
+
+
+BAD_NAMES = {
+    "space": ("a b", b"invalid vm name 'a b': no whitespace or control characters"),
+    "tab": ("a\tb", b"invalid vm name 'a\tb': no whitespace or control characters"),
+    "nbsp": ("a\u00a0b", "invalid vm name 'a\u00a0b': no whitespace or control characters".encode()),
+    "line-separator": ("a\u2028b", "invalid vm name 'a\u2028b': no whitespace or control characters".encode()),
+    "zero-width-space": ("a\u200bb", "invalid vm name 'a\u200bb': no whitespace or control characters".encode()),
+    "control": ("a\x01b", b"invalid vm name 'a\x01b': no whitespace or control characters"),
+    "reserved": ("HoSt", b"reserved vm name 'HoSt'"),
+    "too-long": ("\u00e9" * 129, b"vm name too long (129 characters, max 128)"),
+    "only-prefix": ("vm:", b"missing vm name"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=list(BAD_NAMES))
+@pytest.mark.parametrize("command", [GUEST_CLI, ["bash", str(BASH_AGENT)]], ids=["castra-guest", "bash-agent"])
+def test_both_agents_refuse_a_bad_vm_name_with_the_same_message(command, name):
+    vm, expected = BAD_NAMES[name]
+    result = run([*command, "ping", "--vm", vm], guest_env(free_port(), "unused"))
+    assert (result.returncode, message(result)) == (2, expected)
+
+
+@pytest.mark.parametrize("vm", ["\u00e9" * 128, "a/b", "\u00dcn\u00ef", "vm:x"])
+@COMMANDS
+def test_both_agents_accept_what_the_router_accepts(command, vm):
+    closed = free_port()
+    result = run([*command, "ping", "--vm", vm, "--port", str(closed)], guest_env(closed, "unused"))
+    assert result.returncode == 3, result.stderr  # past the name check: then no host to talk to
+
+
+@COMMANDS
+def test_exit_statuses_are_one_table(router, command):
+    env = guest_env(router.port, "statuses")
+    assert run([*command, "publish", "--payload", '{"ok": 1}'], env).returncode == 0
+    bad_json = run([*command, "publish", "--payload", "{bad"], env)
+    assert bad_json.returncode == 2 and message(bad_json).startswith(b"--payload is not JSON: "), bad_json.stderr
+    assert run([*command, "publish", "--no-such-option"], env).returncode == 2
+    refused = run([*command, "publish", "--topic", "*", "--payload", "{}"], env)
+    assert (refused.returncode, message(refused)) == (
+        1, f"publish refused by 127.0.0.1:{router.port}: topic * is only for subscribe".encode())
+    assert not any(r["vm"] == "statuses" and r["payload"] != {"ok": 1} for r in router.read_log())
+
+
+@COMMANDS
+def test_a_closed_port_is_reported_as_such_and_quickly(command):
+    closed = free_port()
+    started = time.monotonic()
+    result = run([*command, "publish", "--payload", "{}"], guest_env(closed, "nobody"))
+    assert result.returncode == 3
+    assert message(result).startswith(f"cannot connect to 127.0.0.1:{closed}".encode()), result.stderr
+    assert time.monotonic() - started < 3
+
+
+def test_every_subcommand_help_has_an_example():
+    for command in ("publish", "agent", "ping"):
+        result = run([*GUEST_CLI, command, "--help"], environment())
+        assert result.returncode == 0 and f"examples:\n  castra-guest {command} ".encode() in result.stdout
+        assert b"exit status" in result.stdout
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM", "SIGTERM"), ("SIGINT",), ("SIGINT", "SIGINT")],
+                         ids=["sigterm-twice", "sigint", "sigint-twice"])
+@COMMANDS
+def test_agent_stops_quietly_with_status_0(router, spawn, command, signals):
+    for attempt in range(3):
+        agent = spawn([*command, "agent", "--subscribe", "broadcast"], guest_env(router.port, f"stop{attempt}"))
+        agent.stderr.wait("subscribed to broadcast")
+        for name in signals:  # back to back, as timeout(1) sends them to the command and its group
+            agent.process.send_signal(getattr(signal, name))
+        assert agent.process.wait(10) == 0, agent.stderr.lines
+        assert not any("Traceback" in line or "Error" in line for line in agent.stderr.lines), agent.stderr.lines
+
+
+@COMMANDS
+def test_second_signal_while_the_agent_stops_is_quiet(silent_host, spawn, command):
+    """Stopping inside a connection attempt takes a moment: a second SIGTERM lands in it."""
+    agent = spawn([*command, "agent", "--timeout", "5"], guest_env(silent_host, "stopping"))
+    time.sleep(0.5)  # no condition to wait for: the host says nothing, the agent waits for its greeting
+    agent.process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    agent.process.send_signal(signal.SIGTERM)
+    assert agent.process.wait(10) == 0, agent.stderr.lines
+    assert not any("Traceback" in line for line in agent.stderr.lines), agent.stderr.lines
+
+
+@COMMANDS
+def test_interrupted_publish_ends_by_its_signal_without_a_traceback(mute_host, spawn, command):
+    publisher = spawn([*command, "publish", "--timeout", "20", "--payload", "{}"], guest_env(mute_host, "ctrl-c"))
+    time.sleep(0.5)  # the mute host never acks: the publish is waiting for its ack
+    os.killpg(publisher.process.pid, signal.SIGINT)  # Ctrl-C: to the whole foreground group
+    assert publisher.process.wait(10) == -signal.SIGINT  # a shell shows 130
+    wait_for(lambda: publisher.stderr.count("interrupted by SIGINT"), what="the interruption line")
+    assert not any("Traceback" in line for line in publisher.stderr.lines), publisher.stderr.lines
+
+
+def test_agent_exits_0_at_the_end_of_stdin_once_its_publishes_are_acked(router, spawn):
+    agent = spawn([*GUEST_CLI, "agent", "--stdin-json"], guest_env(router.port, "eof"))
+    for n in range(5):
+        agent.send_line({"type": "publish", "topic": "broadcast", "payload": {"n": n}})
+    agent.process.stdin.close()
+    assert agent.process.wait(15) == 0, agent.stderr.lines
+    assert [r["payload"] for r in router.read_log() if r["vm"] == "eof"] == [{"n": n} for n in range(5)]
+
+
+@COMMANDS
+def test_a_forbidden_subscription_is_logged_and_the_agent_goes_on(router, spawn, state_root, command):
+    agent = spawn([*command, "agent", "--subscribe", "vm:other", "--subscribe", "broadcast"],
+                  guest_env(router.port, "nosy"))
+    agent.stderr.wait("subscription to vm:other refused: forbidden topic")
+    agent.stderr.wait("subscribed to broadcast")
+    client.publish("broadcast", {"still": "served"}, state_root=state_root)
+    agent.wait_message({"still": "served"})
+    assert agent.terminate() == 0
+
+
+def test_copied_limits_equal_the_routers():
+    assert (guest.MAX_FRAME, guest.MAX_TOPIC) == (wire.MAX_FRAME, wire.MAX_TOPIC)
+    assert (guest.MAX_NAME, guest.MAX_LINE, guest.RESERVED_NAME) == (
+        handshake.MAX_NAME, handshake.MAX_LINE, handshake.HOST_SENDER)
+    assert guest.FORBIDDEN_CATEGORIES == {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+    # No MAX_ID: the guest's publish ids are integers (itertools.count), never strings.
+    script = BASH_AGENT.read_text()
+    assert f"\nMAX_FRAME={wire.MAX_FRAME}\n" in script and f"\nMAX_NAME={handshake.MAX_NAME}\n" in script
+
+
+def test_vm_name_agrees_with_the_router():
+    for name in ["alpha", "a/b", "..", "x:y", "\u00e9" * 128, "\u00e9" * 129, "", "host", "HOST", "a b", "a\tb",
+                 "a\x00b", "a\u00adb", "a\ue000", "a\u0378", "a\u2029b"]:
+        try:
+            router_vm = handshake.validate_vm_name(name)
+            router_ok = not any(ch.isspace() for ch in router_vm)
+        except HandshakeError:
+            router_ok = False
+        try:
+            guest_ok = guest.vm_name(name) == name
+        except ValueError:
+            guest_ok = False
+        assert guest_ok == router_ok, name
