@@ -91,6 +91,15 @@ class Router:
             self.log.close()
 
 
+def identities_file(directory: Path, text: str) -> Path:
+    """An identities file for ``castra up --identities``: owner-only, as one that
+    holds secrets must be."""
+    path = directory / "identities"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 @pytest.fixture
 def state_root():
     path = Path(tempfile.mkdtemp(prefix="cz", dir="/tmp"))

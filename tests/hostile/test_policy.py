@@ -9,7 +9,7 @@ from castra_zmq import client
 from castra_zmq.errors import ConfigError
 from castra_zmq.identity import DEFAULT_POLICY, parse_identities
 
-from ..conftest import wait_for
+from ..conftest import identities_file, wait_for
 from ..guest import Guest, connect_bus
 
 FORBIDDEN_BETA = b'{"type":"ack","ack":"subscribe","status":"error","topic":"vm:beta","reason":"forbidden topic"}'
@@ -66,10 +66,7 @@ def test_bad_grants_are_refused_with_their_line(line, message):
 
 @pytest.fixture
 def identities(tmp_path):
-    path = tmp_path / "identities"
-    path.write_text(IDENTITIES)
-    path.chmod(0o600)
-    return path
+    return identities_file(tmp_path, IDENTITIES)
 
 
 def connect_as(port: int, vm: str, token: str | None = None) -> Guest:

@@ -12,7 +12,7 @@ from castra_zmq.handshake import parse_hello
 from castra_zmq.identity import parse_identities
 from castra_zmq.supervisor import is_loopback
 
-from ..conftest import wait_for
+from ..conftest import identities_file, wait_for
 from ..guest import Guest
 
 IDENTITIES = """
@@ -57,10 +57,7 @@ def test_bad_identities_file_is_refused_with_its_line(text, message):
 
 @pytest.fixture
 def identities(tmp_path):
-    path = tmp_path / "identities"
-    path.write_text(IDENTITIES)
-    path.chmod(0o600)
-    return path
+    return identities_file(tmp_path, IDENTITIES)
 
 
 def test_router_with_identities_refuses_unknown_and_wrong_token(router_factory, identities):
