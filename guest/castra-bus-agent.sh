@@ -15,7 +15,8 @@ usage:
   castra-bus-agent.sh agent [--subscribe T]... [--stdin-json] [--heartbeat S] [--backoff S] [--backoff-max S]
       stay connected (heartbeats; reconnects after --backoff s, doubling up to --backoff-max),
       print every delivered message as one JSON line on stdout, and with --stdin-json send
-      each stdin line as a frame; exit 0 on SIGTERM or Ctrl-C
+      each stdin line as a frame (at the end of stdin: exit 0 once their acks are in, each
+      waited for at most --timeout s); exit 0 on SIGTERM or Ctrl-C
   castra-bus-agent.sh ping                                  handshake only; exit 0 on "ok"
 
 Every mode also takes --host, --port, --vm, --token and --timeout S (to wait for the
@@ -30,7 +31,8 @@ examples:
   castra-bus-agent.sh agent --subscribe broadcast --subscribe "vm:$(hostname)"
 
 exit status (the same for castra-guest):
-  0    ok: an ok ack (publish), "ok" (ping); agent: stopped by SIGTERM or SIGINT
+  0    ok: an ok ack (publish), "ok" (ping); agent: stopped by SIGTERM or SIGINT,
+       or its stdin ended (--stdin-json)
   1    the host refused (handshake error, error ack) or gave no ack within
        --timeout: not delivered, or (connection lost) not known
   2    usage or bad input: options, vm name, port, --payload not JSON, too large
@@ -171,11 +173,13 @@ run_ping() {
     echo ok
 }
 
-reader() {  # the only reader of the socket: dispatches every frame until the connection ends
-    local frame topic
+reader() {  # the only reader of the socket: dispatches every frame until the connection ends.
+    # Every other frame answers one frame sent: once the writer has said how many it sent
+    # before the end of stdin (on $stdin_end), the last of their answers ends the agent.
+    local frame topic answers=0 expected=
     while frame=$(read_frame); do
         case $frame in
-            '{"type":"message"'*) printf '%s\n' "$frame" ;;
+            '{"type":"message"'*) printf '%s\n' "$frame"; continue ;;
             *'"ack":"subscribe","status":"ok"'*)
                 topic=${frame#*'"topic":"'}
                 log "subscribed to ${topic%'"}'}"
@@ -186,11 +190,17 @@ reader() {  # the only reader of the socket: dispatches every frame until the co
                 ;;
             *'"status":"error"'* | '{"type":"error"'*) log "refused: $frame" ;;
         esac  # ok acks of heartbeats and publishes need nothing
+        answers=$((answers + 1))
+        [ -n "$expected" ] || ! read -r -t 0 -u "$stdin_end" || read -r -u "$stdin_end" expected
+        if [ -n "$expected" ] && [ "$answers" -ge "$expected" ]; then
+            log "end of stdin: stopping"
+            kill -s USR1 "$$"
+        fi
     done
 }
 
 writer() {  # the only writer while the reader runs: stdin frames, and a heartbeat after $heartbeat s without one
-    local line pending= status
+    local line pending= status sent=$1  # $1: frames serve sent before (its subscribes)
     while :; do
         if [ "$stdin_json" = 1 ]; then
             IFS= read -r -t "$heartbeat" line
@@ -201,27 +211,40 @@ writer() {  # the only writer while the reader runs: stdin frames, and a heartbe
                 line=$pending$line pending=
                 if [ -n "$line" ] && fits "$line"; then
                     send_frame "$line" || return
+                    sent=$((sent + 1))
                 fi
-                [ "$status" -eq 0 ] || stdin_json=0  # the end of stdin: heartbeats only
+                [ "$status" -eq 0 ] || { end_of_stdin "$sent"; return; }
                 continue
             fi
         else
             read -r -t "$heartbeat" -u "$idle" _  # waits $heartbeat s: nothing ever comes on $idle
         fi
         send_frame '{"type":"heartbeat"}' || return
+        sent=$((sent + 1))
     done
 }
 
+end_of_stdin() {  # $1 frames sent: a heartbeat, so that an answer comes after the count is
+    # posted, then the reader ends the agent at the last answer, or this after --timeout s
+    printf '%s\n' $(($1 + 1)) >&"$stdin_end"
+    send_frame '{"type":"heartbeat"}' || return
+    read -r -t "$wait_s" -u "$idle" _
+    log "end of stdin: not every frame was answered within ${wait_s}s; stopping"
+    kill -s USR1 "$$"
+}
+
 serve() {  # one connection: subscribe, then read and write until it ends
-    local topic
+    local topic subscribes=0
+    exec {stdin_end}<> <(:)  # the writer's count of frames sent, once stdin has ended
     for topic in ${subscriptions[@]+"${subscriptions[@]}"}; do
         send_frame "{\"type\":\"subscribe\",\"topic\":$(json_string "$topic")}" || break
+        subscribes=$((subscribes + 1))
     done
     set -m  # the reader gets a process group of its own, so stopping it stops its dd too
     reader &
     reader_pid=$!
     set +m
-    writer <&0 &  # <&0: a background job would otherwise read /dev/null
+    writer "$subscribes" <&0 &  # <&0: a background job would otherwise read /dev/null
     writer_pid=$!
     wait "$reader_pid"
     stop_session
@@ -232,12 +255,14 @@ stop_session() {
     [ -z "$reader_pid" ] || kill -- "-$reader_pid" 2>/dev/null
     writer_pid= reader_pid=
     exec 3>&-
+    [ -z "${stdin_end:-}" ] || exec {stdin_end}>&-
+    stdin_end=
 }
 
 run_agent() {
     local delay_ms=$backoff_ms
     reader_pid= writer_pid=
-    trap 'exit 0' TERM INT
+    trap 'exit 0' TERM INT USR1  # USR1: the end of stdin, from the reader or the writer
     trap stop_session EXIT
     while :; do
         if open_session; then

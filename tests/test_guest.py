@@ -526,13 +526,24 @@ def test_interrupted_publish_ends_by_its_signal_without_a_traceback(mute_host, s
     assert not any("Traceback" in line for line in publisher.stderr.lines), publisher.stderr.lines
 
 
-def test_agent_exits_0_at_the_end_of_stdin_once_its_publishes_are_acked(router, spawn):
-    agent = spawn([*GUEST_CLI, "agent", "--stdin-json"], guest_env(router.port, "eof"))
+@COMMANDS
+def test_agent_exits_0_at_the_end_of_stdin_once_its_publishes_are_acked(router, spawn, command):
+    agent = spawn([*command, "agent", "--subscribe", "broadcast", "--stdin-json"], guest_env(router.port, "eof"))
     for n in range(5):
         agent.send_line({"type": "publish", "topic": "broadcast", "payload": {"n": n}})
     agent.process.stdin.close()
     assert agent.process.wait(15) == 0, agent.stderr.lines
     assert [r["payload"] for r in router.read_log() if r["vm"] == "eof"] == [{"n": n} for n in range(5)]
+
+
+@COMMANDS
+def test_agent_at_the_end_of_stdin_waits_for_acks_at_most_timeout(mute_host, spawn, command):
+    agent = spawn([*command, "agent", "--stdin-json", "--timeout", "1"], guest_env(mute_host, "eof"))
+    agent.send_line({"type": "publish", "topic": "broadcast", "payload": {}})
+    agent.process.stdin.close()
+    started = time.monotonic()
+    assert agent.process.wait(15) == 0, agent.stderr.lines
+    assert time.monotonic() - started < 10  # bounded by --timeout, not by the test's wait
 
 
 @COMMANDS
