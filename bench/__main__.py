@@ -1,13 +1,15 @@
 """castra-zmq against mosquitto, NATS and a bare ZeroMQ proxy, side by side.
 
     python -m bench [--runs 3] [--duration 10] [--only nominal,acked,...]
-                    [--systems castra,mosquitto,nats,zmq] [--sessions 10000] [--out bench/results]
+                    [--systems castra,mosquitto,nats,zmq] [--sessions 10000] [--out DIR]
 
 Each round starts every system afresh (127.0.0.1, temp directories), runs the
 workloads against it one after another and stops it; rounds repeat --runs times.
 Load comes from this one asyncio process on uvloop. A system whose
 server is not installed is skipped with a note. Writes results.json (every figure of
-every run), results.md (the tables) and bench.png (the chart) to --out.
+every run), results.md (the tables) and bench.png (the chart) to --out, by default a
+new temporary directory (the committed figures are refreshed with --out bench/results),
+and prints where. Runs from any directory with the repository on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from . import report
 from .systems import System, make_systems
 from .workloads import WORKLOADS, Run, Settings
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 _FD_HEADROOM = 1024  # beyond one descriptor per session (each process holds its own end)
 
 
@@ -49,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="concurrent sessions in the sessions workload (default 10000)")
     parser.add_argument("--fsync", choices=["batch", "never"], default="batch",
                         help="castra's --fsync (default batch: durable before ack)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path,
+                        help="output directory (default: a new one under the temp directory; "
+                             "bench/results holds the committed figures)")
     args = parser.parse_args(argv)
     chosen = [name for name in args.only.split(",") if name]
     unknown = [name for name in chosen if name not in WORKLOADS]
@@ -136,6 +139,8 @@ async def run_all(args: argparse.Namespace, systems: list[System], notes: list[s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    out = output_directory(args.out)
+    log(f"results will be written to {out}")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     notes = []
     if "sessions" in args.only:
@@ -162,21 +167,30 @@ def main(argv: list[str] | None = None) -> int:
         runs = loop.run_until_complete(run_all(args, systems, notes))
     finally:
         loop.close()
-    write_outputs(args, started, systems, runs, notes)
+    write_outputs(args, out, started, systems, runs, notes)
     return 0 if runs and all("figures" in run for run in runs) else 1
 
 
-def write_outputs(args: argparse.Namespace, started: str, systems: list[System], runs: list[dict],
-                  notes: list[str]) -> None:
-    """results.json, results.md and bench.png in --out; the tables on stdout."""
+def output_directory(out: Path | None) -> Path:
+    """--out, created; without it a new temp directory, so that a run never overwrites
+    the committed bench/results unless asked to. Made before the run: a bad --out
+    fails at once, not after it."""
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="castra-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_outputs(args: argparse.Namespace, out: Path, started: str, systems: list[System],
+                  runs: list[dict], notes: list[str]) -> None:
+    """results.json, results.md and bench.png in ``out``; the tables on stdout."""
     rows = report.summarize(runs)
     notes += report.generator_bound(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
                f"Python {platform.python_version()}")
     title = (f"castra-zmq bench, {started}\n{machine}\n{args.runs} runs x {args.duration:g} s; "
              "bars: median, whiskers: min-max")
-    chart_note = report.write_chart(rows, args.out / "bench.png", title) if rows else "chart skipped: no rows"
+    chart_note = report.write_chart(rows, out / "bench.png", title) if rows else "chart skipped: no rows"
     if chart_note:
         notes.append(chart_note)
     document = {
@@ -193,12 +207,12 @@ def write_outputs(args: argparse.Namespace, started: str, systems: list[System],
         "rows": rows,
         "runs": runs,
     }
-    (args.out / "results.json").write_text(json.dumps(without_nan(document), indent=1) + "\n")
-    (args.out / "results.md").write_text(report.render_markdown(rows, notes))
+    (out / "results.json").write_text(json.dumps(without_nan(document), indent=1) + "\n")
+    (out / "results.md").write_text(report.render_markdown(rows, notes))
     print(report.render_text(rows))
     print("\nnotes:\n" + "\n".join(f"- {note}" for note in notes))
-    print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'}"
-          + ("" if chart_note else f", {args.out / 'bench.png'}"))
+    print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}"
+          + ("" if chart_note else f", {out / 'bench.png'}"))
 
 
 def without_nan(value):

@@ -36,7 +36,7 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _SBIN = os.pathsep.join(["/usr/sbin", "/usr/local/sbin"])  # Debian puts both brokers there
 _STREAM = "BENCH"
-_REPO = Path(__file__).resolve().parent.parent  # where `python -m cli.main` and `-m bench.*` resolve
+_REPO = Path(__file__).resolve().parent.parent  # where `python -m bench.*` resolves
 
 
 class ProcessTree:
@@ -222,8 +222,8 @@ class Castra(System):
     def launch(self, workdir: Path) -> None:
         state_root = workdir / "s"  # short: ipc socket paths are limited to 107 bytes
         process = self.spawn(
-            [sys.executable, "-m", "cli.main", "up", "--state-root", str(state_root), "--port", "0",
-             "--fsync", self.fsync],
+            [sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(state_root),
+             "--port", "0", "--fsync", self.fsync],
             workdir, stdout=subprocess.PIPE,
         )
         line = read_ready_line(process)

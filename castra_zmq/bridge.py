@@ -18,7 +18,6 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import os
 import resource
 import signal
 import socket
@@ -35,11 +34,12 @@ from .config import Settings, settings_from_env
 from .events import EVENT_BYTES_MAX, EventKind, SessionInfo, event_message, now_ms, split_sessions
 from .handshake import Hello
 from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
+from .listener import listener_socket
 from .session import CLOSE_LINGER, THROTTLE_NOTICE_S, GuestConnection, ReadPause
+from .subscriptions import SubscriberIndex
 from .wire import (
     ATTACH,
     PUBLISH_REQUEST_MAX,
-    SUBSCRIBE_ALL,
     Committed,
     MessageId,
     Publish,
@@ -50,7 +50,6 @@ from .wire import (
     publish_request_bytes,
 )
 
-LISTEN_FD_ENV = "CASTRA_LISTEN_FD"
 _SHUTDOWN_GRACE = 2.0  # seconds for the journal to answer what guests sent, when stopping
 _BATCHES_IN_FLIGHT = 4  # a batch that is not full waits while this many are unanswered
 _DRAIN_MAX = 4096  # bus messages handled per wake-up before yielding to guests
@@ -79,7 +78,8 @@ class Bridge:
         # vm -> its open sessions, oldest first (a dict as an ordered set): processes
         # of one guest share its name, each with its own subscriptions.
         self.sessions: dict[str, dict[GuestConnection, None]] = {}
-        self.subscribers: dict[str, set[GuestConnection]] = {}  # topic -> sessions
+        self.subscribers: SubscriberIndex[GuestConnection] = SubscriberIndex()  # topics and patterns
+        self.deliveries = 0  # messages delivered so far: numbers each one (see deliver)
         self.pending: dict[int, PendingPublish] = {}  # in commit order, so deadlines too
         self.corr = itertools.count(1)
         self.requests: list[PublishRequest] = []  # not sent yet, to go as one batch
@@ -183,7 +183,7 @@ class Bridge:
 
     def close_session(self, connection: GuestConnection, reason: str) -> None:
         for topic in connection.topics:
-            self._drop_subscriber(connection, topic)
+            self.subscribers.discard(connection, topic)
         connection.topics.clear()
         open_sessions = self.sessions.get(connection.vm)
         if open_sessions is not None:
@@ -191,12 +191,12 @@ class Bridge:
             if not open_sessions:
                 del self.sessions[connection.vm]
         self.emit(EventKind.SESSION_CLOSE, vm=connection.vm, session=connection.token, reason=reason)
-        connection.log.bind(reason=reason).info("session closed")
+        connection.log.bind(reason=reason, unlogged=connection.unlogged or None).info("session closed")
 
     def publish(self, connection: GuestConnection, frame: Publish) -> str | None:
         """Forward one publish to the journal; returns a reason when it cannot be."""
         if not self.policy.may_publish(connection.vm, frame.topic):
-            connection.log.bind(reason=FORBIDDEN_TOPIC, topic=frame.topic).info("publish refused")
+            connection.log_frame_event("INFO", "publish refused", reason=FORBIDDEN_TOPIC, topic=frame.topic)
             return FORBIDDEN_TOPIC
         if not self.journal_attached:
             return "journal_unavailable"
@@ -249,19 +249,12 @@ class Bridge:
             asyncio.get_running_loop().call_soon(self.run_reader, self.read_journal)
 
     def subscribe(self, connection: GuestConnection, topic: str) -> None:
-        self.subscribers.setdefault(topic, set()).add(connection)
+        self.subscribers.add(connection, topic)
         self.emit(EventKind.SUBSCRIBE, vm=connection.vm, session=connection.token, topics=sorted(connection.topics))
 
     def unsubscribe(self, connection: GuestConnection, topic: str) -> None:
-        self._drop_subscriber(connection, topic)
+        self.subscribers.discard(connection, topic)
         self.emit(EventKind.UNSUBSCRIBE, vm=connection.vm, session=connection.token, topics=sorted(connection.topics))
-
-    def _drop_subscriber(self, connection: GuestConnection, topic: str) -> None:
-        members = self.subscribers.get(topic)
-        if members is not None:
-            members.discard(connection)
-            if not members:
-                del self.subscribers[topic]
 
     def emit(self, kind: EventKind, **fields) -> None:
         self.events.send_multipart(event_message(kind, **fields))
@@ -380,20 +373,24 @@ class Bridge:
                 self.update_backlog()
 
     def deliver(self, committed: Committed, frame: bytes) -> None:
-        """Push one committed message's guest frame to every subscriber of its topic
-        but the sender's sessions (all of them: a VM never hears its own publishes,
-        whichever of its sessions sent it); ``*`` subscribers get a ``vm:`` topic only
-        if they may read it."""
-        exact = self.subscribers.get(committed.topic)
-        every = self.subscribers.get(SUBSCRIBE_ALL)
-        if every and committed.topic.startswith(VM_TOPIC_PREFIX):
-            every = {c for c in every if self.policy.may_read(c.vm, committed.topic)}
-        if not exact and not every:
-            return
-        targets = (exact | every) if exact and every else (exact or every)
-        for connection in list(targets):
-            if connection.sender != committed.sender:
-                connection.deliver(frame)
+        """Push one committed message's guest frame to every session subscribed to its
+        topic or to a pattern it matches (``*`` included), once per session however
+        many of its subscriptions match, and never to the sender's sessions (none of
+        them: a VM never hears its own publishes, whichever of its sessions sent it).
+
+        An exact subscription was checked when it was made; a pattern gets a ``vm:``
+        topic only if the session may read it. The sessions come as lists: a
+        delivery can close a slow session, which then leaves the index's sets."""
+        topic, sender = committed.topic, committed.sender
+        self.deliveries += 1
+        for connection in list(self.subscribers.exact_subscribers(topic)):
+            if connection.sender != sender:
+                connection.deliver(frame, self.deliveries)
+        private = topic.startswith(VM_TOPIC_PREFIX)
+        for sessions in self.subscribers.prefix_subscribers(topic):
+            for connection in list(sessions):
+                if connection.sender != sender and (not private or self.policy.may_read(connection.vm, topic)):
+                    connection.deliver(frame, self.deliveries)
 
     # -- periodic work ----------------------------------------------------------------
 
@@ -512,28 +509,6 @@ class Bridge:
             await asyncio.sleep(0.02)
 
 
-def listener_socket(settings: Settings) -> socket.socket:
-    """The listening socket handed over by the supervisor, or a new one."""
-    fd = os.environ.pop(LISTEN_FD_ENV, None)
-    if fd is not None:
-        return socket.socket(fileno=int(fd))
-    return bind_listener(settings.host, settings.port)
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
 async def run(settings: Settings) -> None:
     bridge = Bridge(settings)
     loop = asyncio.get_running_loop()
@@ -552,10 +527,12 @@ def raise_fd_limit() -> None:
 def main() -> None:
     runtime.setup_logging("bridge")
     runtime.die_with_parent()
+    runtime.wait_for_turn()
     raise_fd_limit()
     # uvloop: transports in C take about 40 % off the bridge's CPU per message.
     uvloop.run(run(settings_from_env()))
     logger.info("bridge stopped")
+    runtime.skip_final_collection()
 
 
 if __name__ == "__main__":

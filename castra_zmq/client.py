@@ -4,7 +4,7 @@
 from castra_zmq import client
 
 seq = client.publish("vm:alpha", {"cmd": "reload"})      # returns once it is in bus.log
-for message in client.subscribe(["vm:alpha", "broadcast"]):
+for message in client.subscribe(["vm:alpha", "broadcast"]):   # or ["vm:*"]: every VM's topic
     print(message.seq, message.sender, message.topic, bytes(message.payload))
 ```
 
@@ -182,12 +182,8 @@ class Publisher:
 
 
 def _bus_subscriptions(sock: zmq.Socket, topic_names: Iterable[str]) -> None:
-    names = list(topic_names)
-    if not names or "*" in names:
-        sock.subscribe(topics.BUS_ALL)
-    else:
-        for name in names:
-            sock.subscribe(topics.bus(name))
+    for name in list(topic_names) or ["*"]:
+        sock.subscribe(topics.bus_subscription(name))
 
 
 def require_run_dir(endpoints: Endpoints) -> None:
@@ -198,7 +194,9 @@ def require_run_dir(endpoints: Endpoints) -> None:
 
 
 def subscribe(topic_names: Iterable[str] = ("*",), *, state_root=None) -> Iterator[Delivery]:
-    """Yield every committed message on ``topic_names`` (``*``: all) as it arrives.
+    """Yield every committed message on ``topic_names`` as it arrives: exact topics,
+    and patterns ``p*`` for every topic starting with ``p`` (``vm:*``: every VM's
+    topic, ``*``: all).
 
     Like any ZeroMQ subscriber it sees messages committed after its subscription
     reached the bus (a few milliseconds); older ones are in the log.

@@ -7,7 +7,7 @@ in the ``CASTRA_SETTINGS`` environment variable.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
@@ -16,6 +16,8 @@ from .errors import ConfigError
 from .wire import BUS_MESSAGE_MAX, FRAME_OVER_REQUEST, PUBLISH_REQUEST_MAX
 
 SETTINGS_ENV = "CASTRA_SETTINGS"
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 KIB = 1024
 MIB = 1024 * KIB
 
@@ -65,6 +67,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     vm_logs_max: int = 10_000  # per-VM log files; a VM past it is logged in bus.log only
     health_interval: float = 0.5  # journal health and bridge session sync period
     snapshot_interval: float = 0.25  # status snapshot file, at most this often
+    # Logs on stderr, alike in every process (see runtime.setup_logging). Colour is
+    # decided once, by ``castra up``: the roles share its stderr.
+    log_level: LogLevel = "INFO"
+    log_json: bool = False
+    log_color: bool = False
 
     @property
     def endpoints(self) -> Endpoints:

@@ -48,3 +48,8 @@ class RouterUnavailable(CastraError):
 
 class PublishFailed(CastraError):
     """A publish was not committed to the bus log (error ack or no ack in time)."""
+
+
+class LogWriteFailed(CastraError):
+    """A commit could not be written to the bus logs and was cut back off them:
+    its publishes get ``log_write_failed: <why>`` (``reason``)."""

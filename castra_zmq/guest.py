@@ -320,7 +320,8 @@ class GuestSession:
         return self._request(frame, timeout)
 
     def subscribe(self, topic: str, timeout: float = DEFAULT_TIMEOUT) -> dict:
-        """Receive messages on ``topic`` (``*``: all) from now on, across reconnects.
+        """Receive messages on ``topic`` from now on, across reconnects: ``p*`` is every
+        topic starting with ``p`` (``metrics.*``), ``*`` all (both only what this VM may read).
 
         The topic is kept even if this call times out (it is subscribed on the next
         connection); an error ack (say, past 16 topics) raises ``AckError`` and drops it.
@@ -831,7 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=epilog(AGENT_EXAMPLES), formatter_class=raw,
     )
     agent.add_argument("--subscribe", action="append", default=[], metavar="TOPIC",
-                       help="receive messages on TOPIC (repeatable; '*': everything)")
+                       help="receive messages on TOPIC (repeatable); 'metrics.*': every topic "
+                            "starting with 'metrics.', '*': everything this VM may read")
     agent.add_argument("--stdin-json", action="store_true",
                        help="forward newline-delimited JSON frames from stdin; exit at its end")
     agent.add_argument("--heartbeat", type=float, default=HEARTBEAT_INTERVAL, metavar="S",

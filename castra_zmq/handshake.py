@@ -16,6 +16,7 @@ from .errors import HandshakeError
 MAX_LINE = 512
 MAX_NAME = 128
 HOST_SENDER = "host"
+VM_TOPIC_PREFIX = "vm:"  # a topic addressed to one VM: vm:<name>
 # Bus protocol versions this broker speaks, best first.
 BUS_PROTOCOLS = ("bus-v1",)
 

@@ -6,14 +6,15 @@ listed names are accepted (``error: unknown vm``); a name listed with a token mu
 present it (``error: invalid token``), compared in constant time. Handshake-only
 guests are checked the same way.
 
-Reading and writing (``Policy``), with or without a file: a guest may subscribe to
-its own ``vm:<name>`` topic and to every topic not starting with ``vm:``; another
-VM's ``vm:`` topic is refused (error ack ``forbidden topic``) and left out of what
-``*`` delivers. Publishing is open. A line of the file may grant a VM more topics
-to read (``subscribe=``) and restrict it to some topics to publish to
-(``publish=``). A pattern is an exact topic, or a prefix when it ends in ``*``
-(``vm:*`` is every VM's topic, ``*`` every topic); patterns are separated by
-commas, so a topic with a comma or a space cannot be named.
+Reading and writing (``Policy``), with or without a file: a guest may read its
+own ``vm:<name>`` topic and every topic not starting with ``vm:``. A subscription
+to another VM's ``vm:`` topic is refused (error ack ``forbidden topic``); one to a
+pattern (``*``, ``vm:*``, ``metrics.*``: see ``subscriptions``) is always taken, and
+delivers only the topics the guest may read. Publishing is open. A line of the file
+may grant a VM more topics to read (``subscribe=``) and restrict it to some topics
+to publish to (``publish=``). A pattern is an exact topic, or a prefix when it ends
+in ``*`` (``vm:*`` is every VM's topic, ``*`` every topic); patterns are separated
+by commas, so a topic with a comma or a space cannot be named.
 
 File format, one VM per line; ``#`` starts a comment at the start of a line or
 after whitespace (a ``#`` inside a secret is part of it); each option at most once:
@@ -37,22 +38,12 @@ import msgspec
 from loguru import logger
 
 from .errors import ConfigError, HandshakeError
-from .handshake import Hello, validate_vm_name
-from .wire import MAX_TOPIC, SUBSCRIBE_ALL
+from .handshake import VM_TOPIC_PREFIX, Hello, validate_vm_name
+from .subscriptions import TopicPatterns, pattern_prefix, topic_patterns
+from .wire import MAX_TOPIC
 
-VM_TOPIC_PREFIX = "vm:"
 FORBIDDEN_TOPIC = "forbidden topic"  # the error ack's reason for a refused subscribe or publish
 _COMMENT = re.compile(r"(?:^|\s)#")
-
-
-class TopicPatterns(msgspec.Struct, frozen=True):
-    """Exact topics and topic prefixes (a pattern ``p*`` is the prefix ``p``)."""
-
-    exact: frozenset[str] = frozenset()
-    prefixes: tuple[str, ...] = ()
-
-    def match(self, topic: str) -> bool:
-        return topic in self.exact or topic.startswith(self.prefixes)
 
 
 class Policy(msgspec.Struct, frozen=True):
@@ -70,8 +61,9 @@ class Policy(msgspec.Struct, frozen=True):
         return granted is not None and granted.match(topic)
 
     def may_subscribe(self, vm: str, topic: str) -> bool:
-        """``*`` is always allowed: it means every topic ``vm`` may read."""
-        return topic == SUBSCRIBE_ALL or self.may_read(vm, topic)
+        """A pattern (``*``, ``vm:*``) is always allowed: it delivers only the topics
+        ``vm`` may read (see ``Bridge.deliver``)."""
+        return pattern_prefix(topic) is not None or self.may_read(vm, topic)
 
     def may_publish(self, vm: str, topic: str) -> bool:
         allowed = self.publishes.get(vm)
@@ -105,16 +97,12 @@ _OPTION_SYNTAX = {
 
 def parse_topic_patterns(text: str) -> TopicPatterns:
     """``a,b*``: the exact topic ``a`` and every topic starting with ``b``."""
-    exact, prefixes = set(), []
-    for pattern in text.split(","):
+    patterns = text.split(",")
+    for pattern in patterns:
         if not pattern or len(pattern) > MAX_TOPIC or "*" in pattern[:-1]:
             raise ConfigError(f"invalid topic pattern {pattern!r}: a topic of 1..{MAX_TOPIC} "
                               "characters, with '*' only at its end")
-        if pattern.endswith("*"):
-            prefixes.append(pattern[:-1])
-        else:
-            exact.add(pattern)
-    return TopicPatterns(exact=frozenset(exact), prefixes=tuple(prefixes))
+    return topic_patterns(patterns)
 
 
 def parse_identities(text: str, source: str = "identities file") -> Identities:

@@ -1,12 +1,16 @@
 """The journal role: single writer of ``logs/bus/*.log``.
 
 Publishes reach it on its ROUTER socket, ``run/journal.sock``, from bridges and
-host tools alike. Per batch of whatever arrived (group commit) it assigns each
-message its ``seq``, appends one JSON line to ``bus.log``, to the sender's log and,
-for ``vm:<target>`` topics, to the target's log, fsyncs ``bus.log`` (per the
-``fsync`` setting), and only then answers and delivers. A batch that cannot be
-written is rolled back whole and every publish in it gets an error result: nothing
-is half-written, nothing is acked that is not in the log.
+host tools alike. It admits them, commits whatever arrived as one group, and
+only then answers and delivers; the files are the storage engine's
+(``buslog``): ``BusLog.commit`` gives each message its ``seq``, appends its line
+to ``bus.log`` and fdatasyncs it (per the ``fsync`` setting), then
+``VmLogs.append`` files the same lines in the sender's log and, for
+``vm:<target>`` topics, the target's. A commit that cannot be written is cut
+back off every file and each publish in it gets an error result: nothing is
+half-written, nothing is acked that is not in the log. On its health tick the
+journal follows rotation and checkpoints the per-VM logs; at start it has them
+completed from ``bus.log`` after a crash.
 
 The journal socket, from the peer's (a DEALER's) side:
 
@@ -35,8 +39,8 @@ log line and a ``peer`` event) and attached again once it publishes. A publish
 whose guest frame would be over ``MAX_FRAME`` bytes is refused: ``message too large``.
 
 Per-VM logs: a VM gets one only once it connected (the bridge's ``connected``
-notice, or a publish through a bridge), when the identities file lists it, or
-when its log is already there; and only while there are fewer than
+notice, or a publish through a bridge: ``KnownVms``), when the identities file
+lists it, or when its log is already there; and only while there are fewer than
 ``vm_logs_max``. Other messages still go to ``bus.log`` and any log their
 sender or target has.
 
@@ -47,26 +51,21 @@ messages are sent only while someone subscribes to them.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import functools
 import os
 import time
-from pathlib import Path
 
 import msgspec
 import zmq
 from loguru import logger
 
 from . import runtime, topics
+from .buslog import BusLog, KnownVms, LogBatch, Message, VmLogs, target_of
 from .config import Settings, settings_from_env
-from .endpoints import Endpoints
-from .errors import CastraError, ConfigError
+from .errors import ConfigError, LogWriteFailed
 from .events import EventKind, event_message
 from .framing import encode_frame
-from .handshake import HOST_SENDER, validate_vm_name
+from .handshake import HOST_SENDER
 from .identity import load_identities
-from .logfiles import SUFFIX, AppendFile, last_lines, log_file_name, newest_lines, vm_from_file_name
-from .statefs import read_regular, replace_file
 from .wire import (
     ATTACH,
     BUS_MESSAGE_MAX,
@@ -79,23 +78,19 @@ from .wire import (
     CommitResult,
     Committed,
     Delivery,
-    LogRecord,
     PublishRequest,
     compact_payload,
-    decode_log_record,
     decode_publish_requests,
     delivery_bytes,
     json_encode,
 )
 
-_MAX_OPEN_FILES = 256
 _MAX_CACHED_TOPICS = 4096
-_SUBSCRIPTIONS_WAIT_MS = 1000  # for the bus's subscriptions to reach a new outbox
+_SUBSCRIPTIONS_WAIT = 1.0  # seconds, at most, for the bus's subscriptions to reach a new outbox
 _PUBLISH_EVENT_INTERVAL = 0.1  # seconds: status needs freshness, not an event per commit
 # An entry of a publish event's counts: a VM name (at most 6 bytes a character in
 # JSON), and at most this for its count and punctuation.
 _COUNT_ENTRY_BYTES = 24
-_RESCAN_INTERVAL = 1.0  # seconds between listings of logs/bus/ while at vm_logs_max
 _MAX_DETACHED = 64  # detached bridges remembered, to attach again when they publish
 SLOW_CONSUMER = "slow_consumer"
 _FRAME_PREFIX = 4  # the length before each guest frame
@@ -106,33 +101,6 @@ class Pending(msgspec.Struct):
 
     peer: bytes  # the identity its result goes back to
     request: PublishRequest
-    seq: int = 0
-
-
-class KnownVms:
-    """The VMs that may get a new per-VM log: ``host``, those the identities file
-    lists, and the latest ``limit`` that connected since the journal started.
-
-    Any guest may name any ``vm:<target>``; only a VM that exists gets a file.
-    """
-
-    def __init__(self, listed: frozenset[str], limit: int):
-        self.listed = listed
-        self.limit = limit
-        self.connected: collections.OrderedDict[str, None] = collections.OrderedDict()
-
-    def __contains__(self, vm: str) -> bool:
-        return vm in self.connected or vm in self.listed or vm == HOST_SENDER
-
-    def add(self, vm: str, refresh: bool = False) -> None:
-        """``vm`` connected; ``refresh`` makes it the latest even if it was known."""
-        if vm in self.connected:
-            if refresh:
-                self.connected.move_to_end(vm)
-            return
-        if len(self.connected) >= self.limit:
-            self.connected.popitem(last=False)
-        self.connected[vm] = None
 
 
 def listed_vms(identities_file: str | None) -> frozenset[str]:
@@ -145,199 +113,25 @@ def listed_vms(identities_file: str | None) -> frozenset[str]:
     return frozenset(identities.tokens) if identities is not None else frozenset()
 
 
-def vm_log_names(directory: Path) -> set[str]:
-    """The file names of the per-VM logs in ``directory`` (``%%<sha256>.log`` too)."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return set()
-    return {name for name in names
-            if (name.startswith("%%") and name.endswith(SUFFIX)) or vm_from_file_name(name) is not None}
-
-
-class LogSet:
-    """``bus.log`` plus per-VM logs, with a bounded set of open files and at most
-    ``vm_logs_max`` per-VM logs, which only known VMs get (see ``KnownVms``).
-
-    Only ``bus.log`` is fsynced with each commit: it is the record of truth, and
-    one fsync per batch instead of one per file touched is what keeps group commit
-    cheap. The per-VM logs are derived from it; they are fsynced by ``sync_vm_logs``
-    (about once a second) and, after an OS crash, rebuilt from ``bus.log`` past the
-    checkpoint (see ``Journal.reconcile``).
-    """
-
-    def __init__(self, endpoints: Endpoints, sync: bool, known: KnownVms, vm_logs_max: int):
-        self.dir = endpoints.logs_dir
-        self.sync = sync
-        self.known = known
-        self.vm_logs_max = vm_logs_max
-        self.bus = AppendFile(endpoints.bus_log)
-        self._vm_files: collections.OrderedDict[str, AppendFile] = collections.OrderedDict()
-        self._unsynced: set[AppendFile] = set()
-        self.vm_log_names = vm_log_names(self.dir)  # the per-VM logs there are, by file name
-        self.next_rescan = 0.0
-        self.full = False  # at vm_logs_max: told once, until there is room again
-
-    def vm_file(self, vm: str) -> AppendFile | None:
-        """``vm``'s log, opened (or created) if needed; None when it has none and
-        may not get one."""
-        handle = self._vm_files.get(vm)
-        if handle is not None:
-            self._vm_files.move_to_end(vm)
-            return handle
-        name = log_file_name(vm)
-        if name not in self.vm_log_names and (vm not in self.known or not self.room_for_a_new_log()):
-            return None
-        if len(self._vm_files) >= _MAX_OPEN_FILES:
-            self._close(self._vm_files.popitem(last=False)[1])
-        handle = self._vm_files[vm] = AppendFile(self.dir / name)
-        self.vm_log_names.add(name)
-        return handle
-
-    def room_for_a_new_log(self) -> bool:
-        """Whether there are fewer than ``vm_logs_max`` per-VM logs. At the cap the
-        directory is listed again (at most once per ``_RESCAN_INTERVAL``): logs
-        deleted or rotated away since free their place."""
-        if len(self.vm_log_names) >= self.vm_logs_max and time.monotonic() >= self.next_rescan:
-            self.next_rescan = time.monotonic() + _RESCAN_INTERVAL
-            self.vm_log_names = vm_log_names(self.dir) | {handle.path.name for handle in self._vm_files.values()}
-        room = len(self.vm_log_names) < self.vm_logs_max
-        if not room and not self.full:
-            logger.bind(reason="vm_logs_max").warning("per-VM logs at their cap: other VMs only in bus.log",
-                                                      cap=self.vm_logs_max)
-        self.full = not room
-        return room
-
-    def append(self, lines: dict[AppendFile, bytearray]) -> None:
-        """Write every file's lines; on any error restore every file and re-raise."""
-        sizes = {handle: handle.size for handle in lines}
-        try:
-            for handle, data in lines.items():
-                handle.write(data)
-            if self.sync and self.bus in lines:
-                self.bus.sync()
-            self._unsynced.update(handle for handle in lines if handle is not self.bus)
-        except OSError:
-            for handle, size in sizes.items():
-                try:
-                    handle.rollback(size)
-                except OSError as exc:  # the line stays torn on disk; cut at next open
-                    logger.error("rollback failed", path=str(handle.path), reason=exc.strerror)
-            raise
-
-    def sync_vm_logs(self) -> None:
-        """fsync the per-VM logs written since the last call."""
-        if self.sync:
-            for handle in self._unsynced:
-                handle.sync()
-        self._unsynced.clear()
-
-    def take_unsynced(self) -> list[int]:
-        """Duplicates of the per-VM logs' fds written since the last call, for a
-        background fsync: a dup stays valid if the LRU closes the file meanwhile."""
-        fds = [os.dup(handle.fd) for handle in self._unsynced] if self.sync else []
-        self._unsynced.clear()
-        return fds
-
-    def mark_all_unsynced(self) -> None:
-        """After a failed background fsync: which file failed is unknown, so all are."""
-        self._unsynced.update(self._vm_files.values())
-
-    def close_replaced_vm_files(self) -> None:
-        """Let go of per-VM logs moved away (rotation): the next line starts a new one."""
-        for vm, handle in list(self._vm_files.items()):
-            if handle.replaced():
-                del self._vm_files[vm]
-                self._close(handle)
-
-    def _close(self, handle: AppendFile) -> None:
-        if self.sync and handle in self._unsynced:
-            handle.sync()
-        self._unsynced.discard(handle)
-        handle.close()
-
-    def close(self) -> None:
-        self.bus.close()
-        for handle in self._vm_files.values():
-            self._close(handle)
-        self._vm_files.clear()
-
-
-def last_seq(path: Path) -> int:
-    """The ``seq`` of the last whole line of a bus log (0 when it has none)."""
-    lines = last_lines(path, 1)
-    if not lines:
-        return 0
-    try:
-        return decode_log_record(lines[0]).seq
-    except msgspec.DecodeError as exc:
-        raise CastraError(f"cannot read seq from the last line of {path}: {exc}") from None
-
-
-class Checkpoint(msgspec.Struct):
-    """``state/journal.json``: every per-VM log line up to ``vm_logs_synced_seq``
-    is on disk, so recovery rebuilds only what comes after it. It is also where
-    ``seq`` goes on from when a rotated ``bus.log`` has no line yet."""
-
-    vm_logs_synced_seq: int
-
-
-def read_checkpoint(path: Path) -> int | None:
-    try:
-        return msgspec.json.decode(read_regular(path), type=Checkpoint).vm_logs_synced_seq
-    except (OSError, msgspec.DecodeError):
-        return None
-
-
-def write_checkpoint(path: Path, seq: int, sync: bool) -> None:
-    replace_file(path, json_encode(Checkpoint(seq)), sync=sync)
-
-
-def sync_fds_then_checkpoint(fds: list[int], path: Path, seq: int, sync: bool) -> int:
-    """fsync (and close) ``fds``, then record ``seq`` as synced; runs in a thread."""
-    try:
-        for fd in fds:
-            os.fdatasync(fd)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    write_checkpoint(path, seq, sync)
-    return seq
-
-
-def files_of(vm: str, topic: str) -> tuple[str, ...]:
-    """The per-VM logs a message belongs in: its sender's and its target's."""
-    target = target_of(topic)
-    return (vm,) if target is None or target == vm else (vm, target)
-
-
 def sender_of(vm: str) -> str:
     """A message's sender as the bus shows it: ``vm:<name>``, or ``host``."""
     return HOST_SENDER if vm == HOST_SENDER else "vm:" + vm
-
-
-@functools.lru_cache(maxsize=4096)  # called for every message with few distinct topics
-def target_of(topic: str) -> str | None:
-    """The VM a ``vm:<target>`` topic is addressed to, if it names a valid VM."""
-    if not topic.startswith("vm:"):
-        return None
-    try:
-        return validate_vm_name(topic[3:])
-    except CastraError:
-        return None
 
 
 class Journal:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.endpoints = settings.endpoints
+        sync = settings.fsync == "batch"
+        self.known = KnownVms(listed_vms(settings.identities_file), settings.vm_logs_max)
+        # A commit holds fewer than 2 * batch_max messages: with no checkpoint, a
+        # process crash left at most that many lines of bus.log out of the per-VM logs.
+        self.vm_logs = VmLogs(self.endpoints.bus_log, self.endpoints.journal_checkpoint, sync=sync,
+                              known=self.known, vm_logs_max=settings.vm_logs_max, lag_max=2 * settings.batch_max)
         # The checkpoint too: after a rotation, bus.log may be new and empty.
-        self.seq = max(last_seq(self.endpoints.bus_log), read_checkpoint(self.endpoints.journal_checkpoint) or 0)
-        self.synced_seq = self.seq  # the per-VM logs are on disk up to here
-        self.logs: LogSet | None = None
-        self.syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self.sync_job: concurrent.futures.Future[int] | None = None
+        self.bus = BusLog(self.endpoints.bus_log, sync=sync, seq_floor=self.vm_logs.synced_seq)
         self.failure: str | None = None  # why the last commit failed, until one succeeds
+        self.log_publishes = runtime.logs_at(settings, "DEBUG")  # a line per publish: checked once
         self.context = zmq.Context()
         # XPUB, not PUB: it shows the bus's subscriptions, so ``bus`` messages are
         # only built and sent while a host tool wants them.
@@ -347,8 +141,7 @@ class Journal:
         self.outbox.connect(self.endpoints.publish)
         self.subscriptions: set[bytes] = set()  # the bus's, as the outbox sees them
         self.host_wanted: dict[str, bool] = {}  # topic -> does a host tool subscribe to it
-        if self.outbox.poll(_SUBSCRIPTIONS_WAIT_MS):
-            self.read_subscriptions()
+        self.take_bus_subscriptions()
         self.published: collections.Counter[str] = collections.Counter()  # since the last event
         self.next_publish_event = 0.0
         # Bridges and host tools publish straight here (DEALER -> ROUTER) and get
@@ -362,7 +155,6 @@ class Journal:
         self.bridges: dict[bytes, float] = {}  # attached bridges -> since when their queue is full (or 0)
         self.detached: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # the latest ones
         self.dropped_answers = 0  # to host tools with a full queue, since the last health tick
-        self.known = KnownVms(listed_vms(settings.identities_file), settings.vm_logs_max)
         previous = os.umask(0o077)
         try:
             self.router.bind(self.endpoints.journal)
@@ -370,123 +162,38 @@ class Journal:
             os.umask(previous)
         self.running = True
 
-    def open_logs(self) -> LogSet:
-        if self.logs is None:
-            # Only the last level: the state root's checked directories stay as they are.
-            self.endpoints.logs_dir.mkdir(mode=0o700, exist_ok=True)
-            self.logs = LogSet(self.endpoints, sync=self.settings.fsync == "batch", known=self.known,
-                               vm_logs_max=self.settings.vm_logs_max)
-            self.reconcile(self.logs)
-        return self.logs
+    @property
+    def seq(self) -> int:
+        """The seq of the last message committed."""
+        return self.bus.seq
 
-    def checkpoint(self) -> None:
-        """Sync the per-VM logs, then record how far they are on disk.
-
-        In a thread: dozens of fsyncs in a row would stall the commits queued
-        behind them for milliseconds. One sync runs at a time.
-        """
-        if not self.collect_sync_job(wait=False) or self.logs is None or self.synced_seq == self.seq:
-            return
-        try:
-            fds = self.logs.take_unsynced()
-        except OSError as exc:
-            logger.warning("per-VM logs not synced", reason=exc.strerror)
-            return
-        self.sync_job = self.syncer.submit(
-            sync_fds_then_checkpoint, fds, self.endpoints.journal_checkpoint, self.seq, self.logs.sync
-        )
-
-    def collect_sync_job(self, wait: bool) -> bool:
-        """Take the outcome of the background sync; False while it still runs."""
-        job = self.sync_job
-        if job is None:
-            return True
-        if not job.done():
-            if not wait:
-                return False
-            concurrent.futures.wait([job])
-        self.sync_job = None
-        try:
-            self.synced_seq = job.result()
-        except OSError as exc:
-            logger.warning("per-VM logs not synced", reason=exc.strerror)
-            if self.logs is not None:
-                self.logs.mark_all_unsynced()
-        return True
-
-    def checkpoint_now(self) -> None:
-        """A checkpoint in the foreground, written even if nothing changed."""
-        self.collect_sync_job(wait=True)
-        try:
-            if self.logs is not None:
-                self.logs.sync_vm_logs()
-            write_checkpoint(self.endpoints.journal_checkpoint, self.seq, self.settings.fsync == "batch")
-        except OSError as exc:
-            logger.warning("per-VM logs not synced", reason=exc.strerror)
-            return
-        self.synced_seq = self.seq
+    def open_logs(self) -> None:
+        """Cut torn last lines and complete the per-VM logs from ``bus.log``, before
+        anything else. Raises ``LogWriteFailed`` (then the first commit that can
+        write does it)."""
+        self.bus.open()
+        self.vm_logs.rebuild()
 
     def follow_rotation(self) -> None:
         """Start new logs where the old ones were moved away (rotation by rename):
         lines go on into a renamed file only until the next health tick."""
-        if self.logs is None:
-            return
-        try:
-            self.logs.close_replaced_vm_files()
-            if not self.logs.bus.replaced():
-                return
-        except OSError as exc:
-            logger.warning("cannot check the logs for rotation", reason=exc.strerror)
-            return
-        self.checkpoint_now()  # the seq to go on from: the new bus.log has none yet
-        self.logs.close()
-        self.logs = None  # reopened by the next commit
-        logger.info("bus.log moved away: the next commit starts a new one", seq=self.seq)
+        self.vm_logs.follow_rotation()
+        if self.bus.follow_rotation():
+            self.vm_logs.checkpoint_now()  # the seq to go on from: the new bus.log has none yet
 
-    def reconcile(self, logs: LogSet) -> None:
-        """Copy to the per-VM logs what a crash left only in ``bus.log``.
-
-        ``bus.log`` is written (and fsynced) first; the per-VM logs may lack lines
-        after the last checkpoint: a process crash loses at most the batch being
-        written, an OS crash what was not synced yet. Re-derive those lines.
-        """
-        appended = 0
-        since = read_checkpoint(self.endpoints.journal_checkpoint)
-        if since is None:  # no checkpoint yet: a process crash loses one commit at most
-            since = max(0, self.seq - 2 * self.settings.batch_max)
-        records = []
-        for line in newest_lines(self.endpoints.bus_log):
-            try:
-                record = decode_log_record(line)
-            except msgspec.DecodeError:
-                continue  # not ours to judge here; last_seq reports a bad last line
-            if record.seq <= since:
-                break
-            records.append((record.seq, files_of(record.vm, record.topic), line))
-        records.reverse()
-        for vm in {vm for _, vms, _ in records for vm in vms}:
-            handle = logs.vm_file(vm)
-            if handle is None:  # a VM with no log, as when the line was written
-                continue
-            have = last_seq(handle.path)
-            missing = b"".join(line + b"\n" for seq, vms, line in records if seq > have and vm in vms)
-            if missing:
-                logs.append({handle: missing})
-                appended += missing.count(b"\n")
-        logs.sync_vm_logs()
-        if appended:
-            logger.warning("per-VM logs completed from bus.log after a crash", count=appended)
-
-    def serve(self) -> None:
+    def serve(self, stop_signals: int) -> None:
+        """Commit until ``stop``. ``stop_signals`` turns readable when a stop signal
+        arrives (see ``runtime.stop_on_signals``): polled too, it wakes the loop."""
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.outbox, zmq.POLLIN)
+        poller.register(stop_signals, zmq.POLLIN)
         interval_ms = int(self.settings.health_interval * 1000)
         next_health = 0.0
         try:
-            self.open_logs()  # trim torn tails and repair per-VM logs before anything else
-        except OSError as exc:
-            self.failure = f"log_write_failed: {exc.strerror or exc}"
+            self.open_logs()
+        except LogWriteFailed as exc:
+            self.failure = exc.reason
             logger.error("logs not writable yet", reason=self.failure)
         logger.info("journal ready", seq=self.seq, log=str(self.endpoints.bus_log))
         runtime.notify_ready()
@@ -505,7 +212,35 @@ class Journal:
                 self.announce_health()
                 self.report_dropped_answers()
                 self.follow_rotation()
-                self.checkpoint()
+                self.vm_logs.checkpoint()
+
+    def take_bus_subscriptions(self) -> None:
+        """Read the bus's subscriptions before the first commit: a host tool
+        subscribed before the journal (re)started misses none of its messages.
+
+        The proxy sends them all to the outbox once it is connected, but nothing
+        marks the last one. Two subscriptions of our own through the proxy do: the
+        first shows that the outbox is connected (it may come among the proxy's
+        batch, if it got there first), the second, made after it, comes behind
+        that batch. Without a proxy nothing is subscribed: this waits for
+        ``_SUBSCRIPTIONS_WAIT`` and goes on. Closing the probe unsubscribes both.
+        """
+        probe = self.context.socket(zmq.SUB)
+        probe.linger = 0
+        probe.connect(self.endpoints.subscribe)
+        deadline = time.monotonic() + _SUBSCRIPTIONS_WAIT
+        try:
+            for number in (1, 2):
+                # Starts with NUL: a prefix of no bus frame, and unique to this process.
+                marker = b"\0journal start\0%d\0%d" % (os.getpid(), number)
+                probe.subscribe(marker)
+                while marker not in self.subscriptions:
+                    remaining_ms = (deadline - time.monotonic()) * 1000
+                    if remaining_ms <= 0 or not self.outbox.poll(max(1, int(remaining_ms))):
+                        return
+                    self.read_subscriptions()
+        finally:
+            probe.close()
 
     def read_subscriptions(self) -> None:
         """Follow the bus's subscriptions (unread, their notices would pile up)."""
@@ -700,6 +435,9 @@ class Journal:
                 reason = MESSAGE_TOO_LARGE
         if reason is not None:
             results[peer].append(CommitResult(corr=request.corr, reason=reason))
+            if self.log_publishes:
+                logger.bind(reason=reason).debug("publish refused", sender=sender_of(request.vm),
+                                                 topic=request.topic)
             return 0
         accepted.append(Pending(peer=peer, request=request))
         return _FRAME_PREFIX + body
@@ -707,55 +445,48 @@ class Journal:
     def write(self, accepted: list[Pending], results) -> tuple[list[Committed], bytes]:
         """Commit ``accepted`` and put each one's result in ``results``. Returns what
         bridges get: the index of what was written, and its guest frames end to end."""
-        ts_ns = time.time_ns()
-        ts_ms = ts_ns // 1_000_000
-        timestamp = ts_ms / 1000
+        ts_ms = time.time_ns() // 1_000_000
+        messages = [(pending.request.vm, pending.request.topic, pending.request.payload) for pending in accepted]
         try:
-            logs = self.open_logs()
-            lines: dict[AppendFile, bytearray] = collections.defaultdict(bytearray)
-            seq = self.seq
+            batch = self.write_logs(ts_ms, messages)
+        except LogWriteFailed as exc:
+            if exc.reason != self.failure:
+                logger.error("commit failed", reason=exc.reason, count=len(accepted))
+            self.failure = exc.reason
             for pending in accepted:
-                seq += 1
-                pending.seq = seq
-                request = pending.request
-                line = json_encode(
-                    LogRecord(timestamp, ts_ms, seq, request.vm, request.topic, request.payload)
-                )
-                lines[logs.bus] += line + b"\n"
-                for vm in files_of(request.vm, request.topic):
-                    handle = logs.vm_file(vm)
-                    if handle is not None:
-                        lines[handle] += line + b"\n"
-            logs.append(lines)
-        except OSError as exc:
-            reason = f"log_write_failed: {exc.strerror or exc}"
-            if reason != self.failure:
-                logger.error("commit failed", reason=reason, count=len(accepted))
-            self.failure = reason
-            if self.logs is not None:  # reopen next time: the directory may be back
-                self.logs.close()
-                self.logs = None
-            for pending in accepted:
-                results[pending.peer].append(CommitResult(corr=pending.request.corr, reason=reason))
+                results[pending.peer].append(CommitResult(corr=pending.request.corr, reason=exc.reason))
             return [], b""
         if self.failure is not None:
-            logger.info("commits recovered", seq=seq)
+            logger.info("commits recovered", seq=self.seq)
             self.failure = None
-        self.seq = seq
         send = self.outbox.send_multipart
         committed = []
         frames = bytearray()
-        for pending in accepted:
+        for seq, pending in enumerate(accepted, batch.first_seq):
             request = pending.request
-            results[pending.peer].append(CommitResult(corr=request.corr, seq=pending.seq))
+            results[pending.peer].append(CommitResult(corr=request.corr, seq=seq))
             sender = sender_of(request.vm)
-            body = json_encode(Delivery(request.topic, sender, ts_ms, pending.seq, request.payload))
+            if self.log_publishes:
+                logger.debug("published", sender=sender, topic=request.topic, seq=seq)
+            body = json_encode(Delivery(request.topic, sender, ts_ms, seq, request.payload))
             frames += encode_frame(body)
             committed.append(Committed(request.topic, sender, len(frames)))
             if self.host_wants(request.topic):
                 send([topics.bus(request.topic), sender.encode(), body])
             self.published[request.vm] += 1
         return committed, bytes(frames)
+
+    def write_logs(self, ts_ms: int, messages: list[Message]) -> LogBatch:
+        """``bus.log`` (fdatasynced), then the same lines in the per-VM logs; if
+        those fail, ``bus.log`` is cut back too: nothing is half-written.
+        Raises ``LogWriteFailed``."""
+        batch = self.bus.commit(ts_ms, messages)
+        try:
+            self.vm_logs.append(batch.first_seq, messages, batch.lines)
+        except LogWriteFailed:
+            self.bus.retract(batch)
+            raise
+        return batch
 
     def announce_publishes(self) -> None:
         """``publish`` events for the counts since the last ones, split so that each
@@ -780,10 +511,8 @@ class Journal:
         self.running = False
 
     def close(self) -> None:
-        self.checkpoint_now()
-        self.syncer.shutdown()
-        if self.logs is not None:
-            self.logs.close()
+        self.vm_logs.close()
+        self.bus.close()
         for sock in (self.outbox, self.router):
             sock.close(linger=0)
         self.context.term()
@@ -792,13 +521,15 @@ class Journal:
 def main() -> None:
     runtime.setup_logging("journal")
     runtime.die_with_parent()
+    runtime.wait_for_turn()
     journal = Journal(settings_from_env())
-    runtime.stop_on_signals(journal.stop)
+    stop_signals = runtime.stop_on_signals(journal.stop)
     try:
-        journal.serve()
+        journal.serve(stop_signals)
     finally:
         journal.close()
         logger.info("journal stopped", seq=journal.seq)
+    runtime.skip_final_collection()
 
 
 if __name__ == "__main__":

@@ -115,6 +115,23 @@ def last_lines(path: Path, count: int) -> list[bytes]:
     return lines
 
 
+class Disk:
+    """The calls that change a log file's bytes. The OS's; tests pass a subclass
+    that fails on cue (ENOSPC, EIO, a torn write) against the real file system."""
+
+    def write(self, fd: int, data) -> int:
+        return os.write(fd, data)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+
+DISK = Disk()
+
+
 class AppendFile:
     """One log file opened for appending, owner-only (0600), through no symbolic
     link and only if it is ours alone (``statefs.open_private``).
@@ -123,29 +140,34 @@ class AppendFile:
     the file stays whole; ``rollback`` restores the size before a failed batch.
     """
 
-    __slots__ = ("fd", "path", "size")
+    __slots__ = ("disk", "fd", "path", "size")
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, disk: Disk = DISK):
         self.path = path
+        self.disk = disk
         self.fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
-        size = os.fstat(self.fd).st_size
-        self.size = complete_end(self.fd, size)
-        if self.size != size:
-            os.ftruncate(self.fd, self.size)
+        try:
+            size = os.fstat(self.fd).st_size
+            self.size = complete_end(self.fd, size)
+            if self.size != size:
+                disk.ftruncate(self.fd, self.size)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            written = os.write(self.fd, view)
+            written = self.disk.write(self.fd, view)
             view = view[written:]
         self.size += len(data)
 
     def rollback(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
+        self.disk.ftruncate(self.fd, size)
         self.size = size
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        self.disk.fdatasync(self.fd)
 
     def replaced(self) -> bool:
         """Whether ``path`` no longer names this file (renamed or deleted: rotation)."""

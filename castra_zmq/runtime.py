@@ -1,28 +1,36 @@
 """What every role process does the same way: logging, readiness, parent watch.
 
 Roles run as ``python -m castra_zmq.<role>``; the supervisor passes the settings in
-``CASTRA_SETTINGS`` and a pipe in ``CASTRA_READY_FD`` on which the role writes one
-line once its sockets are up.
+``CASTRA_SETTINGS`` (the log settings among them, so every process logs alike) and a
+pipe in ``CASTRA_READY_FD`` on which the role writes one line once its sockets are up.
+At start-up it also passes ``CASTRA_START_FD``: see ``wait_for_turn``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import sys
+import traceback
 
+import msgspec
 from loguru import logger
 
-from .terminal import printable
+from .config import Settings, settings_from_env
+from .terminal import json_for_terminal, printable
 
 READY_FD_ENV = "CASTRA_READY_FD"
+START_FD_ENV = "CASTRA_START_FD"
 _PR_SET_PDEATHSIG = 1
 
+# <level> colours the level name when colour is on; loguru drops the tag otherwise.
 LOG_FORMAT = (
-    "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {extra[role]: <10} {message}"
+    "{time:YYYY-MM-DD HH:mm:ss.SSS} <level>{level: <7}</level> {extra[role]: <10} {message}"
     "{extra[fields]}"
 )
+_JSON_LOG = msgspec.json.Encoder(enc_hook=str)  # a field of another type (a Path) as its text
 
 
 def _format_fields(record) -> None:
@@ -36,11 +44,48 @@ def _format_fields(record) -> None:
     )
 
 
-def setup_logging(role: str, level: str | None = None) -> None:
-    """One line per event on stderr; bound fields (vm, session, reason) go at the end."""
+def _write_json(message) -> None:
+    """One JSON object a line: time (ISO 8601 with its offset), level, role, message,
+    then the bound fields as top-level keys, never replacing those four.
+
+    The JSON encoder escapes the ASCII controls but writes the others (U+009B, a
+    one-character CSI; bidi overrides) raw: ``json_for_terminal`` escapes them too,
+    so guest text stays inert when the log is read on a terminal.
+    """
+    record = message.record
+    line = {
+        "time": record["time"].isoformat(timespec="milliseconds"),
+        "level": record["level"].name,
+        "role": record["extra"]["role"],
+        "message": record["message"],
+    }
+    for key, value in record["extra"].items():
+        if value is not None:
+            line.setdefault(key, value)
+    if record["exception"] is not None:
+        line.setdefault("exception", "".join(traceback.format_exception(*record["exception"])))
+    sys.stderr.write(json_for_terminal(_JSON_LOG.encode(line)).decode() + "\n")
+
+
+def setup_logging(role: str, settings: Settings | None = None) -> None:
+    """Log to stderr at ``settings.log_level`` (by default the settings this role was
+    started with): one text line per event with the bound fields (vm, session,
+    reason) at the end, levels coloured with ``log_color``; or with ``log_json``, one
+    JSON object per event."""
+    settings = settings or settings_from_env()
     logger.remove()
-    logger.configure(extra={"role": role}, patcher=_format_fields)
-    logger.add(sys.stderr, format=LOG_FORMAT, level=level or os.environ.get("CASTRA_LOG_LEVEL", "INFO"))
+    if settings.log_json:
+        logger.configure(extra={"role": role})
+        logger.add(_write_json, level=settings.log_level)
+    else:
+        logger.configure(extra={"role": role}, patcher=_format_fields)
+        logger.add(sys.stderr, format=LOG_FORMAT, level=settings.log_level, colorize=settings.log_color)
+
+
+def logs_at(settings: Settings, level: str) -> bool:
+    """Whether messages at ``level`` are written. A hot path asks once and skips the
+    call otherwise: even a dropped loguru call costs about a microsecond."""
+    return logger.level(level).no >= logger.level(settings.log_level).no
 
 
 def die_with_parent() -> None:
@@ -59,6 +104,32 @@ def die_with_parent() -> None:
         sys.exit(0)
 
 
+def wait_for_turn() -> None:
+    """Wait until the supervisor lets this role set up its sockets.
+
+    At start-up the supervisor starts every role at once, so that their
+    interpreters and imports (most of a role's start-up) overlap, and lets each go
+    on once the one before it is ready: the sockets come up in the same order as
+    when each role was started only then. A restarted role is not held back.
+    """
+    fd = os.environ.pop(START_FD_ENV, None)
+    if fd is None:
+        return
+    try:
+        told = os.read(int(fd), 16)
+    finally:
+        os.close(int(fd))
+    if not told:  # the supervisor closed it: its start-up failed, or it is gone
+        sys.exit(0)
+
+
+def skip_final_collection() -> None:
+    """For a role that has stopped: the garbage collections of the interpreter's
+    exit go over every object, about 40 ms, and the supervisor stops the roles one
+    after another. What they would free goes with the process anyway."""
+    gc.freeze()
+
+
 def notify_ready() -> None:
     fd = os.environ.pop(READY_FD_ENV, None)
     if fd is None:
@@ -70,7 +141,15 @@ def notify_ready() -> None:
         pass
 
 
-def stop_on_signals(handler) -> None:
-    """Route SIGTERM and SIGINT to ``handler`` (a clean stop, not a traceback)."""
+def stop_on_signals(handler) -> int:
+    """Route SIGTERM and SIGINT to ``handler`` (a clean stop, not a traceback).
+
+    Returns a descriptor that turns readable when one arrives, for a role to poll
+    with its sockets: ``handler`` runs when the poll is interrupted, but pyzmq then
+    polls again, so without it the role would stop only at the poll's timeout.
+    """
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, lambda *_: handler())
     signal.signal(signal.SIGINT, lambda *_: handler())
+    return read_end

@@ -70,6 +70,31 @@ CLOSE_LINGER = 1.0
 # second. Past it a heartbeat still counts as liveness but gets no reply or event.
 HEARTBEAT_REPLY_BURST = 100
 HEARTBEAT_REPLIES_PER_S = 100.0
+# Log lines a guest's frames cause (refusals, subscriptions), per session: a burst of
+# this many, refilled at this rate a second; the lines left out are counted
+# (``unlogged=N`` on the next line written and on ``session closed``).
+FRAME_LOG_BURST = 20
+FRAME_LOGS_PER_S = 1.0
+
+
+class TokenBucket:
+    """At most ``burst`` takes in a row, refilled at ``per_s`` a second."""
+
+    __slots__ = ("burst", "per_s", "refilled", "tokens")
+
+    def __init__(self, burst: int, per_s: float):
+        self.burst, self.per_s = float(burst), per_s
+        self.tokens = self.burst
+        self.refilled = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.per_s)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class ReadPause(str, enum.Enum):
@@ -95,15 +120,17 @@ class GuestConnection(asyncio.Protocol):
         self.sender = ""  # "vm:<name>" as on the bus, to never echo a guest's own publish
         self.token: str | None = None
         self.bus_protocol: str | None = None
-        self.topics: set[str] = set()
+        self.topics: set[str] = set()  # exact topics and patterns (``*``, ``vm:*``)
+        self.last_delivery = 0  # the bridge's number of the last message queued to it
         self.in_flight = 0
         self.paused_for: set[ReadPause] = set()
         self.reading_paused = False  # what the transport was last told
         self.pause_noticed: dict[ReadPause, float] = {}
         self.last_frame = time.monotonic()
         self.last_heartbeat_ms: int | None = None
-        self.heartbeat_replies = float(HEARTBEAT_REPLY_BURST)  # tokens left in the bucket
-        self.heartbeat_refilled = time.monotonic()
+        self.heartbeat_replies = TokenBucket(HEARTBEAT_REPLY_BURST, HEARTBEAT_REPLIES_PER_S)
+        self.frame_log_lines = TokenBucket(FRAME_LOG_BURST, FRAME_LOGS_PER_S)
+        self.unlogged = 0  # frame log lines left out since the last one written
         self.outgoing: list[bytes] = []  # frames to write at the end of this loop turn
         self.outgoing_bytes = 0
         self.stall: asyncio.TimerHandle | None = None  # slow_consumer deadline while OUTBOUND
@@ -272,9 +299,11 @@ class GuestConnection(asyncio.Protocol):
             frame = decode_guest_frame(body)
         except FrameError as exc:
             self.send(ErrorReply(reason=exc.reason))
+            self.log_frame_event("DEBUG", "frame refused", reason=exc.reason)
             return
         except FrameRejected as exc:
             self.send(AckReply(ack=exc.frame_type, status="error", reason=exc.reason))
+            self.log_frame_event("DEBUG", "frame refused", reason=exc.reason, frame=exc.frame_type)
             return
         match frame:
             case Publish():
@@ -310,39 +339,48 @@ class GuestConnection(asyncio.Protocol):
     def handle_subscribe(self, frame: Subscribe) -> None:
         """``subscribe`` -> ``{"type":"ack","ack":"subscribe","status":"ok","topic":T}``;
         error ack ``forbidden topic`` for a topic the policy keeps from this VM (another
-        VM's ``vm:`` topic unless granted), and past ``MAX_SUBSCRIPTIONS`` topics."""
+        VM's ``vm:`` topic unless granted), and past ``MAX_SUBSCRIPTIONS`` topics. A
+        topic ending in ``*`` is a pattern (``vm:*``: every topic starting with ``vm:``),
+        one of the ``MAX_SUBSCRIPTIONS``, always allowed: it delivers only what this VM
+        may read (see ``Bridge.deliver``)."""
         if not self.bridge.policy.may_subscribe(self.vm, frame.topic):
             self.send(AckReply(ack="subscribe", status="error", topic=frame.topic, reason=FORBIDDEN_TOPIC))
-            self.log.bind(reason=FORBIDDEN_TOPIC, topic=frame.topic).info("subscribe refused")
+            self.log_frame_event("INFO", "subscribe refused", reason=FORBIDDEN_TOPIC, topic=frame.topic)
             return
         if frame.topic not in self.topics and len(self.topics) >= MAX_SUBSCRIPTIONS:
-            self.send(AckReply(ack="subscribe", status="error", topic=frame.topic,
-                               reason=f"too many subscriptions (max {MAX_SUBSCRIPTIONS})"))
+            reason = f"too many subscriptions (max {MAX_SUBSCRIPTIONS})"
+            self.send(AckReply(ack="subscribe", status="error", topic=frame.topic, reason=reason))
+            self.log_frame_event("INFO", "subscribe refused", reason=reason, topic=frame.topic)
             return
         self.topics.add(frame.topic)
         self.bridge.subscribe(self, frame.topic)
         self.send(AckReply(ack="subscribe", status="ok", topic=frame.topic))
+        self.log_frame_event("INFO", "subscribed", topic=frame.topic)
 
     def handle_unsubscribe(self, frame: Unsubscribe) -> None:
         """``unsubscribe`` -> ``{"type":"ack","ack":"unsubscribe","status":"ok","topic":T}``."""
         self.topics.discard(frame.topic)
         self.bridge.unsubscribe(self, frame.topic)
         self.send(AckReply(ack="unsubscribe", status="ok", topic=frame.topic))
+        self.log_frame_event("INFO", "unsubscribed", topic=frame.topic)
+
+    def log_frame_event(self, level: str, message: str, **fields) -> None:
+        """One log line caused by a frame, unless this session used up its
+        ``FRAME_LOG_BURST``: a guest looping on refused frames cannot flood the log."""
+        if not self.frame_log_lines.take():
+            self.unlogged += 1
+            return
+        if self.unlogged:
+            fields["unlogged"], self.unlogged = self.unlogged, 0
+        self.log.bind(**fields).log(level, message)
 
     def handle_heartbeat(self) -> None:
         """``heartbeat`` -> ``{"type":"ack","ack":"heartbeat","status":"ok"}``, at once,
         up to ``HEARTBEAT_REPLY_BURST`` in a row and ``HEARTBEAT_REPLIES_PER_S`` a
         second; past that no reply (the frame still counts as liveness)."""
         self.last_heartbeat_ms = now_ms()
-        now = time.monotonic()
-        self.heartbeat_replies = min(
-            HEARTBEAT_REPLY_BURST,
-            self.heartbeat_replies + (now - self.heartbeat_refilled) * HEARTBEAT_REPLIES_PER_S,
-        )
-        self.heartbeat_refilled = now
-        if self.heartbeat_replies < 1:
+        if not self.heartbeat_replies.take():
             return
-        self.heartbeat_replies -= 1
         self.send(HEARTBEAT_OK)
         self.bridge.emit(EventKind.HEARTBEAT, vm=self.vm, session=self.token)
 
@@ -371,9 +409,12 @@ class GuestConnection(asyncio.Protocol):
         self.outgoing.clear()
         self.outgoing_bytes = 0
 
-    def deliver(self, frame: bytes) -> None:
-        """Queue one encoded message for a subscribed guest."""
-        self.queue(frame)
+    def deliver(self, frame: bytes, delivery: int) -> None:
+        """Queue one encoded message for a subscribed guest, numbered ``delivery`` by
+        the bridge: several of its subscriptions may match it, it is queued once."""
+        if delivery != self.last_delivery:
+            self.last_delivery = delivery
+            self.queue(frame)
 
     def drop_slow_consumer(self) -> None:
         """Reset a guest that leaves what it is sent unread (see ``queue`` and

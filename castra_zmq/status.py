@@ -51,10 +51,13 @@ class StatusService:
         finally:
             os.umask(previous)
 
-    def serve(self) -> None:
+    def serve(self, stop_signals: int) -> None:
+        """Serve until ``stop``. ``stop_signals`` turns readable when a stop signal
+        arrives (see ``runtime.stop_on_signals``): polled too, it wakes the loop."""
         poller = zmq.Poller()
         poller.register(self.events, zmq.POLLIN)
         poller.register(self.queries, zmq.POLLIN)
+        poller.register(stop_signals, zmq.POLLIN)
         interval = self.settings.snapshot_interval
         next_write = 0.0
         logger.info("status ready", vms=len(self.table.vms))
@@ -63,7 +66,7 @@ class StatusService:
             for sock, _ in poller.poll(int(interval * 1000)):
                 if sock is self.events:
                     self.handle_events()
-                else:
+                elif sock is self.queries:
                     self.handle_queries()
             now = time.monotonic()
             if self.dirty and now >= next_write:
@@ -117,13 +120,15 @@ class StatusService:
 def main() -> None:
     runtime.setup_logging("status")
     runtime.die_with_parent()
+    runtime.wait_for_turn()
     service = StatusService(settings_from_env())
-    runtime.stop_on_signals(service.stop)
+    stop_signals = runtime.stop_on_signals(service.stop)
     try:
-        service.serve()
+        service.serve(stop_signals)
     finally:
         service.close()
         logger.info("status stopped")
+    runtime.skip_final_collection()
 
 
 if __name__ == "__main__":

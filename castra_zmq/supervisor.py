@@ -5,9 +5,11 @@ it, see ``statefs``), take ``run/router.lock`` so one router owns it, bind the
 guest port (so a taken port is refused before anything starts, and a restarted
 bridge inherits the same listening socket without dropping queued connections),
 then start proxy, journal, status and bridge in that order, each waiting for its
-ready line. A role that exits is restarted with back-off; on
-SIGINT/SIGTERM the roles stop in reverse order. ``run/router.json`` tells
-``castra status`` the listen address, uptime and each role's state.
+ready line (their interpreters start at once, but each sets up its sockets only
+once the one before is ready: see ``runtime.wait_for_turn``). A role that exits
+is restarted with back-off; on SIGINT/SIGTERM the roles stop in reverse order.
+``run/router.json`` tells ``castra status`` the listen address, uptime and each
+role's state.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import time
 import msgspec
 from loguru import logger
 
-from .bridge import LISTEN_FD_ENV, bind_listener
 from .config import Settings
 from .errors import CastraError, RouterBusy
 from .events import now_ms
 from .identity import load_identities
+from .listener import LISTEN_FD_ENV, bind_listener
 from .owner import RoleState, RouterInfo, read_router_info, router_pid
-from .runtime import READY_FD_ENV
+from .runtime import READY_FD_ENV, START_FD_ENV
 from .statefs import open_private, replace_file
 
 ROLES = ("proxy", "journal", "status", "bridge")
@@ -39,6 +41,7 @@ _READY_TIMEOUT = 15.0
 _STOP_TIMEOUT = 5.0
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
 _STABLE_AFTER = 10.0  # a role up this long has its back-off reset
+_CHECK_INTERVAL = 0.05  # seconds between looks at the roles
 
 
 class Role:
@@ -46,6 +49,7 @@ class Role:
         self.name = name
         self.process: subprocess.Popen | None = None
         self.ready_fd = -1
+        self.start_fd = -1  # while held back at start-up: written to let it go on
         self.state = RoleState(state="stopped")
         self.started = 0.0
         self.backoff = _BACKOFF_MIN
@@ -60,6 +64,7 @@ class Supervisor:
         self.lock_fd: int | None = None
         self.listener = None
         self.stopping = False
+        self.signalled = -1  # turns readable on SIGINT/SIGTERM (see start)
         self.started_ms = now_ms()
 
     @property
@@ -70,6 +75,8 @@ class Supervisor:
     # -- start-up ---------------------------------------------------------------------
 
     def start(self) -> None:
+        self.signalled, wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self.handle_signal)
         signal.signal(signal.SIGINT, self.handle_signal)
         load_identities(self.settings.identities_file)  # refuse a bad file here, not in a restart loop
@@ -90,8 +97,10 @@ class Supervisor:
             logger.warning("listening beyond loopback: any host that can reach this address can connect",
                            listen=self.listen)
         for name in ROLES:
+            self.spawn(self.roles[name], held=True)
+        for name in ROLES:
             role = self.roles[name]
-            self.spawn(role)
+            self.let_go(role)
             if not self.wait_ready(role):
                 self.stop()
                 raise CastraError(f"the {name} process did not start; see the log lines above")
@@ -135,10 +144,15 @@ class Supervisor:
                 logger.bind(pid=pid, reason="left by a killed router").warning("killing orphaned role")
                 os.kill(pid, signal.SIGKILL)
 
-    def spawn(self, role: Role) -> None:
+    def spawn(self, role: Role, held: bool = False) -> None:
+        """Start ``role``'s process; a ``held`` one sets nothing up until ``let_go``."""
         read_end, write_end = os.pipe()
         env = dict(os.environ, **self.settings.to_env(), **{READY_FD_ENV: str(write_end)})
         fds = [write_end]
+        if held:
+            start_read, role.start_fd = os.pipe()
+            env[START_FD_ENV] = str(start_read)
+            fds.append(start_read)
         if role.name == "bridge":
             env[LISTEN_FD_ENV] = str(self.listener.fileno())
             fds.append(self.listener.fileno())
@@ -152,11 +166,23 @@ class Supervisor:
             )
         finally:
             os.close(write_end)
+            if held:
+                os.close(start_read)
         role.started = time.monotonic()
         role.ready_fd = read_end
         role.restart_at = None
         role.state.state = "starting"
         role.state.pid = role.process.pid
+
+    def let_go(self, role: Role) -> None:
+        """Let a held role set up its sockets (closed unwritten, it exits)."""
+        try:
+            os.write(role.start_fd, b"go\n")
+        except BrokenPipeError:  # it died meanwhile: wait_ready tells
+            pass
+        finally:
+            os.close(role.start_fd)
+            role.start_fd = -1
 
     def wait_ready(self, role: Role) -> bool:
         """Wait for the role's ready line; False if it exits or times out first."""
@@ -176,7 +202,9 @@ class Supervisor:
     def run(self) -> None:
         while not self.stopping:
             self.check_roles()
-            time.sleep(0.05)
+            # Not a sleep: that goes on after a signal's handler ran.
+            if select.select([self.signalled], [], [], _CHECK_INTERVAL)[0]:
+                os.read(self.signalled, 64)
         self.stop()
 
     def handle_signal(self, signum, _frame) -> None:
@@ -223,12 +251,13 @@ class Supervisor:
         for name in reversed(ROLES):
             role = self.roles[name]
             process = role.process
+            if role.start_fd >= 0:  # held back by a start-up that failed: it exits
+                os.close(role.start_fd)
+                role.start_fd = -1
             if process is None or process.poll() is not None:
                 continue
             process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
+            if not exits_within(process, _STOP_TIMEOUT):
                 logger.bind(pid=process.pid, reason="no exit after SIGTERM").warning(f"killing {name}")
                 process.kill()
                 process.wait()
@@ -250,6 +279,24 @@ class Supervisor:
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # drops the flock
             self.lock_fd = None
+
+
+def exits_within(process: subprocess.Popen, timeout: float) -> bool:
+    """Whether ``process`` exits within ``timeout`` seconds; True as soon as it does
+    (``Popen.wait`` looks with sleeps growing to 50 ms, for each role in turn)."""
+    try:
+        exit_fd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): Popen.wait's sleeps
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    try:
+        select.select([exit_fd], [], [], timeout)
+    finally:
+        os.close(exit_fd)
+    return process.poll() is not None
 
 
 def _is_role_process(pid: int, role: str) -> bool:

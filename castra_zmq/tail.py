@@ -28,14 +28,13 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import click
 import msgspec
 
 from .endpoints import Endpoints
 from .errors import CastraError
 from .logfiles import complete_end, lines_before, log_file_name
 from .statefs import open_regular
-from .terminal import printable
+from .subscriptions import topic_patterns
 from .wire import LogRecord, decode_log_record
 
 DEFAULT_COUNT = 10
@@ -43,8 +42,6 @@ POLL_INTERVAL = 0.03  # seconds between checks without inotify
 SAFETY_INTERVAL = 0.25  # with inotify: check anyway this often, in case an event was missed
 _READ_CHUNK = 1 << 20  # far above the longest record (a 64 KiB payload plus its fields)
 _MAX_OPEN_FILES = 4  # a replaced log and the files that replaced it, read until one has data
-_VM_WIDTH = 12
-_TOPIC_WIDTH = 16
 
 Notify = Callable[[str], None]
 
@@ -66,17 +63,19 @@ def log_path(state_root: os.PathLike | str, vm: str | None = None) -> Path:
 
 
 def parse_entries(lines: Iterable[bytes], topics: Collection[str], notify: Notify) -> Iterator[Entry]:
-    """Decode log lines, keeping those on ``topics`` (every topic when empty).
+    """Decode log lines, keeping those on ``topics`` (every topic when empty): exact
+    topics, and patterns ``p*`` for every topic starting with ``p``.
 
     A line that is not a log record is skipped, with a note through ``notify``.
     """
+    wanted = topic_patterns(topics)
     for line in lines:
         try:
             record = decode_log_record(line)
         except (msgspec.DecodeError, RecursionError) as exc:
             notify(f"skipped a line that is not a bus log record ({exc}): {line[:60]!r}")
             continue
-        if not topics or record.topic in topics:
+        if not topics or wanted.match(record.topic):
             yield Entry(line, record)
 
 
@@ -85,20 +84,6 @@ def format_time(ts_ms: int, utc: bool = False) -> str:
     seconds, millis = divmod(ts_ms, 1000)
     when = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(microsecond=millis * 1000)
     return when.isoformat(timespec="milliseconds") if utc else when.astimezone().isoformat(timespec="milliseconds")
-
-
-def format_record(record: LogRecord, color: bool = False, utc: bool = False) -> str:
-    """``2024-05-01T12:00:00.042+02:00  vm  topic  payload``: the time as ``format_time``,
-    the payload as compact JSON, guest-chosen text through ``printable``."""
-    clock = format_time(record.ts_ms, utc)
-    payload = msgspec.json.format(record.payload, indent=-1).decode("utf-8", "replace")
-    cells = (
-        (clock, {"dim": True}),
-        (printable(record.vm).ljust(_VM_WIDTH), {"fg": "cyan"}),
-        (printable(record.topic).ljust(_TOPIC_WIDTH), {"fg": "yellow"}),
-        (printable(payload), {}),
-    )
-    return "  ".join(click.style(text, **style) if color and style else text for text, style in cells)
 
 
 # -- reading a log file -----------------------------------------------------------

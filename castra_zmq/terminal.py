@@ -10,6 +10,14 @@ through ``printable``, and the ``--json`` outputs go through ``json_for_terminal
 from __future__ import annotations
 
 import json
+import os
+from typing import TextIO
+
+
+def wants_color(stream: TextIO) -> bool:
+    """Colour only on a terminal that shows it: never with NO_COLOR set
+    (https://no-color.org) or TERM=dumb."""
+    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
 
 
 def printable(text: str) -> str:

@@ -17,6 +17,8 @@ every commit do not cross the proxy: they go over the journal's own socket
 
 from __future__ import annotations
 
+from .subscriptions import pattern_prefix
+
 BUS_ALL = b"bus\0"
 EVENT_ALL = b"evt\0"
 
@@ -28,6 +30,13 @@ def _frame(prefix: bytes, name: str) -> bytes:
 def bus(topic: str) -> bytes:
     """Frame of committed messages on ``topic`` (and the subscription for it)."""
     return _frame(BUS_ALL, topic)
+
+
+def bus_subscription(pattern: str) -> bytes:
+    """The subscription for a topic, or for a pattern ``p*`` (``*``: every topic):
+    ``bus\\0p`` without the terminating NUL, a prefix of every topic starting with ``p``."""
+    prefix = pattern_prefix(pattern)
+    return bus(pattern) if prefix is None else BUS_ALL + prefix.encode("utf-8")
 
 
 def event(kind: str) -> bytes:

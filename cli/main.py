@@ -2,52 +2,17 @@
 
 from __future__ import annotations
 
-import errno
-import importlib
-import os
-import sys
-
 import click
 
 from castra_zmq import __version__
 
-
-class LazyGroup(click.Group):
-    """Imports a command's module only when that command runs (click's documented
-    lazy-loading pattern): ``castra bus publish`` need not load the router's roles."""
-
-    def __init__(self, *args, lazy_commands: dict[str, str], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lazy_commands = lazy_commands  # name -> "module:attribute"
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.lazy_commands})
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in self.lazy_commands:
-            return super().get_command(ctx, name)
-        module, attribute = self.lazy_commands[name].split(":")
-        return getattr(importlib.import_module(module), attribute)
-
-    def invoke(self, ctx: click.Context):
-        """Run the command; a reader that stopped reading (``castra bus tail | head -1``)
-        is a normal end, status 0, as for ``tail`` and ``cat``."""
-        try:
-            return super().invoke(ctx)
-        except OSError as exc:
-            if exc.errno != errno.EPIPE:
-                raise
-            # Nothing more can be written: what is still buffered goes nowhere, so
-            # the flush at exit does not fail again.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-            ctx.exit(0)
+from .lazy import LazyGroup
 
 
 @click.group(
     cls=LazyGroup,
-    lazy_commands={"up": "cli.up:up", "status": "cli.status:status", "bus": "cli.bus:bus"},
+    lazy_commands={"up": "castra_zmq.cli.up:up", "status": "castra_zmq.cli.status:status",
+                   "bus": "castra_zmq.cli.bus:bus"},
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.version_option(__version__, prog_name="castra")
@@ -58,7 +23,7 @@ def cli() -> None:
     Start the router, then watch and drive it:
       castra up                              # 127.0.0.1:7070, Ctrl-C stops it
       castra status                          # per-VM table
-      castra bus publish --topic vm:alpha --payload '{"cmd":"reload"}'
+      castra bus publish vm:alpha '{"cmd":"reload"}'
       castra bus tail -f                     # follow the shared bus log
     """
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import click
 
 from castra_zmq.endpoints import default_state_root
+from castra_zmq.terminal import wants_color
 
 state_root_option = click.option(
     "--state-root",
@@ -21,8 +21,7 @@ state_root_option = click.option(
 
 
 def stdout_wants_color() -> bool:
-    """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
-    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    return wants_color(sys.stdout)
 
 
 def interrupt_on_signals() -> None:

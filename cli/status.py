@@ -10,8 +10,9 @@ import click
 import msgspec
 
 from castra_zmq.errors import CastraError
-from castra_zmq.statusview import collect_status, render_table
-from castra_zmq.terminal import json_for_terminal
+from castra_zmq.statustable import StatusView
+from castra_zmq.statusview import collect_status
+from castra_zmq.terminal import json_for_terminal, printable
 
 from .options import interrupt_on_signals, state_root_option, stdout_wants_color
 
@@ -82,3 +83,58 @@ def _watch(state_root: Path, as_json: bool, interval: float) -> None:
             time.sleep(max(0.0, next_at - time.monotonic()))
     except KeyboardInterrupt:
         pass
+
+
+def age_text(age_ms: int | None) -> str:
+    if age_ms is None:
+        return "—"
+    if age_ms < 1000:
+        return f"{age_ms}ms"
+    if age_ms < 120_000:
+        return f"{age_ms / 1000:.1f}s"
+    if age_ms < 7_200_000:
+        return f"{age_ms // 60_000}m"
+    return f"{age_ms // 3_600_000}h"
+
+
+def render_table(result: StatusView, color: bool = False) -> str:
+    """An aligned table with a legend, styled when ``color`` (the CLI decides).
+
+    Names and topics are chosen by guests: they are shown through ``printable``.
+    """
+    headers = ("VM", "ROUTER", "HANDSHAKE AGE", "BUS", "SESSIONS", "BUS AGE", "TOPICS")
+    rows = []
+    for vm in result.vms:
+        bus = "subscribed" if vm.bus_subscribed else ("idle" if vm.bus_protocol else "—")
+        bus_age = min((a for a in (vm.last_publish_age_ms, vm.last_heartbeat_age_ms) if a is not None), default=None)
+        rows.append((printable(vm.name), "reachable" if vm.reachable else "stale",
+                     age_text(vm.last_handshake_age_ms), bus, str(vm.sessions) if vm.sessions else "—",
+                     age_text(bus_age),
+                     ",".join(map(printable, vm.subscribed_topics)) or "—"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    styles = {"reachable": "green", "stale": "yellow", "subscribed": "green"}
+
+    def line(cells, bold=False):
+        parts = []
+        for cell, width in zip(cells, widths):
+            text = cell.ljust(width)
+            if color:
+                text = click.style(text, fg=styles.get(cell), bold=bold)
+            parts.append(text)
+        return "  ".join(parts).rstrip()
+
+    router = result.router
+    if router.get("running"):
+        head = f"router: running on {router.get('listen')} (pid {router.get('pid')}), status {router.get('source')}"
+    else:
+        head = f"router: not running (start it with `castra up`), status from {router.get('source')}"
+    if result.journal is not None and result.journal.state != "ok":
+        head += f"\njournal: {result.journal.state}" + (f" ({result.journal.reason})" if result.journal.reason else "")
+    if result.refused_handshakes:
+        head += f"\nhandshakes refused: {result.refused_handshakes} (each in the router's log)"
+    out = [head, "", line(headers, bold=True)]
+    out += [line(r) for r in rows] or ["(no VMs seen yet)"]
+    out += ["", ("ROUTER reachable: the router heard the VM (handshake under 45 s old or a live bus session); "
+                "BUS subscribed: session open, idle: no session now, —: handshake-only; "
+                "SESSIONS: bus sessions open under the name (processes of one guest).")]
+    return "\n".join(out)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
-from castra_zmq.config import DEFAULTS, Settings
+from castra_zmq.config import DEFAULTS, LOG_LEVELS, Settings
 from castra_zmq.errors import CastraError
 from castra_zmq.runtime import setup_logging
 from castra_zmq.supervisor import Supervisor
+from castra_zmq.terminal import wants_color
 
 from .options import state_root_option
 
@@ -58,25 +60,35 @@ from .options import state_root_option
               help="Bus sessions one VM name may hold at once (its agent, a publish...); a hello past it "
                    "gets `error: too many sessions for this vm`. A guest reset without closing its "
                    "connections keeps its sessions until --heartbeat-timeout: leave room for them.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=DEFAULTS.log_level,
+              metavar=f"[{'|'.join(LOG_LEVELS)}]", envvar="CASTRA_LOG_LEVEL", show_default=True, show_envvar=True,
+              help="Least severe level logged: INFO has sessions, subscriptions and refusals; DEBUG "
+                   "adds a line per publish.")
+@click.option("--log-json", is_flag=True,
+              help="Log one JSON object a line (time, level, role, message and the fields), for log shippers.")
 def up(state_root: Path, identities_file: str | None, **options) -> None:
     """Start the router (proxy, journal, status, bridge) and supervise it.
 
     Prints one line when guests can connect, restarts any process that dies, and
-    stops everything cleanly on Ctrl-C or SIGTERM. Logs go to stderr.
+    stops everything cleanly on Ctrl-C or SIGTERM. Logs go to stderr, levels in
+    colour on a terminal (not with NO_COLOR set or TERM=dumb).
 
     \b
     Examples:
       castra up
       castra up --state-root /tmp/castra --port 7071
+      castra up --log-level DEBUG                              # a line per publish too
+      castra up --log-json 2>>router.jsonl                     # for a log shipper
       CASTRA_STATE_ROOT=/srv/castra castra up --host 0.0.0.0   # beyond loopback
     """
-    setup_logging("supervisor")
     # Option names are Settings field names: the rest pass straight through.
     settings = Settings(
         state_root=str(state_root),
         identities_file=str(Path(identities_file).absolute()) if identities_file else None,
+        log_color=wants_color(sys.stderr),
         **options,
     )
+    setup_logging("supervisor", settings)
     try:
         supervisor = Supervisor(settings)
         supervisor.start()

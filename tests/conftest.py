@@ -7,7 +7,6 @@ State roots live in short ``/tmp`` paths because ipc socket paths are limited to
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from castra_zmq.supervisor import exits_within
 
 READY = re.compile(r"castra router ready on 127\.0\.0\.1:(\d+)")
 
@@ -51,10 +52,9 @@ class Router:
     def start(self, timeout: float = 20.0) -> Router:
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - the router's stderr until stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "up", "--state-root", str(self.state_root), "--port", "0", *self.args],
+            [sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(self.state_root), "--port", "0", *self.args],
             stdout=subprocess.PIPE,
-            stderr=self.log,
-            env=dict(os.environ, CASTRA_LOG_LEVEL=os.environ.get("CASTRA_LOG_LEVEL", "DEBUG")),
+            stderr=self.log,  # INFO unless CASTRA_LOG_LEVEL is set: DEBUG has a line per publish
         )
         line = self.process.stdout.readline().decode()
         match = READY.search(line)
@@ -82,11 +82,12 @@ class Router:
             return self.process.returncode if self.process else 0
         self.process.send_signal(sig)
         try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError("router did not stop in time")
+            # Not Popen.wait: its sleeps (up to 50 ms) would add to every test's teardown.
+            if not exits_within(self.process, timeout):
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError("router did not stop in time")
+            return self.process.returncode
         finally:
             self.log.close()
 

@@ -2,12 +2,14 @@
 
 Only a check that ``python -m bench`` works and writes what the README promises;
 the figures themselves are not judged here (it is a benchmark, not a timed test).
-Neither the peers' servers nor the ``bench`` extra (matplotlib) are needed.
+Neither the peers' servers nor the ``bench`` extra (matplotlib) are needed. Both run
+from another directory, the repository on PYTHONPATH: the bench needs no particular cwd.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +22,36 @@ EXPECTED_ROWS = {
 }
 
 
+def run_bench(*args: str, cwd: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """``python -m bench`` from ``cwd``, which is not the repository."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, check=False, env=dict(os.environ, PYTHONPATH=path, **env))
+
+
+def test_bench_help_runs_from_another_directory(tmp_path):
+    result = run_bench("--help", cwd=tmp_path, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "--out" in result.stdout
+
+
+def test_bench_writes_to_a_new_temp_directory_by_default(tmp_path):
+    """Never into the committed bench/results unless --out says so; it tells where."""
+    committed = {path.name: path.stat().st_mtime_ns for path in (REPO / "bench" / "results").iterdir()}
+    result = run_bench("--runs", "1", "--duration", "0.2", "--systems", "zmq", "--only", "nominal",
+                       cwd=tmp_path, timeout=60, TMPDIR=str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    (out,) = tmp_path.glob("castra-bench-*")
+    assert f"results will be written to {out}" in result.stderr
+    assert f"written: {out / 'results.json'}" in result.stdout
+    assert json.loads((out / "results.json").read_text())["rows"]
+    assert {path.name: path.stat().st_mtime_ns for path in (REPO / "bench" / "results").iterdir()} == committed
+
+
 def test_bench_runs_end_to_end(tmp_path):
     out = tmp_path / "results"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--runs", "1", "--duration", "0.5", "--systems", "castra,zmq",
-         "--sessions", "50", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=90, check=False,
-    )
+    result = run_bench("--runs", "1", "--duration", "0.5", "--systems", "castra,zmq", "--sessions", "50",
+                       "--out", "results", cwd=tmp_path, timeout=90)  # relative to cwd
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     document = json.loads((out / "results.json").read_text())
     rows = {(row["workload"], row["system"]): row for row in document["rows"]}

@@ -1,7 +1,7 @@
 """The operator commands as an operator runs them: real subprocesses, real routers.
 
 ``castra bus publish``, ``castra status`` and ``castra bus tail`` each run as
-``python -m cli.main ...``; the example host tool runs as a script. The pure parts
+``python -m castra_zmq.cli.main ...``; the example host tool runs as a script. The pure parts
 of ``castra_zmq.tail`` (formatting, torn lines, truncation) are tested first, on
 plain files, without processes.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from castra_zmq import client, logfiles, tail
+from castra_zmq.cli.tail import format_record
 from castra_zmq.endpoints import Endpoints
 from castra_zmq.events import now_ms
 from castra_zmq.statustable import StatusTable, VmRecord, write_snapshot
@@ -56,7 +57,7 @@ def write_log(state_root: Path, *lines: bytes, tail_bytes: bytes = b"") -> Path:
 
 
 def castra(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], check=False, input=input,
+    return subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", *args], check=False, input=input,
                           capture_output=True, text=True, timeout=30)
 
 
@@ -115,7 +116,7 @@ class Follow:
     def __init__(self, state_root: Path, *args: str, ignore_sigint: bool = False):
         self.process = subprocess.Popen(
             [*(SIGINT_IGNORED if ignore_sigint else [sys.executable]),
-             "-m", "cli.main", "bus", "tail", "-f", "--state-root", str(state_root), *args],
+             "-m", "castra_zmq.cli.main", "bus", "tail", "-f", "--state-root", str(state_root), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.stdout = Lines(self.process.stdout)
@@ -154,18 +155,18 @@ def test_format_record_is_iso_local_time_vm_topic_and_compact_payload():
     local = time.localtime(1_700_000_000)
     offset = time.strftime("%z", local)
     clock = time.strftime("%Y-%m-%dT%H:%M:%S", local) + f".042{offset[:3]}:{offset[3:]}"
-    assert tail.format_record(record).split() == [clock, "alpha", "vm:beta", '{"a":[1,2],"s":"x', 'y"}']
-    assert tail.format_record(record, utc=True).split()[0] == "2023-11-14T22:13:20.042+00:00"
+    assert format_record(record).split() == [clock, "alpha", "vm:beta", '{"a":[1,2],"s":"x', 'y"}']
+    assert format_record(record, utc=True).split()[0] == "2023-11-14T22:13:20.042+00:00"
 
 
 def test_format_record_escapes_control_characters_and_colours_only_when_asked():
     # A topic may hold any character but NUL; U+009B is a one-character CSI on some terminals.
     record = decode_log_record(b'{"timestamp":1,"ts_ms":1000,"seq":1,"vm":"a",'
                                b'"topic":"x\\u001b[2Jy","payload":"\xc2\x9b"}')
-    plain = tail.format_record(record)
+    plain = format_record(record)
     assert "\x1b" not in plain and "\x9b" not in plain
     assert "x\\x1b[2Jy" in plain and '"\\x9b"' in plain
-    coloured = tail.format_record(record, color=True)
+    coloured = format_record(record, color=True)
     assert coloured.count("\x1b[") > plain.count("\x1b[") and "\x1b[2J" not in coloured
 
 
@@ -598,7 +599,7 @@ def test_an_impossible_state_root_is_an_error_not_a_traceback(tmp_path, command,
     """Issue 12, defect 3: `Error: ...` and exit 1, or for a root that merely does not
     exist (nothing can be made in /proc) what a missing root means to that command."""
     root = impossible_roots(tmp_path)[where]
-    result = subprocess.run([sys.executable, "-m", "cli.main", *command, "--state-root", root], check=False,
+    result = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", *command, "--state-root", root], check=False,
                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert "Traceback" not in result.stderr
     if command[0] == "up" or where == "under-a-file":
@@ -616,7 +617,7 @@ def run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
     reader, writer = os.pipe()
     os.close(reader)
     try:
-        return subprocess.run([sys.executable, "-m", "cli.main", *args], stdout=writer, stderr=subprocess.PIPE,
+        return subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", *args], stdout=writer, stderr=subprocess.PIPE,
                               text=True, timeout=30, check=False)
     finally:
         os.close(writer)
@@ -635,14 +636,16 @@ def test_a_reader_gone_is_a_normal_end(router):
         assert (result.returncode, result.stderr) == (0, ""), args
 
 
-def run_on_a_terminal(*args: str) -> tuple[int, str, str]:
-    """``castra ARGS`` with its stdout a pseudo-terminal: (status, stdout, stderr)."""
+def run_on_a_terminal(*args: str, **env: str) -> tuple[int, str, str]:
+    """``castra ARGS`` with its stdout a pseudo-terminal, ``env`` added to the
+    environment: (status, stdout, stderr)."""
     import pty
 
     controller, terminal = pty.openpty()
     try:
-        result = subprocess.run([sys.executable, "-m", "cli.main", *args], stdout=terminal,
-                                stderr=subprocess.PIPE, text=True, timeout=30, check=False)
+        result = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", *args], stdout=terminal,
+                                stderr=subprocess.PIPE, text=True, timeout=30, check=False,
+                                env=dict(os.environ, **env))
         os.close(terminal)
         terminal = -1
         out = b""
@@ -659,6 +662,17 @@ def run_on_a_terminal(*args: str) -> tuple[int, str, str]:
             os.close(terminal)
         os.close(controller)
     return result.returncode, out.decode().replace("\r\n", "\n"), result.stderr
+
+
+@pytest.mark.parametrize(("env", "coloured"), [
+    ({"TERM": "xterm-256color", "NO_COLOR": ""}, True),
+    ({"TERM": "xterm-256color", "NO_COLOR": "1"}, False),
+    ({"TERM": "dumb", "NO_COLOR": ""}, False),
+])
+def test_status_on_a_terminal_is_coloured_unless_no_color_or_term_dumb(state_root, env, coloured):
+    status, out, _ = run_on_a_terminal("status", "--state-root", str(state_root), **env)
+    assert status == 0 and "router: not running" in out
+    assert ("\x1b[" in out) == coloured, out
 
 
 def test_tail_says_when_there_are_no_entries(state_root):
@@ -699,7 +713,7 @@ def test_status_check_exit_code_and_the_router_column(router_factory, state_root
 @pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
 def test_status_watch_shows_it_again_until_ctrl_c(state_root, as_json):
     process = subprocess.Popen(  # started as `castra status --watch &` is: SIGINT ignored
-        [*SIGINT_IGNORED, "-m", "cli.main", "status", "--watch", "0.1", *(["--json"] if as_json else []),
+        [*SIGINT_IGNORED, "-m", "castra_zmq.cli.main", "status", "--watch", "0.1", *(["--json"] if as_json else []),
          "--state-root", str(state_root)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
@@ -729,6 +743,22 @@ def test_publish_takes_topic_and_payload_as_arguments_or_short_flags(router):
     bare = castra("bus", "publish", "--payload", "hello", *root)
     assert bare.returncode == 1 and "payload is not valid JSON" in bare.stderr
     assert """castra bus publish broadcast '"hello"'""" in bare.stderr and "Traceback" not in bare.stderr
+
+
+def test_publish_to_a_vm_that_never_connected_says_so_and_succeeds(router):
+    root = ("--state-root", str(router.state_root))
+    with connect_bus(router.port, "alpha"):
+        wait_for(lambda: "alpha" in {vm.name for vm in collect_status(router.state_root).vms}, what="alpha in status")
+        known = castra("bus", "publish", "vm:alpha", "1", *root)
+        typo = castra("bus", "publish", "vm:alpah", "2", *root)
+        lines = castra("bus", "publish", "-l", "vm:nosuch", *root, input="3\n")
+        broadcast = castra("bus", "publish", "news", *root)
+    assert (known.returncode, known.stderr, broadcast.stderr) == (0, "", "")
+    for result, vm in ((typo, "alpah"), (lines, "nosuch")):
+        assert result.returncode == 0 and result.stdout.startswith("seq="), result.stderr
+        assert result.stderr == (f"castra bus publish: note: no VM named {vm} has connected to this router "
+                                 "(in the last 7 days); the message is in the bus log only\n")
+    assert [line["payload"] for line in router.read_log()] == [1, 2, 3, None]
 
 
 def test_publish_lines_publishes_each_stdin_line_and_tells_each_result(router):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import zmq
 
 from castra_zmq import client
+from castra_zmq.cli.status import render_table
 from castra_zmq.statusview import collect_status
 
 from .conftest import wait_for
@@ -230,6 +232,9 @@ def test_status_shows_one_row_for_all_sessions_of_a_vm(router):
         assert [vm.name for vm in collect_status(router.state_root).vms] == ["alpha"]
         assert row.bus_subscribed and row.subscribed_topics == ["news", "vm:alpha"]  # the union
         assert row.session == agent.session  # the oldest open one
+        table = render_table(collect_status(router.state_root)).splitlines()
+        [header, cells] = [re.split(r"\s{2,}", line) for line in table if line.startswith(("VM ", "alpha "))]
+        assert dict(zip(header, cells))["SESSIONS"] == "2", table
         agent.close()
         row = wait_for(lambda: (vm := alpha()) and vm.sessions == 1 and vm, what="one session left")
         assert row.session == second.session and row.subscribed_topics == ["news", "vm:alpha"]
@@ -270,7 +275,7 @@ def test_state_root_is_private(router):
 
 def test_second_router_on_same_state_root_is_refused(router):
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "up", "--state-root", str(router.state_root), "--port", "0"],
+        [sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(router.state_root), "--port", "0"],
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 1
@@ -280,7 +285,7 @@ def test_second_router_on_same_state_root_is_refused(router):
 def test_taken_port_is_refused(router):
     other = router.state_root.parent / "other"  # removed with the fixture's directory
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "up", "--state-root", str(other), "--port", str(router.port)],
+        [sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(other), "--port", str(router.port)],
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 1

@@ -142,7 +142,7 @@ def test_kill_9_of_the_whole_router_then_up_again(router_factory, state_root):
     # Same state root, same port: the stale lock, sockets, router.json and the
     # orphaned roles still exiting must not stop it.
     again = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "up", "--state-root", str(state_root), "--port", str(router.port)],
+        [sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(state_root), "--port", str(router.port)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     try:

@@ -9,9 +9,11 @@ import socket
 import subprocess
 import time
 
+import msgspec
 import pytest
+import zmq
 
-from castra_zmq import client
+from castra_zmq import client, topics
 from castra_zmq.errors import PublishFailed
 from castra_zmq.statusview import collect_status
 
@@ -66,6 +68,30 @@ def test_every_ok_ack_is_in_the_log_when_journal_is_killed_mid_stream(router):
         assert logged.get(n) == seq
     seqs = [line["seq"] for line in router.read_log()]
     assert seqs == sorted(set(seqs))
+
+
+def test_host_subscriber_gets_the_first_commit_of_a_restarted_journal(router):
+    """A restarted journal reads the bus's subscriptions before it commits: a host
+    tool subscribed all along misses nothing, not even the first commit after."""
+    with zmq.Context() as context, context.socket(zmq.SUB) as subscriber:
+        subscriber.linger = 0
+        subscriber.subscribe(topics.bus("watched"))
+        subscriber.connect(f"ipc://{router.state_root}/run/bus-out.sock")
+
+        def subscribed() -> bool:
+            client.publish("watched", "before", state_root=router.state_root)
+            return subscriber.poll(100) != 0
+        wait_for(subscribed, timeout=10, what="the subscription reaching the journal")
+        old = kill_role(router, "journal")
+        wait_for(lambda: restarted(router, "journal", old), timeout=10, what="journal restart")
+        seq = client.publish("watched", "first", state_root=router.state_root)
+        while subscriber.poll(5000):  # past those of before the restart
+            delivery = msgspec.json.decode(subscriber.recv_multipart()[2])
+            if delivery["seq"] == seq:
+                assert delivery["payload"] == "first"
+                break
+        else:
+            raise AssertionError("the first commit after the restart did not reach the subscriber")
 
 
 def test_killed_bridge_is_restarted_and_guests_reconnect(router):

@@ -25,8 +25,8 @@ TS_MS_DIGITS = 13  # unix ms until the year 2286
 
 def delivery_bytes(topic: str, sender: str, payload: str, seq: int) -> int:
     """The body of the guest frame that delivers ``payload`` (a JSON string here)."""
-    head = '{"type":"message","topic":%s,"from":%s,"ts_ms":%s,"seq":%d,"payload":' % (
-        json.dumps(topic), json.dumps(sender), "1" * TS_MS_DIGITS, seq)
+    head = (f'{{"type":"message","topic":{json.dumps(topic)},"from":{json.dumps(sender)},'
+            f'"ts_ms":{"1" * TS_MS_DIGITS},"seq":{seq},"payload":')
     return len(head.encode()) + len(json.dumps(payload).encode()) + len("}")
 
 
@@ -63,7 +63,7 @@ def test_host_publish_over_the_frame_limit_is_refused_by_the_journal_and_the_cli
     with pytest.raises(PublishFailed, match="^message too large$"):
         client.publish("big", "x" * 200_000, state_root=router.state_root)
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "bus", "publish", "--state-root", str(router.state_root),
+        [sys.executable, "-m", "castra_zmq.cli.main", "bus", "publish", "--state-root", str(router.state_root),
          "--topic", "big", "--payload", "-"],
         input=json.dumps("x" * 200_000), capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 1 and result.stdout == ""

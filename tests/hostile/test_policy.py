@@ -8,6 +8,7 @@ import pytest
 from castra_zmq import client
 from castra_zmq.errors import ConfigError
 from castra_zmq.identity import DEFAULT_POLICY, parse_identities
+from castra_zmq.session import FRAME_LOG_BURST
 
 from ..conftest import identities_file, wait_for
 from ..guest import Guest, connect_bus
@@ -29,8 +30,10 @@ def test_default_policy_keeps_other_vms_topics_from_a_guest():
     policy = DEFAULT_POLICY
     assert policy.may_subscribe("gamma", "vm:gamma") and policy.may_subscribe("gamma", "broadcast")
     assert policy.may_subscribe("gamma", "*") and policy.may_subscribe("gamma", "metrics")
-    for topic in ("vm:beta", "vm:gamma2", "vm:", "vm:*"):
+    for topic in ("vm:beta", "vm:gamma2", "vm:"):
         assert not policy.may_subscribe("gamma", topic), topic
+    # A pattern is taken, and delivers only what gamma may read (tests/test_wildcards.py).
+    assert policy.may_subscribe("gamma", "vm:*") and not policy.may_read("gamma", "vm:*")
     assert not policy.may_read("gamma", "vm:beta") and policy.may_read("gamma", "VM:beta")  # exact prefix
     assert policy.may_publish("gamma", "vm:beta") and policy.may_publish("gamma", "anything")
 
@@ -127,3 +130,21 @@ def test_each_session_of_a_vm_presents_its_token(router_factory, identities):
         assert second.publish({"n": 1}, topic="metrics")["status"] == "ok"
         command = client.publish("vm:beta", {"cmd": "reload"}, state_root=router.state_root)
         assert agent.recv()["seq"] == command  # the refusals closed none of beta's sessions
+
+
+def test_refused_frames_in_a_loop_cannot_flood_the_router_log(router):
+    """Each refusal is answered, but a session logs at most a burst of such lines
+    (``FRAME_LOG_BURST``), then about one a second; the rest are counted."""
+    refusals = 2_000
+    with connect_bus(router.port, "gamma") as gamma:
+        for _ in range(refusals):
+            gamma.send({"type": "subscribe", "topic": "vm:beta"})
+        for _ in range(refusals):
+            assert gamma.recv_raw() == FORBIDDEN_BETA
+    closed = wait_for(lambda: [line for line in router.log_text().splitlines()
+                               if "session closed" in line and "vm=gamma" in line], what="gamma's session closed")
+    logged = router.log_text().count("subscribe refused")
+    assert FRAME_LOG_BURST <= logged <= FRAME_LOG_BURST + 10, logged  # one a second while the test ran
+    unlogged = sum(int(part.split("=")[1]) for line in router.log_text().splitlines()
+                   for part in line.split() if part.startswith("unlogged="))
+    assert logged + unlogged == refusals, (logged, unlogged, closed)

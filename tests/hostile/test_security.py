@@ -92,7 +92,7 @@ def test_up_refuses_a_bad_identities_file(state_root, tmp_path):
     bad = tmp_path / "bad"
     bad.write_text("host\n")
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "up", "--state-root", str(state_root), "--port", "0",
+        [sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(state_root), "--port", "0",
          "--identities", str(bad)],
         capture_output=True, text=True, timeout=30, check=False,
     )

@@ -36,7 +36,7 @@ VICTIM = b"root's file: must never change\n"
 def up_refusal(state_root: Path) -> str:
     """Run ``castra up``, which must refuse ``state_root``; returns its stderr."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "up", "--state-root", str(state_root), "--port", "0"],
+        [sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(state_root), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     ready = process.stdout.readline()
@@ -242,7 +242,7 @@ def test_host_tools_refuse_a_run_dir_someone_else_could_control(state_root, how)
         their_journal.linger = 0
         their_journal.bind(f"ipc://{their_run}/journal.sock")
         publish = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "bus", "publish", "--state-root", str(state_root),
+            [sys.executable, "-m", "castra_zmq.cli.main", "bus", "publish", "--state-root", str(state_root),
              "--payload", '{"secret":1}', "--timeout", "2"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -271,7 +271,7 @@ def test_status_on_a_missing_state_root_says_not_running_unless_others_could_mak
     home = state_root.parent / "home"  # the default state root: ~/.local/state/castra, not made yet
     env = {key: value for key, value in os.environ.items()
            if key not in ("CASTRA_STATE_ROOT", "XDG_STATE_HOME")}
-    default = subprocess.run([sys.executable, "-m", "cli.main", "status"], env=dict(env, HOME=str(home)),
+    default = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "status"], env=dict(env, HOME=str(home)),
                              capture_output=True, text=True, timeout=30, check=False)
     assert default.returncode == 0 and "not running" in default.stdout, default.stderr
     state_root.parent.chmod(0o777)

@@ -131,7 +131,7 @@ MALFORMED_HELLOS = [b"hello\n", b"helo vm:x\n", b"hello vm:\xff\xfe\n", b"hello 
 
 
 def status_json(state_root) -> dict:
-    result = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json", "--state-root", str(state_root)],
+    result = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "status", "--json", "--state-root", str(state_root)],
                             capture_output=True, timeout=30, check=True)
     return json.loads(result.stdout)
 

@@ -25,7 +25,7 @@ def controls(text: str) -> list[str]:
 
 
 def castra(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, timeout=30, check=True)
+    result = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", *args], capture_output=True, timeout=30, check=True)
     return result.stdout.decode()
 
 
