@@ -1,8 +1,13 @@
-"""castra-zmq against mosquitto, NATS and a bare ZeroMQ proxy, side by side.
+"""castra-zmq against mosquitto, NATS, Redis and a bare ZeroMQ proxy, side by side.
 
     python -m bench [--runs 3] [--duration 10] [--only nominal,acked,...]
-                    [--systems castra,mosquitto,nats,zmq] [--sessions 10000] [--out DIR]
+                    [--systems castra,castra-nofsync,mosquitto,nats,nats-sync,redis,zmq]
+                    [--sessions 10000] [--out DIR]
 
+castra runs twice: ``castra`` with ``--fsync batch`` (durable) and ``castra-nofsync``
+with ``--fsync never``; each peer is compared with the castra of its kind (durable:
+nats-sync, JetStream with sync_interval always, and redis, XADD with appendfsync
+always; not durable: mosquitto, nats with JetStream's default, and zmq).
 Each round starts every system afresh (127.0.0.1, temp directories), runs the
 workloads against it one after another and stops it; rounds repeat --runs times.
 Load comes from this one asyncio process on uvloop. A system whose
@@ -30,7 +35,7 @@ from pathlib import Path
 import uvloop
 
 from . import report
-from .systems import System, make_systems
+from .systems import FACTORIES, Castra, System, make_systems
 from .workloads import WORKLOADS, Run, Settings
 
 _FD_HEADROOM = 1024  # beyond one descriptor per session (each process holds its own end)
@@ -44,12 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds of each measurement window (default 10)")
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated workloads (default all: {','.join(WORKLOADS)})")
-    parser.add_argument("--systems", default="castra,mosquitto,nats,zmq",
-                        help="comma-separated systems (default castra,mosquitto,nats,zmq)")
+    parser.add_argument("--systems", default=",".join(FACTORIES),
+                        help=f"comma-separated systems (default all: {','.join(FACTORIES)})")
     parser.add_argument("--sessions", type=int, default=10_000,
                         help="concurrent sessions in the sessions workload (default 10000)")
-    parser.add_argument("--fsync", choices=["batch", "never"], default="batch",
-                        help="castra's --fsync (default batch: durable before ack)")
     parser.add_argument("--out", type=Path,
                         help="output directory (default: a new one under the temp directory; "
                              "bench/results holds the committed figures)")
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if fd_note:
             notes.append(fd_note)
     systems = []
-    for system in make_systems(args.systems.split(","), args.fsync):
+    for system in make_systems(args.systems.split(",")):
         reason = system.missing()
         if reason:
             notes.append(f"{system.name} skipped: {reason}")
@@ -184,7 +187,8 @@ def output_directory(out: Path | None) -> Path:
 def write_outputs(args: argparse.Namespace, out: Path, started: str, systems: list[System],
                   runs: list[dict], notes: list[str]) -> None:
     """results.json, results.md and bench.png in ``out``; the tables on stdout."""
-    rows = report.summarize(runs)
+    rows = report.summarize(runs, {system.name: system.durable for system in systems},
+                            [system.name for system in systems if isinstance(system, Castra)])
     notes += report.generator_bound(rows)
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
                f"Python {platform.python_version()}")
@@ -198,8 +202,9 @@ def write_outputs(args: argparse.Namespace, out: Path, started: str, systems: li
             "date": started,
             "machine": machine,
             "command": " ".join(["python -m bench", *sys.argv[1:]]),
-            "runs": args.runs, "duration_s": args.duration, "sessions": args.sessions, "castra_fsync": args.fsync,
+            "runs": args.runs, "duration_s": args.duration, "sessions": args.sessions,
             "versions": {system.name: system.version() for system in systems},
+            "durable": {system.name: system.durable for system in systems},
             "workloads": {name: {"summary": w.summary, "server_cpu_per": w.per_msg}
                           for name, w in WORKLOADS.items() if name in args.only},
             "notes": notes,

@@ -1,7 +1,8 @@
 """The clients of every system under test, on one asyncio machinery.
 
 Each server's wire protocol is spoken directly by an ``asyncio.Protocol`` here
-(castra bus-v1, MQTT 3.1.1, the NATS text protocol with JetStream acks), so every
+(castra bus-v1, MQTT 3.1.1, the NATS text protocol with JetStream acks, Redis's RESP
+for stream appends), so every
 system is driven by the same event loop, the same buffering and the same clock:
 rates compare servers, not client libraries. ZeroMQ peers (the bare proxy floor and
 castra's ipc host subscriber) are pyzmq sockets on the same loop.
@@ -361,6 +362,60 @@ class NatsClient(TcpClient):
     def heartbeat(self) -> None:
         self.pongs.append(self.on_heartbeat)
         self.transport.write(b"PING\r\n")
+
+
+def _resp_bulk(item: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(item), item)
+
+
+class RedisClient(TcpClient):
+    """A Redis client speaking RESP2: an acked publish is ``XADD <TOPIC> * m <payload>``
+    (the entry id in reply is the ack, an error reply a failed ack), PING the heartbeat.
+    Redis answers a connection's commands in order, and only publishes and PINGs are
+    sent, so a bulk or error reply is a publish's and ``+PONG`` a PING's. No ``subscribe``:
+    the system runs the acked workloads only."""
+
+    _XADD = b"*5\r\n" + b"".join(map(_resp_bulk, (b"XADD", TOPIC, b"*", b"m")))
+    _PING = b"*1\r\n" + _resp_bulk(b"PING")
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.pongs: collections.deque = collections.deque()
+        self.pongs.append(lambda: self.ready.set_result(None))
+
+    def greet(self) -> None:
+        self.transport.write(self._PING)  # Redis needs no handshake: the first PONG is "ready"
+
+    def parse(self, data: bytes | bytearray) -> int:
+        offset, end = 0, len(data)
+        while True:
+            eol = data.find(b"\r\n", offset)
+            if eol < 0:
+                return offset
+            kind = data[offset]
+            if kind == 0x24:  # "$": a bulk string, the id of the appended entry
+                stop = eol + 2 + int(data[offset + 1 : eol]) + 2
+                if stop > end:
+                    return offset
+                self.on_ack(True)
+                offset = stop
+                continue
+            if kind == 0x2B and data.startswith(b"+PONG", offset):
+                self.pongs.popleft()()
+            elif kind == 0x2D:  # "-": an error reply
+                self.handshake_failed(data[offset:eol])
+                self.fail(data[offset:eol])
+                self.on_ack(False)
+            else:
+                self.fail(data[offset:eol])
+            offset = eol + 2
+
+    def publish(self, payload: bytes, acked: bool) -> None:
+        self.transport.write(self._XADD + _resp_bulk(payload))
+
+    def heartbeat(self) -> None:
+        self.pongs.append(self.on_heartbeat)
+        self.transport.write(self._PING)
 
 
 async def open_tcp(client_class: type[TcpClient], port: int, name: str) -> TcpClient:

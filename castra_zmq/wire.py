@@ -21,7 +21,7 @@ from typing import Annotated
 
 import msgspec
 
-from .errors import FrameError
+from .errors import FrameError, FrameRejected
 from .handshake import MAX_NAME
 
 MAX_FRAME = 65536
@@ -71,18 +71,6 @@ class Acknowledge(GuestFrame, tag="ack"):
 
 GUEST_FRAME_TYPES = ("publish", "subscribe", "unsubscribe", "heartbeat", "ack")
 _guest_decoder = msgspec.json.Decoder(Publish | Subscribe | Unsubscribe | Heartbeat | Acknowledge)
-
-
-class FrameRejected(Exception):
-    """A well-formed JSON object that is not a valid frame of a known ``type``.
-
-    The session stays open and the guest gets an error ack for ``frame_type``.
-    """
-
-    def __init__(self, frame_type: str, reason: str):
-        super().__init__(reason)
-        self.frame_type = frame_type
-        self.reason = reason
 
 
 def decode_guest_frame(body: bytes) -> GuestFrame:

@@ -2,8 +2,9 @@
 
 Only a check that ``python -m bench`` works and writes what the README promises;
 the figures themselves are not judged here (it is a benchmark, not a timed test).
-Neither the peers' servers nor the ``bench`` extra (matplotlib) are needed. Both run
-from another directory, the repository on PYTHONPATH: the bench needs no particular cwd.
+Neither the peers' servers (mosquitto, nats-server, redis-server) nor the ``bench``
+extra (matplotlib) are needed. The runs start from another directory, the repository
+on PYTHONPATH: the bench needs no particular cwd.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from bench import report
+from bench.workloads import WORKLOADS
 
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED_ROWS = {
@@ -70,3 +74,26 @@ def test_bench_runs_end_to_end(tmp_path):
     assert "| castra |" in (out / "results.md").read_text()
     chart_skipped = any(note.startswith("chart skipped") for note in document["meta"]["notes"])
     assert chart_skipped or (out / "bench.png").stat().st_size > 0
+
+
+def test_a_missing_server_is_skipped_with_a_note(tmp_path):
+    """redis-server is looked up on PATH (and the sbin directories): none on an empty one."""
+    out = tmp_path / "results"
+    result = run_bench("--runs", "1", "--duration", "0.2", "--systems", "zmq,redis", "--only", "nominal",
+                       "--out", str(out), cwd=tmp_path, timeout=60, PATH=str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert "- redis skipped: redis-server is not installed" in (out / "results.md").read_text()
+
+
+def test_each_peer_is_compared_with_the_castra_of_its_durability():
+    durable = {"castra": True, "castra-nofsync": False, "redis": True, "nats-sync": True, "nats": False}
+    figures = dict.fromkeys(WORKLOADS["acked"].columns + report.COMMON_COLUMNS, 1.0)
+    runs = [{"workload": "acked", "system": system, "run": 1, "figures": figures} for system in durable]
+    rows = {row["system"]: row for row in report.summarize(runs, durable, ["castra", "castra-nofsync"])}
+    assert set(rows["castra"]["ratios"]) == {"redis", "nats-sync"}
+    assert set(rows["castra-nofsync"]["ratios"]) == {"nats"}
+    without_nofsync = [run for run in runs if run["system"] != "castra-nofsync"]
+    rows = {row["system"]: row for row in report.summarize(without_nofsync, durable, ["castra", "castra-nofsync"])}
+    assert set(rows["castra"]["ratios"]) == {"redis", "nats-sync", "nats"}  # unlike, and labelled so
+    assert any("castra/nats (unlike: durable / not durable)" in line[1]
+               for _, _, body in report.tables(list(rows.values())) for line in body)

@@ -383,7 +383,15 @@ def test_status_json_for_handshake_only_subscribed_and_disconnected_guests(route
     assert gone["reachable"]  # its handshake is still fresh
     assert not gone["bus_subscribed"] and gone["subscribed_topics"] == [] and gone["session"] is None
 
+    # The shape scripts rely on, keys in order (README "Operator commands").
+    assert list(status) == ["vms", "router", "journal", "refused_handshakes"]
+    assert list(sub) == ["name", "reachable", "last_handshake_age_ms", "capabilities", "bus_protocol",
+                         "bus_subscribed", "subscribed_topics", "last_publish_age_ms", "last_heartbeat_age_ms",
+                         "session", "last_reason", "sessions"]
+    assert list(status["journal"]) == ["state", "reason", "seq"]
     info = status["router"]
+    assert list(info) == ["running", "pid", "listen", "uptime_ms", "state_root", "source", "processes"]
+    assert all(list(role) == ["state", "pid", "restarts", "last_exit"] for role in info["processes"].values())
     assert info["running"] is True and info["listen"] == f"127.0.0.1:{router.port}"
     assert type(info["uptime_ms"]) is int and info["uptime_ms"] >= 0
     assert set(info["processes"]) == ROLES
