@@ -1,8 +1,8 @@
 """The bus log storage engine: ``bus.log`` and the per-VM logs derived from it.
 
 No sockets and no settings: two pieces, each for a single writer, that a role
-drives (the journal today; later the bridge for ``BusLog`` and a logger peer
-for ``VmLogs``).
+drives: the bridge ``BusLog``, the journal (the logger peer on the proxy)
+``VmLogs``.
 
 * ``BusLog``: ``bus.log``, the record of truth. ``commit`` gives a group of
   messages the next seqs, writes all their lines in one write, fdatasyncs (with
@@ -162,8 +162,7 @@ class BusLog:
 
     def retract(self, batch: LogBatch) -> None:
         """Cut ``batch``, the last commit, back off the file, for a caller that
-        could not write what must go with it (the journal: the same lines in the
-        per-VM logs). Its seqs are given again."""
+        could not write what must go with it. Its seqs are given again."""
         if self._before_last is None or batch.first_seq + len(batch.lines) - 1 != self.seq:
             raise ValueError("only the last commit can be retracted")
         size, self.seq = self._before_last
@@ -282,6 +281,25 @@ def read_checkpoint(path: Path) -> int | None:
 
 def write_checkpoint(path: Path, seq: int, sync: bool) -> None:
     replace_file(path, json_encode(Checkpoint(seq)), sync=sync)
+
+
+class SeqFloor(msgspec.Struct):
+    """``state/bus.json``: the seq of the last message before ``bus.log`` was
+    rotated, for a new ``bus.log`` with no line yet to go on from. Written by the
+    writer of ``bus.log``; the per-VM logs' checkpoint is another process's."""
+
+    seq: int
+
+
+def read_seq_floor(path: Path) -> int:
+    try:
+        return msgspec.json.decode(read_regular(path), type=SeqFloor).seq
+    except (OSError, msgspec.DecodeError):
+        return 0
+
+
+def write_seq_floor(path: Path, seq: int, sync: bool) -> None:
+    replace_file(path, json_encode(SeqFloor(seq)), sync=sync)
 
 
 class VmLogs:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from .subscriptions import pattern_prefix
 
 BUS_ALL = b"bus\0"
+LOG = b"log\0"
 EVENT_ALL = b"evt\0"
 
 
