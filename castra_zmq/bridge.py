@@ -128,6 +128,7 @@ class Bridge:
         self.host_results: dict[bytes, list[CommitResult]] = collections.defaultdict(list)
         self.commit_scheduled = False
         self.host_bytes = 0  # of host tools' messages taken into it
+        self.taken_bytes = 0  # of payloads taken into it
         self.published: collections.Counter[str] = collections.Counter()  # since the last event
         self.next_publish_event = 0.0
         self.dropped_answers = 0  # to host tools with a full queue, since the last health tick
@@ -244,7 +245,11 @@ class Bridge:
     def take(self, vm: str, topic: str, payload: msgspec.Raw, waiting: GuestPublish | HostPublish) -> None:
         self.messages.append((vm, topic, payload))
         self.waiting.append(waiting)
-        self.schedule_commit()
+        self.taken_bytes += len(payload)
+        if self.taken_bytes >= self.settings.commit_bytes_max:
+            self.commit()  # now: a turn of guests with full windows of large publishes would be tens of MB
+        else:
+            self.schedule_commit()
 
     def schedule_commit(self) -> None:
         """Commit at the end of this loop turn: what every ready guest and tool sent is one group."""
@@ -272,7 +277,7 @@ class Bridge:
         lines to the journal. A commit that cannot be written gets each of its
         publishes the error as its result: nothing is acked that is not in the log."""
         self.commit_scheduled = False
-        self.host_bytes = 0
+        self.host_bytes = self.taken_bytes = 0
         messages, self.messages = self.messages, []
         waiting, self.waiting = self.waiting, []
         if messages:
@@ -535,10 +540,13 @@ class Bridge:
         rename); lines go on into the renamed file only until this tick. The new
         file has no line to go on from: its seq floor is written first."""
         if self.log.follow_rotation():
-            try:
-                write_seq_floor(self.seq_floor_path, self.log.seq, self.log.sync)
-            except OSError as exc:
-                logger.warning("seq floor not written", reason=exc.strerror)
+            self.write_seq_floor()
+
+    def write_seq_floor(self) -> None:
+        try:
+            write_seq_floor(self.seq_floor_path, self.log.seq, self.log.sync)
+        except OSError as exc:
+            logger.warning("seq floor not written", reason=exc.strerror)
 
     def sync_sessions(self) -> None:
         """Tell status every open session, in parts of at most ``EVENT_BYTES_MAX``:
@@ -615,6 +623,8 @@ class Bridge:
             sock.close(linger=0)
         self.context.term()
         self.log.close()
+        # Where seq goes on from, should bus.log be moved away while the router is down.
+        self.write_seq_floor()
 
     async def shut_down(self) -> None:
         """Stop reading guests and tools, commit and answer what they had sent, then

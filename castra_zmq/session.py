@@ -316,11 +316,11 @@ class GuestConnection(asyncio.Protocol):
     def handle_publish(self, frame: Publish, multiline: bool) -> None:
         """``publish`` -> ``{"type":"ack","ack":"publish","status":"ok","topic":T,"seq":N}``
         once its turn's commit is in ``bus.log``, or an error ack with a reason."""
+        self.in_flight += 1  # first: the bridge may commit it, and call handle_commit, at once
         reason = self.bridge.publish(self, frame, multiline)
         if reason is not None:
+            self.in_flight -= 1
             self.send(AckReply(ack="publish", status="error", topic=frame.topic, id=frame.id, reason=reason))
-        else:
-            self.in_flight += 1
 
     def handle_commit(self, topic: str, message_id: MessageId, seq: int | None, reason: str | None) -> None:
         """The commit's result for one of this session's publishes."""
