@@ -121,7 +121,6 @@ class BusLog:
         self.disk = disk
         self.file: AppendFile | None = None  # opened by the first commit (or ``open``)
         self.seq = max(last_seq(path), seq_floor)
-        self._before_last: tuple[int, int] | None = None  # size and seq before the last commit
 
     def open(self) -> None:
         """Open ``bus.log`` (made if missing) and cut a torn last line; done by
@@ -156,24 +155,13 @@ class BusLog:
         except OSError as exc:
             self._cut_back(size)
             raise write_failed(exc) from exc
-        self._before_last = (size, self.seq)
         self.seq += len(batch.lines)
         return batch
-
-    def retract(self, batch: LogBatch) -> None:
-        """Cut ``batch``, the last commit, back off the file, for a caller that
-        could not write what must go with it. Its seqs are given again."""
-        if self._before_last is None or batch.first_seq + len(batch.lines) - 1 != self.seq:
-            raise ValueError("only the last commit can be retracted")
-        size, self.seq = self._before_last
-        self._before_last = None
-        self._cut_back(size)
 
     def _cut_back(self, size: int) -> None:
         """Truncate to ``size``, synced: an OS crash must not bring back lines whose
         publishes got an error. If that fails too, the file is let go: reopening
         cuts a torn line, and ``open`` goes on past any whole line left."""
-        self._before_last = None
         try:
             self.file.rollback(size)
             if self.sync:
