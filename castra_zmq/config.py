@@ -47,7 +47,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     identities_file: str | None = None  # allow-list and per-VM secrets (see identity.py)
     # bus.log: "batch" fsyncs once per group commit, "never" leaves it to the OS.
     fsync: Literal["batch", "never"] = "batch"
-    commit_timeout: float = 5.0  # a host tool's publish not committed by then gets an error result
+    commit_timeout: float = 5.0  # --commit-timeout, kept for compatibility: nothing waits for a commit now
     batch_max: int = 1024  # publishes in one host tool's message, and host messages in one commit
     # Internal queues, in bytes. ZeroMQ counts a queue in messages, so each role sets
     # its high-water marks to queue_bytes over the largest message the queue can hold
