@@ -200,8 +200,9 @@ class BusLog:
 
 
 class KnownVms:
-    """The VMs that may get a new per-VM log: ``host``, those the identities file
-    lists, and the latest ``limit`` that connected since the journal started.
+    """The VMs that may get a new per-VM log as a message's target: ``host``,
+    those the identities file lists, and the latest ``limit`` that connected
+    since the journal started (a sender always may: see ``VmLogs.file``).
 
     Any guest may name any ``vm:<target>``; only a VM that exists gets a file.
     """
@@ -327,16 +328,18 @@ class VmLogs:
 
     # -- files
 
-    def file(self, vm: str, keep: Container[AppendFile] = ()) -> AppendFile | None:
+    def file(self, vm: str, keep: Container[AppendFile] = (), sender: bool = False) -> AppendFile | None:
         """``vm``'s log, opened (or created) if needed; None when it has none and
-        may not get one. The least recently used file is closed to make room,
-        unless it is in ``keep`` (written by the commit being filed)."""
+        may not get one: a ``sender`` of a message may (it published, so it
+        exists), another VM only if ``known``. The least recently used file is
+        closed to make room, unless it is in ``keep`` (written by the commit being
+        filed)."""
         handle = self._files.get(vm)
         if handle is not None:
             self._files.move_to_end(vm)
             return handle
         name = log_file_name(vm)
-        if name not in self._names and (vm not in self.known or not self.room_for_a_new_log()):
+        if name not in self._names and (not (sender or vm in self.known) or not self.room_for_a_new_log()):
             return None
         while len(self._files) >= _MAX_OPEN_FILES and next(iter(self._files.values())) not in keep:
             self._close(self._files.popitem(last=False)[1])
@@ -375,7 +378,7 @@ class VmLogs:
         try:
             for (vm, topic, _), line in itertools.islice(zip(messages, lines), skip, None):
                 for name in files_of(vm, topic):
-                    handle = self.file(name, keep=writes)
+                    handle = self.file(name, keep=writes, sender=name == vm)
                     if handle is not None:
                         writes[handle] += line
             self._write(writes)
@@ -433,13 +436,18 @@ class VmLogs:
         except OSError as exc:
             raise write_failed(exc) from exc
         records.reverse()
+        first_sent: dict[str, int] = {}  # a VM's first line as the sender: it gets a log from there
+        for seq, vms, _ in records:
+            first_sent.setdefault(vms[0], seq)
         appended = 0
         for vm in dict.fromkeys(vm for _, vms, _ in records for vm in vms):
             try:
-                handle = self.file(vm)
+                # As ``append`` files them: a VM with no log gets one only from its first publish.
+                has_log = log_file_name(vm) in self._names or vm in self.known
+                handle = self.file(vm, sender=vm in first_sent)
                 if handle is None:  # a VM with no log, as when the line was written
                     continue
-                have = last_seq_in(handle)
+                have = last_seq_in(handle) if has_log else first_sent[vm] - 1
                 missing = bytearray()
                 for seq, vms, line in records:
                     if seq > have and vm in vms:

@@ -11,9 +11,10 @@ it gets, and on a health event of the bridge whose seq is past the last line it
 filed. On its health tick it follows rotation and checkpoints the per-VM logs
 (``state/journal.json``).
 
-Per-VM logs: a VM gets one only once it connected (a ``handshake`` event, or a
-session in the bridge's ``sessions`` sync: ``KnownVms``), when the identities
-file lists it, or when its log is already there; and only while there are fewer
+Per-VM logs: a VM gets one once it published (its own messages), once it
+connected (a ``handshake`` event, or a session in the bridge's first ``sessions``
+sync: ``KnownVms``), when the identities file lists it, or when its log is
+already there; and only while there are fewer
 than ``vm_logs_max``. Other messages still go to ``bus.log`` and any log their
 sender or target has.
 
