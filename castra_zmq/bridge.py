@@ -71,6 +71,7 @@ _LINES_DELAY = 0.005  # seconds committed lines wait to go to the journal with l
 # JSON), and at most this for its count and punctuation.
 _COUNT_ENTRY_BYTES = 24
 SLOW_CONSUMER = "slow_consumer"
+STAR_IS_FOR_SUBSCRIBE = "topic * is only for subscribe"
 TOO_MANY_SESSIONS = "too many sessions for this vm"  # hello past max_sessions_per_vm
 # Descriptors kept out of the connection cap: the bridge's own (about 25) and those
 # of closing connections, which give their slot back before their socket goes.
@@ -234,6 +235,8 @@ class Bridge:
         if not self.policy.may_publish(connection.vm, frame.topic):
             connection.log_frame_event("INFO", "publish refused", reason=FORBIDDEN_TOPIC, topic=frame.topic)
             return FORBIDDEN_TOPIC
+        if frame.topic == SUBSCRIBE_ALL:
+            return STAR_IS_FOR_SUBSCRIBE
         payload = frame.payload
         if multiline:
             payload = msgspec.Raw(compact_payload(bytes(payload)))
@@ -413,7 +416,7 @@ class Bridge:
         if not request.topic or len(request.topic) > MAX_TOPIC or "\0" in request.topic:
             return "invalid topic"
         if request.topic == SUBSCRIBE_ALL:
-            return "topic * is only for subscribe"
+            return STAR_IS_FOR_SUBSCRIBE
         if request.vm != HOST_SENDER and target_of("vm:" + request.vm) is None:
             return "invalid vm name"
         if check_utf8 or compact:

@@ -104,6 +104,7 @@ def test_host_publish_reaches_guest_and_logs(router):
         seq = client.publish("vm:alpha", {"cmd": "reload"}, state_root=router.state_root)
         message = guest.recv()
         assert message["from"] == "host" and message["seq"] == seq and message["payload"] == {"cmd": "reload"}
+    router.wait_filed()
     assert router.read_log("host.log")[0]["vm"] == "host"
     assert router.read_log("alpha.log")[0]["seq"] == seq
 
@@ -125,6 +126,7 @@ def test_journal_socket_answers_each_publish_of_a_batch(router):
     assert [corr for corr, *_ in results] == [1, 2, 3]
     (_, first, _), (_, refused, reason), (_, third, _) = results
     assert third == first + 1 and refused is None and "only for subscribe" in reason
+    router.wait_filed()
     assert [(line["seq"], line["payload"]) for line in router.read_log("host.log")] == [(first, {"n": [1, 2]}), (third, "three")]
 
 
@@ -320,5 +322,6 @@ def test_bash_dev_tcp_guest_handshakes_publishes_and_heartbeats(router):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "handshake: ok session=" in result.stdout
     assert '"status":"ok"' in result.stdout.split("publish: ")[1]
+    router.wait_filed()
     [line] = router.read_log("bashvm.log")
     assert line["payload"] == {"from": "bash"} and line["topic"] == "vm:bashvm"
