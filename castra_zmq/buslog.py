@@ -46,13 +46,14 @@ from .logfiles import (
     SUFFIX,
     AppendFile,
     Disk,
+    complete_end,
     last_lines,
+    line_chunks,
     lines_before,
     log_file_name,
-    newest_lines,
     vm_from_file_name,
 )
-from .statefs import read_regular, replace_file
+from .statefs import open_regular, read_regular, replace_file
 from .wire import LogRecord, decode_log_record, json_encode
 
 _MAX_OPEN_FILES = 256
@@ -411,57 +412,104 @@ class VmLogs:
         """Copy to the per-VM logs what they lack of the end of ``bus.log`` (past
         ``seq``, or the last ``lag_max`` lines without a checkpoint): what a
         process crash left only in ``bus.log``, what an OS crash took from them
-        since the checkpoint. Each log gets the lines after its own last seq, so
-        nothing is filed twice. Returns how many lines were appended.
+        since the checkpoint, what the journal missed while down or behind. Each
+        log gets the lines after its own last seq, so nothing is filed twice; a VM
+        with no log gets one only from its first publish, as ``append`` files it.
+        Returns how many lines were appended.
 
-        A log that cannot be opened or read is left as it is (one line each):
+        Memory is bounded however long the stretch: a backward pass finds where it
+        starts and which VMs it names, a forward pass copies it in chunks. A log
+        that cannot be opened, read or written is left as it is (one line each):
         the others, and ``bus.log``, go on.
         """
-        since = self.seq
-        last = None
-        records: list[tuple[int, tuple[str, ...], bytes]] = []
         try:
-            for line in newest_lines(self.bus_log):
-                try:
-                    record = decode_log_record(line)
-                except msgspec.DecodeError:
-                    continue  # not ours to judge here: BusLog reports a bad last line
-                if last is None:
-                    last = record.seq
-                    if since is None:
-                        since = max(0, last - self.lag_max)
-                if record.seq <= since:
-                    break
-                records.append((record.seq, files_of(record.vm, record.topic), line))
+            fd = open_regular(self.bus_log)
+        except FileNotFoundError:
+            fd = None
         except OSError as exc:
             raise write_failed(exc) from exc
-        records.reverse()
-        first_sent: dict[str, int] = {}  # a VM's first line as the sender: it gets a log from there
-        for seq, vms, _ in records:
-            first_sent.setdefault(vms[0], seq)
-        appended = 0
-        for vm in dict.fromkeys(vm for _, vms, _ in records for vm in vms):
+        since, appended = self.seq, 0
+        if fd is not None:
             try:
-                # As ``append`` files them: a VM with no log gets one only from its first publish.
-                has_log = log_file_name(vm) in self._names or vm in self.known
-                handle = self.file(vm, sender=vm in first_sent)
-                if handle is None:  # a VM with no log, as when the line was written
-                    continue
-                have = last_seq_in(handle) if has_log else first_sent[vm] - 1
-                missing = bytearray()
-                for seq, vms, line in records:
-                    if seq > have and vm in vms:
-                        missing += line + b"\n"
-                if missing:
-                    self._write({handle: missing})
-                    appended += missing.count(b"\n")
-            except (OSError, CastraError) as exc:
-                logger.warning("per-VM log not completed from bus.log", vm=vm,
-                               reason=getattr(exc, "strerror", None) or str(exc))
-        self.seq = max(since or 0, last or 0)
+                since, start, end, first_sent, names = self._stretch_to_copy(fd, since)
+                have = self._last_seqs(names, first_sent)
+                for lines in line_chunks(fd, start, end):
+                    appended += self._copy(lines, have, first_sent)
+            except OSError as exc:
+                raise write_failed(exc) from exc
+            finally:
+                os.close(fd)
+        self.seq = since or 0
         self.sync_files()
         if appended:
             logger.warning("per-VM logs completed from bus.log", count=appended)
+        return appended
+
+    def _stretch_to_copy(self, fd: int, since: int | None):
+        """Scan ``bus.log`` back to the line after ``since``: returns the last seq,
+        the byte range of the lines after ``since``, each sender's first seq in it
+        and every VM whose log it names."""
+        end = complete_end(fd, os.fstat(fd).st_size)
+        start, last = end, None
+        first_sent: dict[str, int] = {}
+        names: dict[str, None] = {}
+        for line in lines_before(fd, end):
+            try:
+                record = decode_log_record(line)
+            except msgspec.DecodeError:
+                start -= len(line) + 1
+                continue  # not ours to judge here: BusLog reports a bad last line
+            if last is None:
+                last = record.seq
+                if since is None:
+                    since = max(0, last - self.lag_max)
+            if record.seq <= since:
+                break
+            start -= len(line) + 1
+            first_sent[record.vm] = record.seq  # backwards: the earliest stays
+            for vm in reversed(files_of(record.vm, record.topic)):
+                names.pop(vm, None)  # backwards: moved to where it came first
+                names[vm] = None
+        # Logs are made in the order of their VMs' first lines, as append makes them.
+        return max(since or 0, last or 0), start, end, first_sent, dict.fromkeys(reversed(names))
+
+    def _last_seqs(self, names: dict[str, None], first_sent: dict[str, int]) -> dict[str, int]:
+        """For each VM that has or may get a log: the seq after which it lacks lines."""
+        have: dict[str, int] = {}
+        for vm in names:
+            has_log = log_file_name(vm) in self._names or vm in self.known
+            try:
+                handle = self.file(vm, sender=vm in first_sent)
+                if handle is not None:  # else a VM with no log, as when the line was written
+                    have[vm] = last_seq_in(handle) if has_log else first_sent[vm] - 1
+            except (OSError, CastraError) as exc:
+                logger.warning("per-VM log not completed from bus.log", vm=vm,
+                               reason=getattr(exc, "strerror", None) or str(exc))
+        return have
+
+    def _copy(self, lines: list[bytes], have: dict[str, int], first_sent: dict[str, int]) -> int:
+        """Append the lines each log lacks; a log that fails is left out from then on."""
+        writes: dict[str, bytearray] = collections.defaultdict(bytearray)
+        for line in lines:
+            try:
+                record = decode_log_record(line)
+            except msgspec.DecodeError:
+                continue
+            for vm in files_of(record.vm, record.topic):
+                if record.seq > have.get(vm, record.seq):
+                    writes[vm] += line + b"\n"
+        appended = 0
+        for vm, data in writes.items():
+            try:
+                handle = self.file(vm, sender=vm in first_sent)
+                if handle is None:
+                    raise CastraError("no room for its log")
+                self._write({handle: data})
+                appended += data.count(b"\n")
+            except (OSError, CastraError) as exc:
+                logger.warning("per-VM log not completed from bus.log", vm=vm,
+                               reason=getattr(exc, "strerror", None) or str(exc))
+                del have[vm]
         return appended
 
     # -- syncing
