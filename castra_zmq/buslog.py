@@ -477,11 +477,15 @@ class VmLogs:
         """For each VM that has or may get a log: the seq after which it lacks lines."""
         have: dict[str, int] = {}
         for vm in names:
-            has_log = log_file_name(vm) in self._names or vm in self.known
             try:
                 handle = self.file(vm, sender=vm in first_sent)
-                if handle is not None:  # else a VM with no log, as when the line was written
-                    have[vm] = last_seq_in(handle) if has_log else first_sent[vm] - 1
+                if handle is None:  # a VM with no log, as when the line was written
+                    continue
+                have[vm] = last_seq_in(handle)
+                # An empty log of a VM not known was made (or emptied by an OS crash)
+                # no earlier than its first publish: append gave it nothing before.
+                if not have[vm] and vm not in self.known and vm in first_sent:
+                    have[vm] = first_sent[vm] - 1
             except (OSError, CastraError) as exc:
                 logger.warning("per-VM log not completed from bus.log", vm=vm,
                                reason=getattr(exc, "strerror", None) or str(exc))
