@@ -1,23 +1,30 @@
-"""The bridge role: guests' TCP side of the bus.
+"""The bridge role: guests' TCP side of the bus, and the single writer of ``bus.log``.
 
-An asyncio server of ``GuestConnection``s (see ``session``) plus the bridge's
-ZeroMQ sockets: a DEALER to the journal socket, which takes the publishes of each
-loop turn as one message and answers once per commit with this bridge's results
-and every committed message, and a PUB into the proxy for events. Each publish is
-answered only when its result comes back; one the journal does not answer within
-``commit_timeout`` gets an error ack.
+An asyncio server of ``GuestConnection``s (see ``session``) that commits what it
+decodes: the publishes of one loop turn, from guests and from host tools (read
+from ``run/journal.sock``, a ROUTER, PROTOCOL.md 8.2), are one group commit to
+``bus.log`` (``buslog.BusLog``: seqs, one write, fdatasync with ``--fsync
+batch``), and only then acked and delivered. No hop between decoding and the
+log: the fdatasync is in the loop, and a turn's commit holds whatever that turn
+decoded.
 
-The bridge's own memory is bounded: per guest by its session (see ``session``), and
-toward the journal by a budget of bytes taken from guests and not answered yet
-(``backlog_budget``): past it no guest is read until the journal catches up.
+Each committed batch goes on into the proxy as ``log`` messages (its lines), for
+the journal role to file in the per-VM logs; ``bus`` messages go only while a
+host tool subscribes (the bus socket is an XPUB: it sees the subscriptions), and
+events always. That socket drops at its high-water mark and never waits: a peer
+that misses lines completes them from ``bus.log``.
+
+The bridge's memory is bounded per guest by its session (see ``session``); a
+commit holds at most what one loop turn read, and host tools' messages are
+capped by ZMQ_MAXMSGSIZE and the ROUTER's queues, in bytes (``queue_bytes``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
+import os
 import resource
 import signal
 import socket
@@ -27,44 +34,68 @@ import msgspec
 import uvloop
 import zmq
 from loguru import logger
-from zmq.utils.monitor import parse_monitor_message
 
-from . import runtime
+from . import runtime, topics
+from .buslog import BusLog, Message, read_checkpoint, read_seq_floor, target_of, write_seq_floor
 from .config import Settings, settings_from_env
+from .errors import LogWriteFailed
 from .events import EVENT_BYTES_MAX, EventKind, SessionInfo, event_message, now_ms, split_sessions
-from .handshake import Hello
+from .framing import encode_frame
+from .handshake import HOST_SENDER, Hello
 from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
 from .listener import listener_socket
-from .session import CLOSE_LINGER, THROTTLE_NOTICE_S, GuestConnection, ReadPause
+from .session import CLOSE_LINGER, GuestConnection, ReadPause
 from .subscriptions import SubscriberIndex
 from .wire import (
-    ATTACH,
-    PUBLISH_REQUEST_MAX,
-    Committed,
+    MAX_FRAME,
+    MAX_TOPIC,
+    MESSAGE_TOO_LARGE,
+    SUBSCRIBE_ALL,
+    CommitBatch,
+    CommitResult,
+    Delivery,
     MessageId,
     Publish,
     PublishRequest,
-    decode_commit_batch,
-    encode_connected,
+    compact_payload,
+    decode_publish_requests,
+    delivery_bytes,
     json_encode,
-    publish_request_bytes,
 )
 
-_SHUTDOWN_GRACE = 2.0  # seconds for the journal to answer what guests sent, when stopping
-_BATCHES_IN_FLIGHT = 4  # a batch that is not full waits while this many are unanswered
-_DRAIN_MAX = 4096  # bus messages handled per wake-up before yielding to guests
-_COMMIT_GRACE = 0.5  # seconds past its deadline before the bridge times a publish out
+_MAX_CACHED_TOPICS = 4096
+_SUBSCRIPTIONS_WAIT = 1.0  # seconds, at most, for the bus's subscriptions to reach a new bus socket
+_PUBLISH_EVENT_INTERVAL = 0.1  # seconds: status needs freshness, not an event per commit
+_LINES_DELAY = 0.005  # seconds committed lines wait to go to the journal with later ones
+# An entry of a publish event's counts: a VM name (at most 6 bytes a character in
+# JSON), and at most this for its count and punctuation.
+_COUNT_ENTRY_BYTES = 24
+SLOW_CONSUMER = "slow_consumer"
+STAR_IS_FOR_SUBSCRIBE = "topic * is only for subscribe"
 TOO_MANY_SESSIONS = "too many sessions for this vm"  # hello past max_sessions_per_vm
 # Descriptors kept out of the connection cap: the bridge's own (about 25) and those
 # of closing connections, which give their slot back before their socket goes.
 FD_RESERVE = 64
 
 
-class PendingPublish(msgspec.Struct):
+def sender_of(vm: str) -> str:
+    """A message's sender as the bus shows it: ``vm:<name>``, or ``host``."""
+    return HOST_SENDER if vm == HOST_SENDER else "vm:" + vm
+
+
+class GuestPublish(msgspec.Struct, gc=False):
+    """Whom a guest's publish of this turn's commit is acked to."""
+
     connection: GuestConnection
     topic: str
     message_id: MessageId
-    deadline: float
+
+
+class HostPublish(msgspec.Struct, gc=False):
+    """Whom a host tool's publish of this turn's commit is answered to."""
+
+    peer: bytes  # its ROUTER identity
+    corr: int
 
 
 class Bridge:
@@ -80,48 +111,60 @@ class Bridge:
         self.sessions: dict[str, dict[GuestConnection, None]] = {}
         self.subscribers: SubscriberIndex[GuestConnection] = SubscriberIndex()  # topics and patterns
         self.deliveries = 0  # messages delivered so far: numbers each one (see deliver)
-        self.pending: dict[int, PendingPublish] = {}  # in commit order, so deadlines too
-        self.corr = itertools.count(1)
-        self.requests: list[PublishRequest] = []  # not sent yet, to go as one batch
-        self.request_bytes = 0  # at least their encoded size: a batch stays under batch_bytes_max
-        self.send_scheduled = False
-        # Batches the journal has not answered yet, oldest first: the last corr of
-        # each and its bytes. Publishes timed out meanwhile still count: they are
-        # still queued toward the journal.
-        self.unanswered: collections.deque[tuple[int, int]] = collections.deque()
-        self.unanswered_bytes = 0
-        # Past this many bytes of publishes taken and not answered (sent or not), no
-        # guest is read until half of it is answered: a stalled journal cannot make
-        # the bridge grow, nor fill the journal's queue for it (queue_bytes).
-        self.backlog_budget = settings.queue_bytes // 4
-        self.journal_backlog_full = False
-        self.backlog_noticed = float("-inf")  # when a full backlog was last logged
-        self.held: set[GuestConnection] = set()  # sessions not read while it is full
         self.closing: set[GuestConnection] = set()  # slots given back, sockets not gone yet
-        self.journal_attached = False  # connected to the journal socket (see watch_journal)
         # Each connection is a descriptor: past the fd limit accept() fails, and the
         # guest is dropped without a word instead of getting "too many connections".
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.max_connections = min(settings.max_connections, max(1, self.fd_limit - FD_RESERVE))
+        # The write-ahead log. After a rotation bus.log may be new and empty: seq
+        # goes on from the higher of the floor written then and the journal's checkpoint.
+        self.seq_floor_path = endpoints.bus_seq_floor
+        self.log = BusLog(endpoints.bus_log, sync=settings.fsync == "batch",
+                          seq_floor=max(read_seq_floor(self.seq_floor_path),
+                                        read_checkpoint(endpoints.journal_checkpoint) or 0))
+        self.failure: str | None = None  # why the last commit failed, until one succeeds
+        self.log_publishes = runtime.logs_at(settings, "DEBUG")  # a line per publish: checked once
+        # This loop turn's publishes, committed together at its end (see commit).
+        self.messages: list[Message] = []
+        self.waiting: list[GuestPublish | HostPublish] = []
+        self.host_results: dict[bytes, list[CommitResult]] = collections.defaultdict(list)
+        self.commit_scheduled = False
+        # Committed lines not yet sent to the journal (see send_lines).
+        self.unsent_lines: list[bytes] = []
+        self.unsent_bytes = 0
+        self.lines_flush: asyncio.TimerHandle | None = None
+        self.host_bytes = 0  # of host tools' messages taken into it
+        self.taken_bytes = 0  # of payloads taken into it
+        self.published: collections.Counter[str] = collections.Counter()  # since the last event
+        self.next_publish_event = 0.0
+        self.dropped_answers = 0  # to host tools with a full queue, since the last health tick
         # Plain sockets read from loop callbacks (see watch_socket), not zmq.asyncio:
         # its Futures per send and receive were a fifth of the bridge's CPU.
         self.context = zmq.Context()
-        self.journal = self.context.socket(zmq.DEALER)
-        # In batches of at most batch_bytes_max: ZeroMQ holds at most queue_bytes
-        # toward the journal, whatever the backlog budget lets through.
-        self.journal.sndhwm = settings.hwm_for(settings.batch_bytes_max)
-        self.journal.rcvhwm = settings.hwm
-        self.journal_monitor = self.journal.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self.journal.connect(endpoints.journal)
-        self.events = self.context.socket(zmq.PUB)  # drops at its HWM: never waits
-        # A guest's subscribe storm while the proxy stalls grows this queue: in bytes.
-        self.events.sndhwm = settings.hwm_for(EVENT_BYTES_MAX)
-        self.events.connect(endpoints.publish)
-        for sock in (self.journal, self.events):
-            sock.linger = 0
+        # XPUB, not PUB: it shows the bus's subscriptions, so ``bus`` messages are
+        # only built and sent while a host tool wants them. Drops at its high-water
+        # mark (a stalled proxy): never waits.
+        self.bus = self.context.socket(zmq.XPUB)
+        self.bus.linger = 0
+        self.bus.sndhwm = settings.hwm_for(settings.bus_frame_bytes_max)
+        self.bus.connect(endpoints.publish)
+        self.subscriptions: set[bytes] = set()  # the bus's, as the bus socket sees them
+        self.host_wanted: dict[str, bool] = {}  # topic -> does a host tool subscribe to it
+        # Host tools publish here (DEALER -> ROUTER) and get their results back on it.
+        self.host = self.context.socket(zmq.ROUTER)
+        self.host.linger = 0
+        self.host.maxmsgsize = settings.batch_bytes_max
+        self.host.sndhwm = settings.hwm_for(settings.host_reply_bytes_max)
+        self.host.rcvhwm = settings.hwm_for(settings.batch_bytes_max)
+        self.host.router_mandatory = True  # a tool gone or full is an error, not a silent drop
+        previous = os.umask(0o077)  # owner-only socket file
+        try:
+            self.host.bind(endpoints.journal)
+        finally:
+            os.umask(previous)
         self.server: asyncio.AbstractServer | None = None
         self.stopping = asyncio.Event()
-        self.failure: BaseException | None = None  # what stopped a socket reader
+        self.crash: BaseException | None = None  # what stopped a socket reader
 
     # -- guests: called by GuestConnection --------------------------------------------
 
@@ -145,7 +188,6 @@ class Bridge:
         self.per_address[address] -= 1
         if not self.per_address[address]:
             del self.per_address[address]
-        self.held.discard(connection)
         self.closing.add(connection)
         return True
 
@@ -173,13 +215,7 @@ class Bridge:
         self.emit(EventKind.HANDSHAKE, vm=hello.vm, outcome="session", capabilities=list(hello.capabilities),
                   bus_protocol=hello.bus_protocol)
         self.emit(EventKind.SESSION_OPEN, vm=hello.vm, session=connection.token, bus_protocol=hello.bus_protocol)
-        self.announce_connected(hello.vm)
         connection.log.info("session open", vm_sessions=len(open_sessions))
-
-    def announce_connected(self, vm: str) -> None:
-        """Tell the journal ``vm`` connected: messages to it may get a per-VM log."""
-        with contextlib.suppress(zmq.Again):  # journal down or stuck: its next hello tells it
-            self.send_to_journal(encode_connected(vm))
 
     def close_session(self, connection: GuestConnection, reason: str) -> None:
         for topic in connection.topics:
@@ -193,60 +229,41 @@ class Bridge:
         self.emit(EventKind.SESSION_CLOSE, vm=connection.vm, session=connection.token, reason=reason)
         connection.log.bind(reason=reason, unlogged=connection.unlogged or None).info("session closed")
 
-    def publish(self, connection: GuestConnection, frame: Publish) -> str | None:
-        """Forward one publish to the journal; returns a reason when it cannot be."""
+    def publish(self, connection: GuestConnection, frame: Publish, multiline: bool) -> str | None:
+        """Take one publish into this turn's commit; returns a reason when it cannot be.
+        ``multiline``: its frame has a raw line break (its UTF-8 was checked)."""
         if not self.policy.may_publish(connection.vm, frame.topic):
             connection.log_frame_event("INFO", "publish refused", reason=FORBIDDEN_TOPIC, topic=frame.topic)
             return FORBIDDEN_TOPIC
-        if not self.journal_attached:
-            return "journal_unavailable"
-        corr = next(self.corr)
-        deadline = time.monotonic() + self.settings.commit_timeout
-        self.pending[corr] = PendingPublish(connection, frame.topic, frame.id, deadline)
-        self.requests.append(PublishRequest(corr, connection.vm, frame.topic, deadline, frame.payload))
-        self.request_bytes += publish_request_bytes(connection.vm, frame.topic, frame.payload)
-        if self.batch_full():
-            self.send_publishes()
-        elif not self.send_scheduled:
-            self.send_scheduled = True
-            asyncio.get_running_loop().call_soon(self.send_publishes)
-        self.update_backlog()
+        if frame.topic == SUBSCRIBE_ALL:
+            return STAR_IS_FOR_SUBSCRIBE
+        payload = frame.payload
+        if multiline:
+            payload = msgspec.Raw(compact_payload(bytes(payload)))
+        if self.too_large(connection.vm, frame.topic, payload):
+            return MESSAGE_TOO_LARGE
+        self.take(connection.vm, frame.topic, payload, GuestPublish(connection, frame.topic, frame.id))
         return None
 
-    def send_publishes(self) -> None:
-        """Send what accumulated as one batch, unless ``_BATCHES_IN_FLIGHT`` are
-        unanswered and it is not full: then it waits for an answer (and grows), as
-        publishes would wait in the journal's queue anyway, and the bus carries
-        fewer messages. A full batch goes at once: the backlog budget bounds those."""
-        self.send_scheduled = False
-        if not self.requests:
-            return
-        if len(self.unanswered) >= _BATCHES_IN_FLIGHT and not self.batch_full():
-            return
-        requests, self.requests = self.requests, []
-        size, self.request_bytes = self.request_bytes, 0
-        try:
-            self.send_to_journal(json_encode(requests))
-        except zmq.Again:  # its queue is full: the journal is stuck
-            for request in requests:
-                self.answer(request.corr, None, "journal_unavailable")
-            self.update_backlog()
-            return
-        self.unanswered.append((requests[-1].corr, size))
-        self.unanswered_bytes += size
+    def too_large(self, vm: str, topic: str, payload: msgspec.Raw) -> bool:
+        """Whether its delivery would be over ``MAX_FRAME``, under the seq it would get."""
+        seq = self.log.seq + len(self.messages) + 1
+        return delivery_bytes(topic, sender_of(vm), len(payload), seq) > MAX_FRAME
 
-    def batch_full(self) -> bool:
-        """Whether the next publish might not fit in the batch: ``batch_max`` of them,
-        or too close to ``batch_bytes_max`` (the journal's limit) for the largest one."""
-        return (len(self.requests) >= self.settings.batch_max
-                or self.request_bytes > self.settings.batch_bytes_max - PUBLISH_REQUEST_MAX)
+    def take(self, vm: str, topic: str, payload: msgspec.Raw, waiting: GuestPublish | HostPublish) -> None:
+        self.messages.append((vm, topic, payload))
+        self.waiting.append(waiting)
+        self.taken_bytes += len(payload)
+        if self.taken_bytes >= self.settings.commit_bytes_max:
+            self.commit()  # now: a turn of guests with full windows of large publishes would be tens of MB
+        else:
+            self.schedule_commit()
 
-    def send_to_journal(self, frame: bytes) -> None:
-        self.journal.send_multipart([b"", frame], zmq.NOBLOCK)
-        # A send can take the edge of the socket's FD for a message that arrived
-        # meanwhile: look, or that message would wait for the next one.
-        if self.journal.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            asyncio.get_running_loop().call_soon(self.run_reader, self.read_journal)
+    def schedule_commit(self) -> None:
+        """Commit at the end of this loop turn: what every ready guest and tool sent is one group."""
+        if not self.commit_scheduled:
+            self.commit_scheduled = True
+            asyncio.get_running_loop().call_soon(self.commit)
 
     def subscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.add(connection, topic)
@@ -257,9 +274,225 @@ class Bridge:
         self.emit(EventKind.UNSUBSCRIBE, vm=connection.vm, session=connection.token, topics=sorted(connection.topics))
 
     def emit(self, kind: EventKind, **fields) -> None:
-        self.events.send_multipart(event_message(kind, **fields))
+        self.bus.send_multipart(event_message(kind, **fields))
+        self.read_subscriptions()  # a send can take the edge of the FD for a notice that came meanwhile
 
-    # -- bus side ---------------------------------------------------------------------
+    # -- the commit -------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Group commit of this turn's publishes: ``bus.log`` (fdatasynced), then
+        the acks and results, the deliveries to guests and host tools, and the
+        lines to the journal. A commit that cannot be written gets each of its
+        publishes the error as its result: nothing is acked that is not in the log."""
+        self.commit_scheduled = False
+        self.host_bytes = self.taken_bytes = 0
+        messages, self.messages = self.messages, []
+        waiting, self.waiting = self.waiting, []
+        if messages:
+            ts_ms = time.time_ns() // 1_000_000
+            try:
+                batch = self.log.commit(ts_ms, messages)
+            except LogWriteFailed as exc:
+                if exc.reason != self.failure:
+                    logger.error("commit failed", reason=exc.reason, count=len(messages))
+                self.failure = exc.reason
+                for waiter in waiting:
+                    self.answer(waiter, None, exc.reason)
+            else:
+                if self.failure is not None:
+                    logger.info("commits recovered", seq=self.log.seq)
+                    self.failure = None
+                self.distribute(ts_ms, batch.first_seq, messages, waiting)
+                self.send_lines(batch.lines)
+        self.send_host_results()
+        self.read_subscriptions()  # a send can take the edge of the FD for a notice that came meanwhile
+        now = time.monotonic()
+        if self.published and now >= self.next_publish_event:
+            self.next_publish_event = now + _PUBLISH_EVENT_INTERVAL
+            self.announce_publishes()
+
+    def distribute(self, ts_ms: int, first_seq: int, messages: list[Message],
+                   waiting: list[GuestPublish | HostPublish]) -> None:
+        """Answer and deliver a committed batch."""
+        send = self.bus.send_multipart
+        for seq, (vm, topic, payload), waiter in zip(itertools.count(first_seq), messages, waiting):
+            self.answer(waiter, seq, None)
+            sender = sender_of(vm)
+            if self.log_publishes:
+                logger.debug("published", sender=sender, topic=topic, seq=seq)
+            host_wants = self.host_wants(topic)
+            if self.subscribers or host_wants:
+                body = json_encode(Delivery(topic, sender, ts_ms, seq, payload))
+                if self.subscribers:
+                    self.deliver(topic, sender, encode_frame(body))
+                if host_wants:
+                    send([topics.bus(topic), sender.encode(), body])
+            self.published[vm] += 1
+
+    def answer(self, waiter: GuestPublish | HostPublish, seq: int | None, reason: str | None) -> None:
+        if isinstance(waiter, GuestPublish):
+            if waiter.connection.phase == "bus":  # else: gone meanwhile
+                waiter.connection.handle_commit(waiter.topic, waiter.message_id, seq, reason)
+        else:
+            self.host_results[waiter.peer].append(CommitResult(corr=waiter.corr, seq=seq, reason=reason))
+
+    def send_lines(self, lines: list[bytes]) -> None:
+        """Pass the committed lines on to the journal, for the per-VM logs: in
+        messages of at most ``bus_frame_bytes_max`` (the proxy's limit), sent once
+        one is full or ``_LINES_DELAY`` after its first line. A message per commit
+        would wake the proxy and the journal once per commit, which cost them more
+        CPU per ack than the commit itself. Dropped when the proxy's queue is full:
+        the journal fills a gap in seqs from ``bus.log``."""
+        limit = self.settings.bus_frame_bytes_max
+        for line in lines:
+            if self.unsent_bytes + len(line) > limit:
+                self.flush_lines()
+            self.unsent_lines.append(line)
+            self.unsent_bytes += len(line)
+        if self.unsent_lines and self.lines_flush is None:
+            self.lines_flush = asyncio.get_running_loop().call_later(_LINES_DELAY, self.flush_lines)
+
+    def flush_lines(self) -> None:
+        if self.lines_flush is not None:
+            self.lines_flush.cancel()
+            self.lines_flush = None
+        if self.unsent_lines:
+            self.bus.send_multipart([topics.LOG, b"".join(self.unsent_lines)])
+            self.unsent_lines, self.unsent_bytes = [], 0
+
+    # -- host tools -------------------------------------------------------------------
+
+    def read_host(self) -> None:
+        """Take host tools' publishes into this turn's commit: at most ``batch_max``
+        of them or ``commit_bytes_max`` bytes of messages a commit, the rest later."""
+        count = 0
+        while count < self.settings.batch_max and self.host_bytes < self.settings.commit_bytes_max:
+            if not self.host.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
+            parts = self.host.recv_multipart(zmq.NOBLOCK)
+            self.host_bytes += sum(map(len, parts))
+            self.schedule_commit()  # which sends the results, and resets host_bytes
+            if len(parts) != 3 or parts[1]:
+                logger.warning("dropped malformed host message", reason=f"{len(parts)} frames")
+                count += 1
+                continue
+            # What is not a publish counts too: a flood of it cannot hold a commit back.
+            count += max(1, self.take_host_batch(parts[0], parts[2]))
+        asyncio.get_running_loop().call_soon(self.run_reader, self.read_host)  # more, after this commit
+
+    def take_host_batch(self, peer: bytes, batch: bytes) -> int:
+        """Admit the publishes of one batch frame: each joins the commit or has its
+        refusal put in the results. Returns how many there were."""
+        try:
+            requests = decode_publish_requests(batch)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            logger.warning("dropped malformed publish batch", reason=str(exc) or "nested too deeply")
+            return 0
+        if isinstance(requests, PublishRequest):
+            requests = [requests]
+        elif len(requests) > self.settings.batch_max:
+            logger.warning("dropped malformed publish batch", reason=f"more than {self.settings.batch_max} publishes")
+            return 0
+        # msgspec keeps a Raw's strings unchecked and its whitespace as sent: a
+        # payload must be UTF-8 and must not break its log line.
+        check_utf8 = not batch.isascii()
+        compact = b"\n" in batch or b"\r" in batch
+        now = time.monotonic()
+        for request in requests:
+            reason = self.host_refusal(request, now, check_utf8, compact)
+            if reason is None:
+                self.take(request.vm, request.topic, request.payload, HostPublish(peer, request.corr))
+            else:
+                self.host_results[peer].append(CommitResult(corr=request.corr, reason=reason))
+                if self.log_publishes:
+                    logger.bind(reason=reason).debug("publish refused", sender=sender_of(request.vm),
+                                                     topic=request.topic)
+        return len(requests)
+
+    def host_refusal(self, request: PublishRequest, now: float, check_utf8: bool, compact: bool) -> str | None:
+        """Why ``request`` may not be committed, or None (its payload made compact)."""
+        if now > request.deadline:
+            return "commit_timeout"
+        if not request.topic or len(request.topic) > MAX_TOPIC or "\0" in request.topic:
+            return "invalid topic"
+        if request.topic == SUBSCRIBE_ALL:
+            return STAR_IS_FOR_SUBSCRIBE
+        if request.vm != HOST_SENDER and target_of("vm:" + request.vm) is None:
+            return "invalid vm name"
+        if check_utf8 or compact:
+            try:
+                payload = bytes(request.payload)
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return "payload is not valid JSON"
+            request.payload = msgspec.Raw(compact_payload(payload))
+        if self.too_large(request.vm, request.topic, request.payload):
+            return MESSAGE_TOO_LARGE
+        return None
+
+    def send_host_results(self) -> None:
+        """One reply per tool per commit; a tool gone or not reading loses it, never stalls us."""
+        results, self.host_results = self.host_results, collections.defaultdict(list)
+        for peer, batch in results.items():
+            try:
+                self.host.send_multipart([peer, b"", json_encode(CommitBatch(batch))], zmq.NOBLOCK)
+            except zmq.Again:  # its queue is full: what it lost times out at the tool
+                self.dropped_answers += 1
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:  # gone: nobody to answer
+                    raise
+        if results and self.host.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # as for the bus socket
+            asyncio.get_running_loop().call_soon(self.run_reader, self.read_host)
+
+    # -- the bus socket ---------------------------------------------------------------
+
+    def take_bus_subscriptions(self) -> None:
+        """Read the bus's subscriptions before the first commit: a host tool
+        subscribed before the bridge (re)started misses none of its messages.
+
+        The proxy sends them all to the bus socket once it is connected, but nothing
+        marks the last one. Two subscriptions of our own through the proxy do: the
+        first shows that the socket is connected (it may come among the proxy's
+        batch, if it got there first), the second, made after it, comes behind
+        that batch. Without a proxy nothing is subscribed: this waits for
+        ``_SUBSCRIPTIONS_WAIT`` and goes on. Closing the probe unsubscribes both.
+        """
+        probe = self.context.socket(zmq.SUB)
+        probe.linger = 0
+        probe.connect(self.settings.endpoints.subscribe)
+        deadline = time.monotonic() + _SUBSCRIPTIONS_WAIT
+        try:
+            for number in (1, 2):
+                # Starts with NUL: a prefix of no bus frame, and unique to this process.
+                marker = b"\0bridge start\0%d\0%d" % (os.getpid(), number)
+                probe.subscribe(marker)
+                while marker not in self.subscriptions:
+                    remaining_ms = (deadline - time.monotonic()) * 1000
+                    if remaining_ms <= 0 or not self.bus.poll(max(1, int(remaining_ms))):
+                        return
+                    self.read_subscriptions()
+        finally:
+            probe.close()
+
+    def read_subscriptions(self) -> None:
+        """Follow the bus's subscriptions (unread, their notices would pile up)."""
+        while self.bus.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            notice = self.bus.recv(zmq.NOBLOCK)
+            if notice[:1] == b"\x01":
+                self.subscriptions.add(notice[1:])
+            else:
+                self.subscriptions.discard(notice[1:])
+            self.host_wanted.clear()
+
+    def host_wants(self, topic: str) -> bool:
+        """Whether anyone subscribes to ``bus`` messages of ``topic`` (host tools do)."""
+        wanted = self.host_wanted.get(topic)
+        if wanted is None:
+            if len(self.host_wanted) >= _MAX_CACHED_TOPICS:
+                self.host_wanted.clear()
+            frame = topics.bus(topic)
+            wanted = self.host_wanted[topic] = any(frame.startswith(prefix) for prefix in self.subscriptions)
+        return wanted
 
     def watch_socket(self, sock: zmq.Socket, read) -> None:
         """Call ``read`` when ``sock`` may have messages. Its FD is edge-triggered:
@@ -271,108 +504,11 @@ class Bridge:
     def run_reader(self, read) -> None:
         try:
             read()
-        except Exception as exc:  # noqa: BLE001 - a dead reader would leave guests without acks
-            self.failure = exc
+        except Exception as exc:  # noqa: BLE001 - a dead reader would leave tools without answers
+            self.crash = exc
             self.stopping.set()
 
-    def read_journal(self) -> None:
-        if not self.drain_journal(_DRAIN_MAX):
-            asyncio.get_running_loop().call_soon(self.run_reader, self.read_journal)  # more, after the guests' turn
-
-    def drain_journal(self, limit: float) -> bool:
-        """Handle up to ``limit`` messages from the journal; True once none is left."""
-        handled = 0
-        while handled < limit:
-            try:
-                parts = self.journal.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return True
-            self.handle_journal_message(parts)
-            handled += 1
-        return False
-
-    def handle_journal_message(self, parts: list[bytes]) -> None:
-        """``["", CommitBatch, frames]``: this bridge's results of one commit, and
-        every message of it for the guests subscribed to it."""
-        batch = decode_commit_batch(parts[1])
-        for result in batch.results:
-            self.answer(result.corr, result.seq, result.reason)
-        if batch.results:
-            self.settle(max(result.corr for result in batch.results))
-            if self.requests:
-                self.send_publishes()
-        if batch.committed and self.subscribers:
-            frames = parts[2]
-            start = 0
-            for committed in batch.committed:
-                self.deliver(committed, frames[start : committed.end])
-                start = committed.end
-
-    def answer(self, corr: int, seq: int | None, reason: str | None) -> None:
-        pending = self.pending.pop(corr, None)
-        if pending is not None and pending.connection.phase == "bus":  # else: timed out, or gone
-            pending.connection.handle_commit(pending.topic, pending.message_id, seq, reason)
-
-    def settle(self, corr: int) -> None:
-        """The journal answered up to ``corr``: it takes batches in order, and
-        answers all of one batch at once, so every batch up to it is done."""
-        while self.unanswered and self.unanswered[0][0] <= corr:
-            self.unanswered_bytes -= self.unanswered.popleft()[1]
-        self.update_backlog()
-
-    # -- journal backlog: stop reading guests while the journal lags --------------------
-
-    def hold(self, connection: GuestConnection) -> None:
-        """Pause a session that has a frame to handle while the backlog is full."""
-        connection.pause(ReadPause.JOURNAL)
-        self.held.add(connection)
-
-    def update_backlog(self) -> None:
-        """Full at ``backlog_budget`` bytes, then until half of it is answered.
-
-        Under a load the journal cannot keep up with, this happens many times a
-        second: it is told (log line and event) at most once per
-        ``THROTTLE_NOTICE_S``."""
-        backlog = self.request_bytes + self.unanswered_bytes
-        if not self.journal_backlog_full:
-            if backlog >= self.backlog_budget:
-                self.journal_backlog_full = True
-                now = time.monotonic()
-                if now - self.backlog_noticed >= THROTTLE_NOTICE_S:
-                    self.backlog_noticed = now
-                    self.emit(EventKind.BACKPRESSURE, action="pause_reading", reason=ReadPause.JOURNAL.value)
-                    logger.bind(reason=ReadPause.JOURNAL.value).info(
-                        "journal backlog full: guests are not read", backlog_bytes=backlog)
-        elif backlog < self.backlog_budget // 2:
-            self.journal_backlog_full = False
-            held, self.held = self.held, set()
-            now = time.monotonic()
-            for connection in held:
-                connection.last_frame = max(connection.last_frame, now)  # its silence was ours
-                connection.resume(ReadPause.JOURNAL)
-
-    def watch_journal(self) -> None:
-        """Attach to each journal the DEALER connects to; when it goes, fail what it
-        had not answered (it may have committed some: never a false ok)."""
-        while True:
-            try:
-                message = self.journal_monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            event = parse_monitor_message(message)["event"]
-            if event == zmq.EVENT_CONNECTED:
-                self.send_to_journal(ATTACH)
-                self.journal_attached = True
-                logger.info("journal attached")
-            elif event == zmq.EVENT_DISCONNECTED and self.journal_attached:
-                self.journal_attached = False
-                logger.warning("journal detached: publishes get error acks")
-                self.unanswered.clear()  # never answered now
-                self.unanswered_bytes = 0
-                self.fail_pending("journal_unavailable")
-                self.update_backlog()
-
-    def deliver(self, committed: Committed, frame: bytes) -> None:
+    def deliver(self, topic: str, sender: str, frame: bytes) -> None:
         """Push one committed message's guest frame to every session subscribed to its
         topic or to a pattern it matches (``*`` included), once per session however
         many of its subscriptions match, and never to the sender's sessions (none of
@@ -381,7 +517,6 @@ class Bridge:
         An exact subscription was checked when it was made; a pattern gets a ``vm:``
         topic only if the session may read it. The sessions come as lists: a
         delivery can close a slow session, which then leaves the index's sets."""
-        topic, sender = committed.topic, committed.sender
         self.deliveries += 1
         for connection in list(self.subscribers.exact_subscribers(topic)):
             if connection.sender != sender:
@@ -395,32 +530,40 @@ class Bridge:
     # -- periodic work ----------------------------------------------------------------
 
     async def sweep(self) -> None:
-        """Commit timeouts, heartbeat timeouts and the session sync for status."""
+        """Heartbeat timeouts, and on each health tick the session sync and the
+        log's health for status, and rotation of ``bus.log``."""
         tick = min(0.25, self.settings.health_interval)
-        next_sync = 0.0
-        previous = time.monotonic()
+        next_health = 0.0
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            # The journal's answers first: after the loop stood still (SIGSTOP, a
-            # starved host) they may be waiting, and must win over the timeouts.
-            self.drain_journal(float("inf"))
-            # A grace past the deadline, counted while the bridge ran: after a
-            # standstill, answers still on their way (ZeroMQ's I/O thread stood
-            # still too) get one more tick. The journal refuses stale work itself,
-            # so this only fires when the journal is stuck.
-            ran_until = min(now, previous + tick)
-            previous = now
-            self.fail_pending("commit_timeout", deadline_before=ran_until - _COMMIT_GRACE)
             limit = now - self.settings.heartbeat_timeout
-            silent = [c for open_sessions in self.sessions.values() for c in open_sessions
-                      if c.last_frame < limit and c not in self.held]
+            silent = [c for open_sessions in self.sessions.values() for c in open_sessions if c.last_frame < limit]
             for connection in silent:
                 connection.log.bind(reason="heartbeat_timeout").info("session timed out")
                 connection.close("heartbeat_timeout")
-            if now >= next_sync:
-                next_sync = now + self.settings.health_interval
+            if self.published and now >= self.next_publish_event:
+                self.next_publish_event = now + _PUBLISH_EVENT_INTERVAL
+                self.announce_publishes()
+            if now >= next_health:
+                next_health = now + self.settings.health_interval
                 self.sync_sessions()
+                self.follow_rotation()
+                self.announce_health()
+                self.report_dropped_answers()
+
+    def follow_rotation(self) -> None:
+        """Start a new ``bus.log`` where the old one was moved away (rotation by
+        rename); lines go on into the renamed file only until this tick. The new
+        file has no line to go on from: its seq floor is written first."""
+        if self.log.follow_rotation():
+            self.write_seq_floor()
+
+    def write_seq_floor(self) -> None:
+        try:
+            write_seq_floor(self.seq_floor_path, self.log.seq, self.log.sync)
+        except OSError as exc:
+            logger.warning("seq floor not written", reason=exc.strerror)
 
     def sync_sessions(self) -> None:
         """Tell status every open session, in parts of at most ``EVENT_BYTES_MAX``:
@@ -434,74 +577,85 @@ class Bridge:
         for part in parts:
             self.emit(EventKind.SESSIONS, sessions=part, sync_round=sync_round, sync_parts=len(parts))
 
-    def fail_pending(self, reason: str, deadline_before: float = float("inf")) -> None:
-        """Answer ``reason`` to pending publishes whose deadline is before the given
-        one (all by default). Deadlines grow with ``corr``, so this stops early."""
-        corrs = []
-        for corr, pending in self.pending.items():
-            if pending.deadline > deadline_before:
-                break
-            corrs.append(corr)
-        for corr in corrs:
-            self.answer(corr, None, reason)
-        if corrs and self.requests:  # never send what was answered already
-            self.requests = [request for request in self.requests if request.corr in self.pending]
-            self.request_bytes = sum(publish_request_bytes(r.vm, r.topic, r.payload) for r in self.requests)
-            self.send_publishes()
-            self.update_backlog()
+    def announce_publishes(self) -> None:
+        """``publish`` events for the counts since the last ones, split so that each
+        is under ``BUS_MESSAGE_MAX`` (the bus socket's queue is budgeted by it)."""
+        counts: dict[str, int] = {}
+        size = 0
+        for vm, count in self.published.items():
+            counts[vm] = count
+            size += 6 * len(vm) + _COUNT_ENTRY_BYTES
+            if size >= MAX_FRAME:
+                self.emit(EventKind.PUBLISH, counts=counts, seq=self.log.seq)
+                counts, size = {}, 0
+        if counts:
+            self.emit(EventKind.PUBLISH, counts=counts, seq=self.log.seq)
+        self.published = collections.Counter()
+
+    def announce_health(self) -> None:
+        """The log's health; its seq also shows the journal lines it may have missed
+        (so the lines up to it go first)."""
+        self.flush_lines()
+        self.emit(EventKind.JOURNAL, outcome="error" if self.failure else "ok", reason=self.failure, seq=self.log.seq)
+
+    def report_dropped_answers(self) -> None:
+        """One line per health tick, not one per answer, for host tools not reading."""
+        if self.dropped_answers:
+            logger.bind(reason=SLOW_CONSUMER).warning("answers dropped: their tools' queues are full",
+                                                      count=self.dropped_answers)
+            self.dropped_answers = 0
 
     # -- life cycle -------------------------------------------------------------------
 
     async def serve(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        try:
+            self.log.open()
+        except LogWriteFailed as exc:  # the first commit that can write opens it
+            self.failure = exc.reason
+            logger.error("log not writable yet", reason=self.failure)
+        self.take_bus_subscriptions()
         self.server = await loop.create_server(lambda: GuestConnection(self), sock=listener, backlog=1024)
-        self.watch_socket(self.journal, self.read_journal)
-        self.watch_socket(self.journal_monitor, self.watch_journal)
+        self.watch_socket(self.bus, self.read_subscriptions)
+        self.watch_socket(self.host, self.read_host)
         sweep = asyncio.create_task(self.sweep())
         host, port = listener.getsockname()[:2]
-        deadline = time.monotonic() + 2.0  # a restarted bridge finds the journal at once
-        while not self.journal_attached and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
         if self.max_connections < self.settings.max_connections:
             logger.bind(reason="fd limit").warning("connection cap lowered to fit the fd limit",
                                                    max_connections=self.max_connections, fd_limit=self.fd_limit)
-        logger.info("bridge ready", listen=f"{host}:{port}", journal=self.journal_attached,
+        logger.info("bridge ready", listen=f"{host}:{port}", seq=self.log.seq, log=str(self.log.path),
                     max_connections=self.max_connections, fd_limit=self.fd_limit)
         runtime.notify_ready()
         stop = asyncio.create_task(self.stopping.wait())
         await asyncio.wait([stop, sweep], return_when=asyncio.FIRST_COMPLETED)
         if sweep.done():
-            self.failure = sweep.exception()
-        if self.failure is not None:
-            # Guests would be left without acks or timeouts: exit and be restarted.
+            self.crash = sweep.exception()
+        if self.crash is not None:
+            # Guests would be left without acks: exit and be restarted.
             stop.cancel()
-            raise RuntimeError("bridge loop ended") from self.failure
+            raise RuntimeError("bridge loop ended") from self.crash
         await self.shut_down()
         sweep.cancel()
         await asyncio.gather(sweep, return_exceptions=True)
-        for sock in (self.journal, self.journal_monitor):
+        for sock in (self.bus, self.host):
             loop.remove_reader(sock.getsockopt(zmq.FD))
-        self.journal.disable_monitor()
-        for sock in (self.journal_monitor, self.journal, self.events):
             sock.close(linger=0)
         self.context.term()
+        self.log.close()
+        # Where seq goes on from, should bus.log be moved away while the router is down.
+        self.write_seq_floor()
 
     async def shut_down(self) -> None:
-        """Stop reading guests, answer what they had sent, then close them all.
-
-        The journal is still up (the supervisor stops the bridge first); what it
-        does not answer within ``_SHUTDOWN_GRACE`` gets ``journal_unavailable``.
-        Each connection then gets its last frames and a FIN (see
-        ``GuestConnection.finish``) before the process exits.
-        """
+        """Stop reading guests and tools, commit and answer what they had sent, then
+        close them all: each connection gets its last frames and a FIN (see
+        ``GuestConnection.finish``) before the process exits."""
         self.server.close()
+        asyncio.get_running_loop().remove_reader(self.host.getsockopt(zmq.FD))
         for connection in list(self.connections):
             connection.pause(ReadPause.SHUTDOWN)
-        logger.bind(reason="shutdown").info("stopping: guests are not read", pending=len(self.pending))
-        deadline = time.monotonic() + _SHUTDOWN_GRACE
-        while self.pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        self.fail_pending("journal_unavailable")
+        logger.bind(reason="shutdown").info("stopping: guests are not read", pending=len(self.messages))
+        self.commit()
+        self.flush_lines()
         for connection in list(self.connections):
             connection.close("shutdown")
         deadline = time.monotonic() + CLOSE_LINGER + 0.5

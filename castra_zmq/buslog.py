@@ -1,8 +1,8 @@
 """The bus log storage engine: ``bus.log`` and the per-VM logs derived from it.
 
 No sockets and no settings: two pieces, each for a single writer, that a role
-drives (the journal today; later the bridge for ``BusLog`` and a logger peer
-for ``VmLogs``).
+drives: the bridge ``BusLog``, the journal (the logger peer on the proxy)
+``VmLogs``.
 
 * ``BusLog``: ``bus.log``, the record of truth. ``commit`` gives a group of
   messages the next seqs, writes all their lines in one write, fdatasyncs (with
@@ -46,13 +46,14 @@ from .logfiles import (
     SUFFIX,
     AppendFile,
     Disk,
+    complete_end,
     last_lines,
+    line_chunks,
     lines_before,
     log_file_name,
-    newest_lines,
     vm_from_file_name,
 )
-from .statefs import read_regular, replace_file
+from .statefs import open_regular, read_regular, replace_file
 from .wire import LogRecord, decode_log_record, json_encode
 
 _MAX_OPEN_FILES = 256
@@ -121,7 +122,6 @@ class BusLog:
         self.disk = disk
         self.file: AppendFile | None = None  # opened by the first commit (or ``open``)
         self.seq = max(last_seq(path), seq_floor)
-        self._before_last: tuple[int, int] | None = None  # size and seq before the last commit
 
     def open(self) -> None:
         """Open ``bus.log`` (made if missing) and cut a torn last line; done by
@@ -156,25 +156,13 @@ class BusLog:
         except OSError as exc:
             self._cut_back(size)
             raise write_failed(exc) from exc
-        self._before_last = (size, self.seq)
         self.seq += len(batch.lines)
         return batch
-
-    def retract(self, batch: LogBatch) -> None:
-        """Cut ``batch``, the last commit, back off the file, for a caller that
-        could not write what must go with it (the journal: the same lines in the
-        per-VM logs). Its seqs are given again."""
-        if self._before_last is None or batch.first_seq + len(batch.lines) - 1 != self.seq:
-            raise ValueError("only the last commit can be retracted")
-        size, self.seq = self._before_last
-        self._before_last = None
-        self._cut_back(size)
 
     def _cut_back(self, size: int) -> None:
         """Truncate to ``size``, synced: an OS crash must not bring back lines whose
         publishes got an error. If that fails too, the file is let go: reopening
         cuts a torn line, and ``open`` goes on past any whole line left."""
-        self._before_last = None
         try:
             self.file.rollback(size)
             if self.sync:
@@ -213,8 +201,9 @@ class BusLog:
 
 
 class KnownVms:
-    """The VMs that may get a new per-VM log: ``host``, those the identities file
-    lists, and the latest ``limit`` that connected since the journal started.
+    """The VMs that may get a new per-VM log as a message's target: ``host``,
+    those the identities file lists, and the latest ``limit`` that connected
+    since the journal started (a sender always may: see ``VmLogs.file``).
 
     Any guest may name any ``vm:<target>``; only a VM that exists gets a file.
     """
@@ -284,6 +273,25 @@ def write_checkpoint(path: Path, seq: int, sync: bool) -> None:
     replace_file(path, json_encode(Checkpoint(seq)), sync=sync)
 
 
+class SeqFloor(msgspec.Struct):
+    """``state/bus.json``: the seq of the last message before ``bus.log`` was
+    rotated, for a new ``bus.log`` with no line yet to go on from. Written by the
+    writer of ``bus.log``; the per-VM logs' checkpoint is another process's."""
+
+    seq: int
+
+
+def read_seq_floor(path: Path) -> int:
+    try:
+        return msgspec.json.decode(read_regular(path), type=SeqFloor).seq
+    except (OSError, msgspec.DecodeError):
+        return 0
+
+
+def write_seq_floor(path: Path, seq: int, sync: bool) -> None:
+    replace_file(path, json_encode(SeqFloor(seq)), sync=sync)
+
+
 class VmLogs:
     """The per-VM logs beside ``bus_log``: a bounded set of open files, at most
     ``vm_logs_max`` logs, which only ``known`` VMs get (a log already there is
@@ -321,16 +329,18 @@ class VmLogs:
 
     # -- files
 
-    def file(self, vm: str, keep: Container[AppendFile] = ()) -> AppendFile | None:
+    def file(self, vm: str, keep: Container[AppendFile] = (), sender: bool = False) -> AppendFile | None:
         """``vm``'s log, opened (or created) if needed; None when it has none and
-        may not get one. The least recently used file is closed to make room,
-        unless it is in ``keep`` (written by the commit being filed)."""
+        may not get one: a ``sender`` of a message may (it published, so it
+        exists), another VM only if ``known``. The least recently used file is
+        closed to make room, unless it is in ``keep`` (written by the commit being
+        filed)."""
         handle = self._files.get(vm)
         if handle is not None:
             self._files.move_to_end(vm)
             return handle
         name = log_file_name(vm)
-        if name not in self._names and (vm not in self.known or not self.room_for_a_new_log()):
+        if name not in self._names and (not (sender or vm in self.known) or not self.room_for_a_new_log()):
             return None
         while len(self._files) >= _MAX_OPEN_FILES and next(iter(self._files.values())) not in keep:
             self._close(self._files.popitem(last=False)[1])
@@ -369,7 +379,7 @@ class VmLogs:
         try:
             for (vm, topic, _), line in itertools.islice(zip(messages, lines), skip, None):
                 for name in files_of(vm, topic):
-                    handle = self.file(name, keep=writes)
+                    handle = self.file(name, keep=writes, sender=name == vm)
                     if handle is not None:
                         writes[handle] += line
             self._write(writes)
@@ -402,52 +412,108 @@ class VmLogs:
         """Copy to the per-VM logs what they lack of the end of ``bus.log`` (past
         ``seq``, or the last ``lag_max`` lines without a checkpoint): what a
         process crash left only in ``bus.log``, what an OS crash took from them
-        since the checkpoint. Each log gets the lines after its own last seq, so
-        nothing is filed twice. Returns how many lines were appended.
+        since the checkpoint, what the journal missed while down or behind. Each
+        log gets the lines after its own last seq, so nothing is filed twice; a VM
+        with no log gets one only from its first publish, as ``append`` files it.
+        Returns how many lines were appended.
 
-        A log that cannot be opened or read is left as it is (one line each):
+        Memory is bounded however long the stretch: a backward pass finds where it
+        starts and which VMs it names, a forward pass copies it in chunks. A log
+        that cannot be opened, read or written is left as it is (one line each):
         the others, and ``bus.log``, go on.
         """
-        since = self.seq
-        last = None
-        records: list[tuple[int, tuple[str, ...], bytes]] = []
         try:
-            for line in newest_lines(self.bus_log):
-                try:
-                    record = decode_log_record(line)
-                except msgspec.DecodeError:
-                    continue  # not ours to judge here: BusLog reports a bad last line
-                if last is None:
-                    last = record.seq
-                    if since is None:
-                        since = max(0, last - self.lag_max)
-                if record.seq <= since:
-                    break
-                records.append((record.seq, files_of(record.vm, record.topic), line))
+            fd = open_regular(self.bus_log)
+        except FileNotFoundError:
+            fd = None
         except OSError as exc:
             raise write_failed(exc) from exc
-        records.reverse()
-        appended = 0
-        for vm in dict.fromkeys(vm for _, vms, _ in records for vm in vms):
+        since, appended = self.seq, 0
+        if fd is not None:
             try:
-                handle = self.file(vm)
-                if handle is None:  # a VM with no log, as when the line was written
-                    continue
-                have = last_seq_in(handle)
-                missing = bytearray()
-                for seq, vms, line in records:
-                    if seq > have and vm in vms:
-                        missing += line + b"\n"
-                if missing:
-                    self._write({handle: missing})
-                    appended += missing.count(b"\n")
-            except (OSError, CastraError) as exc:
-                logger.warning("per-VM log not completed from bus.log", vm=vm,
-                               reason=getattr(exc, "strerror", None) or str(exc))
-        self.seq = max(since or 0, last or 0)
+                since, start, end, first_sent, names = self._stretch_to_copy(fd, since)
+                have = self._last_seqs(names, first_sent)
+                for lines in line_chunks(fd, start, end):
+                    appended += self._copy(lines, have, first_sent)
+            except OSError as exc:
+                raise write_failed(exc) from exc
+            finally:
+                os.close(fd)
+        self.seq = since or 0
         self.sync_files()
         if appended:
             logger.warning("per-VM logs completed from bus.log", count=appended)
+        return appended
+
+    def _stretch_to_copy(self, fd: int, since: int | None):
+        """Scan ``bus.log`` back to the line after ``since``: returns the last seq,
+        the byte range of the lines after ``since``, each sender's first seq in it
+        and every VM whose log it names."""
+        end = complete_end(fd, os.fstat(fd).st_size)
+        start, last = end, None
+        first_sent: dict[str, int] = {}
+        names: dict[str, None] = {}
+        for line in lines_before(fd, end):
+            try:
+                record = decode_log_record(line)
+            except msgspec.DecodeError:
+                start -= len(line) + 1
+                continue  # not ours to judge here: BusLog reports a bad last line
+            if last is None:
+                last = record.seq
+                if since is None:
+                    since = max(0, last - self.lag_max)
+            if record.seq <= since:
+                break
+            start -= len(line) + 1
+            first_sent[record.vm] = record.seq  # backwards: the earliest stays
+            for vm in reversed(files_of(record.vm, record.topic)):
+                names.pop(vm, None)  # backwards: moved to where it came first
+                names[vm] = None
+        # Logs are made in the order of their VMs' first lines, as append makes them.
+        return max(since or 0, last or 0), start, end, first_sent, dict.fromkeys(reversed(names))
+
+    def _last_seqs(self, names: dict[str, None], first_sent: dict[str, int]) -> dict[str, int]:
+        """For each VM that has or may get a log: the seq after which it lacks lines."""
+        have: dict[str, int] = {}
+        for vm in names:
+            try:
+                handle = self.file(vm, sender=vm in first_sent)
+                if handle is None:  # a VM with no log, as when the line was written
+                    continue
+                have[vm] = last_seq_in(handle)
+                # An empty log of a VM not known was made (or emptied by an OS crash)
+                # no earlier than its first publish: append gave it nothing before.
+                if not have[vm] and vm not in self.known and vm in first_sent:
+                    have[vm] = first_sent[vm] - 1
+            except (OSError, CastraError) as exc:
+                logger.warning("per-VM log not completed from bus.log", vm=vm,
+                               reason=getattr(exc, "strerror", None) or str(exc))
+        return have
+
+    def _copy(self, lines: list[bytes], have: dict[str, int], first_sent: dict[str, int]) -> int:
+        """Append the lines each log lacks; a log that fails is left out from then on."""
+        writes: dict[str, bytearray] = collections.defaultdict(bytearray)
+        for line in lines:
+            try:
+                record = decode_log_record(line)
+            except msgspec.DecodeError:
+                continue
+            for vm in files_of(record.vm, record.topic):
+                if record.seq > have.get(vm, record.seq):
+                    writes[vm] += line + b"\n"
+        appended = 0
+        for vm, data in writes.items():
+            try:
+                handle = self.file(vm, sender=vm in first_sent)
+                if handle is None:
+                    raise CastraError("no room for its log")
+                self._write({handle: data})
+                appended += data.count(b"\n")
+            except (OSError, CastraError) as exc:
+                logger.warning("per-VM log not completed from bus.log", vm=vm,
+                               reason=getattr(exc, "strerror", None) or str(exc))
+                del have[vm]
         return appended
 
     # -- syncing

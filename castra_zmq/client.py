@@ -42,7 +42,7 @@ from .wire import (
 )
 
 DEFAULT_TIMEOUT = 5.0
-BATCH_MAX = DEFAULTS.batch_max  # requests in one frame to the journal
+BATCH_MAX = DEFAULTS.batch_max  # requests in one frame to the bridge
 BATCH_BYTES_MAX = DEFAULTS.batch_bytes_max  # bytes in one frame: past it, ZeroMQ drops the tool
 _validate = msgspec.json.Decoder(msgspec.Raw).decode
 
@@ -83,13 +83,13 @@ def publish(
     """Publish as ``host`` and return the message's ``seq`` once it is in the bus log.
 
     Raises ``RouterUnavailable`` when no router runs on the state root and
-    ``PublishFailed`` (with the journal's reason) when the message was not
+    ``PublishFailed`` (with the bridge's reason) when the message was not
     committed within ``timeout`` seconds. It is never half-written. A message
     whose guest frame would be over 65,536 bytes is refused: ``message too large``.
     """
     body = encode_payload(payload)
-    # The journal has the last word; what cannot fit in any case is not sent (past
-    # the journal socket's message limit, it would not even be answered).
+    # The bridge has the last word; what cannot fit in any case is not sent (past
+    # the host socket's message limit, it would not even be answered).
     if len(body) + len(topic) > MAX_FRAME:
         raise PublishFailed(MESSAGE_TOO_LARGE)
     with Publisher(state_root=state_root) as publisher:
@@ -100,10 +100,10 @@ def publish(
 
 
 class Publisher:
-    """One connection to the journal for many publishes as ``host``.
+    """One connection to the bridge for many publishes as ``host``.
 
     ``publish_batch`` sends its messages as JSON arrays of requests, each one frame
-    the journal commits whole (at most ``BATCH_MAX`` requests and ``BATCH_BYTES_MAX``
+    the bridge commits whole (at most ``BATCH_MAX`` requests and ``BATCH_BYTES_MAX``
     bytes a frame), and returns once every message is in the log or refused::
 
         with client.Publisher() as publisher:
@@ -163,14 +163,14 @@ class Publisher:
         for requests in frames:
             if requests:
                 self.sock.send_multipart([b"", b"[" + b",".join(requests) + b"]"])
-        # A little past the deadline: the journal answers commit_timeout itself.
+        # A little past the deadline: the bridge answers commit_timeout itself.
         end = deadline + 0.5
         while waiting:
             left = end - time.monotonic()
             if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
                 if router_pid(self.endpoints) is None:
                     raise RouterUnavailable(f"the router on {self.endpoints.state_root} stopped")
-                reason = f"no commit within {timeout:g}s (is the journal running? see `castra status`)"
+                reason = f"no commit within {timeout:g}s (is the router running? see `castra status`)"
                 for index in waiting.values():
                     results[index] = CommitResult(corr=index, reason=reason)
                 break

@@ -13,7 +13,7 @@ import msgspec
 
 from .endpoints import Endpoints, default_state_root
 from .errors import ConfigError
-from .wire import BUS_MESSAGE_MAX, FRAME_OVER_REQUEST, PUBLISH_REQUEST_MAX
+from .wire import BUS_MESSAGE_MAX, PUBLISH_REQUEST_MAX
 
 SETTINGS_ENV = "CASTRA_SETTINGS"
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]
@@ -45,10 +45,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # without closing its connections keeps its sessions until heartbeat_timeout.
     max_sessions_per_vm: int = 8
     identities_file: str | None = None  # allow-list and per-VM secrets (see identity.py)
-    # Journal: "batch" fsyncs once per group commit, "never" leaves it to the OS.
+    # bus.log: "batch" fsyncs once per group commit, "never" leaves it to the OS.
     fsync: Literal["batch", "never"] = "batch"
-    commit_timeout: float = 5.0  # a publish not committed by then gets an error ack
-    batch_max: int = 1024  # publishes in one bridge message, and about in one group commit
+    commit_timeout: float = 5.0  # --commit-timeout, kept for compatibility: nothing waits for a commit now
+    batch_max: int = 1024  # publishes in one host tool's message, and host messages in one commit
     # Internal queues, in bytes. ZeroMQ counts a queue in messages, so each role sets
     # its high-water marks to queue_bytes over the largest message the queue can hold
     # (``hwm_for``), and caps what peers may send it (ZMQ_MAXMSGSIZE).
@@ -56,16 +56,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # up to 65.5 KiB) then hold about 2,000 messages, a whole commit's worth of small
     # ones (up to 2 x batch_max), so a host subscriber that reads loses none in a burst.
     queue_bytes: int = 128 * MIB
-    batch_bytes_max: int = 256 * KIB  # one message to the journal socket (a bridge's batch)
+    batch_bytes_max: int = 256 * KIB  # one host tool's message to run/journal.sock
     commit_bytes_max: int = 1 * MIB  # a group commit takes no further message past this
     # One frame into the proxy: the largest the router sends (a bus message's body;
     # events are at most 32 KiB): the proxy's queues are queue_bytes over it.
     bus_frame_bytes_max: int = BUS_MESSAGE_MAX
-    # Messages: the bridge's queue of answers from the journal, which must not drop
-    # (a dropped answer is a false commit_timeout); the journal sends at most its own budget.
+    # Messages: the bench's ZeroMQ floor queues alike (bench/zmq_floor.py).
     hwm: int = 200_000
     vm_logs_max: int = 10_000  # per-VM log files; a VM past it is logged in bus.log only
-    health_interval: float = 0.5  # journal health and bridge session sync period
+    health_interval: float = 0.5  # bus.log health, rotation checks and the bridge's session sync period
     snapshot_interval: float = 0.25  # status snapshot file, at most this often
     # Logs on stderr, alike in every process (see runtime.setup_logging). Colour is
     # decided once, by ``castra up``: the roles share its stderr.
@@ -83,12 +82,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return max(1, self.queue_bytes // message_bytes_max)
 
     @property
-    def commit_message_bytes_max(self) -> int:
-        """The largest message the journal sends one peer. A commit takes no further
-        message once ``commit_bytes_max`` is reached; the last one it took adds its
-        results (no longer than its own bytes) and, for each of its at most
-        ``batch_max`` publishes, a guest frame and an index entry no longer than it."""
-        return self.commit_bytes_max + 3 * self.batch_bytes_max + 2 * FRAME_OVER_REQUEST * self.batch_max
+    def host_reply_bytes_max(self) -> int:
+        """The largest reply the bridge sends a host tool: the results of one commit,
+        each no longer than its request. A commit takes no further host message
+        once ``commit_bytes_max`` is reached, so the last one it took is over it."""
+        return self.commit_bytes_max + self.batch_bytes_max
 
     def validate(self) -> Settings:
         if not 0 <= self.port <= 65535:

@@ -7,6 +7,7 @@
   logs/bus/<vm>.log            per-VM logs (names encoded by ``logfiles``)
   state/status.json            the status role's last snapshot
   state/journal.json           how far the per-VM logs are known to be on disk
+  state/bus.json               the seq a rotated bus.log goes on from
 ```
 
 Who may control these directories, and the directories above them, is
@@ -44,12 +45,13 @@ class Endpoints:
         self.bus_log = self.logs_dir / "bus.log"
         self.snapshot = self.state_dir / "status.json"
         self.journal_checkpoint = self.state_dir / "journal.json"  # per-VM logs synced up to
+        self.bus_seq_floor = self.state_dir / "bus.json"  # seq a rotated, empty bus.log goes on from
         self.lock_file = self.run_dir / "router.lock"
         self.router_info = self.run_dir / "router.json"
         self.publish_socket = self.run_dir / "bus-in.sock"  # proxy XSUB: publishers connect
         self.subscribe_socket = self.run_dir / "bus-out.sock"  # proxy XPUB: subscribers connect
         self.status_socket = self.run_dir / "status.sock"  # status ROUTER: queries
-        self.journal_socket = self.run_dir / "journal.sock"  # journal ROUTER: host publishes
+        self.journal_socket = self.run_dir / "journal.sock"  # bridge ROUTER: host publishes (name kept)
 
     @property
     def publish(self) -> str:

@@ -24,8 +24,8 @@ class EventKind(str, enum.Enum):
     PUBLISH = "publish"  # counts (vm -> committed publishes since the last one), seq; <= 10/s
     BACKPRESSURE = "backpressure"  # vm, session, action, reason
     SESSIONS = "sessions"  # sessions, sync_round, sync_parts: one part of the bridge's periodic session sync
-    JOURNAL = "journal"  # outcome (ok|error), reason, seq: the journal's periodic health
-    PEER = "peer"  # peer, action (detach|attach), reason: a bridge the journal stopped or resumed feeding
+    JOURNAL = "journal"  # outcome (ok|error), reason, seq: the bridge's periodic health of bus.log
+    PEER = "peer"  # peer, action (disconnect), reason: a subscriber the proxy disconnected
 
 
 class SessionInfo(msgspec.Struct, array_like=True):
@@ -52,7 +52,7 @@ class Event(msgspec.Struct, omit_defaults=True):
     sessions: list[SessionInfo] | None = None
     sync_round: int | None = None  # a session sync: when it started (unix ms), the same in each part
     sync_parts: int | None = None  # how many parts that sync has
-    peer: str | None = None  # a journal socket peer's ZeroMQ routing id, in hex
+    peer: str | None = None  # a subscriber the proxy disconnected: pid:<n>
 
 
 # No event is larger: a subscribe event lists at most 16 topics of 256 characters

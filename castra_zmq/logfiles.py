@@ -28,6 +28,7 @@ _RESERVED_STEMS = frozenset({"bus"})
 _MAX_STEM = 200
 SUFFIX = ".log"
 _TAIL_CHUNK = 64 * 1024
+_REBUILD_CHUNK = 1024 * 1024
 
 
 def log_file_name(vm: str) -> str:
@@ -91,6 +92,20 @@ def lines_before(fd: int, end: int) -> Iterator[bytes]:
         head = pieces.pop(0) + b"\n" if start else b""
         yield from reversed(pieces)
         end = start
+
+
+def line_chunks(fd: int, start: int, end: int, size: int = _REBUILD_CHUNK) -> Iterator[list[bytes]]:
+    """The lines of ``fd`` from ``start`` to ``end`` (line boundaries), oldest
+    first, without newlines, in lists of about ``size`` bytes: a long stretch of a
+    log is read with bounded memory."""
+    head = b""  # the start of a line the last read cut
+    while start < end:
+        data = head + os.pread(fd, min(size, end - start), start)
+        start += len(data) - len(head)
+        lines = data.split(b"\n")
+        head = lines.pop()  # after the last newline: empty at a line boundary
+        if lines:
+            yield lines
 
 
 def newest_lines(path: Path) -> Iterator[bytes]:

@@ -103,7 +103,6 @@ class ReadPause(str, enum.Enum):
     PUBLISH_WINDOW = "publish_window_full"  # its un-acked publishes fill the window
     OUTBOUND = "outbound_queue_full"  # over half its outbound budget waits for it to read
     TURN = "frame_budget"  # it had its frames of this loop turn; the rest next turn
-    JOURNAL = "journal_backlog"  # the bridge has too much unanswered by the journal
     SHUTDOWN = "shutdown"  # the bridge answers what it took, then closes
 
 
@@ -228,7 +227,6 @@ class GuestConnection(asyncio.Protocol):
         if hello.bus_protocol is None:
             self.transport.write(OK_HANDSHAKE_ONLY)
             self.bridge.emit(EventKind.HANDSHAKE, vm=hello.vm, outcome="ok", capabilities=list(hello.capabilities))
-            self.bridge.announce_connected(hello.vm)
             self.log.bind(vm=hello.vm).info("handshake ok (handshake-only)")
             self.finish(None)
         else:
@@ -275,9 +273,6 @@ class GuestConnection(asyncio.Protocol):
                 self.pause(ReadPause.PUBLISH_WINDOW)
                 self.notice_pause(ReadPause.PUBLISH_WINDOW)
                 return
-            if self.bridge.journal_backlog_full:
-                self.bridge.hold(self)
-                return
             if self.outgoing_bytes >= settings.subscriber_queue_bytes // 2:
                 self.flush()  # now: the transport tells (pause_writing) if the guest lags
                 continue
@@ -307,7 +302,8 @@ class GuestConnection(asyncio.Protocol):
             return
         match frame:
             case Publish():
-                self.handle_publish(frame)
+                # A raw line break can only be whitespace, maybe in its payload: that breaks a log line.
+                self.handle_publish(frame, b"\n" in body or b"\r" in body)
             case Subscribe():
                 self.handle_subscribe(frame)
             case Unsubscribe():
@@ -317,17 +313,17 @@ class GuestConnection(asyncio.Protocol):
             case Acknowledge():
                 pass  # receipts of deliveries need no reply
 
-    def handle_publish(self, frame: Publish) -> None:
+    def handle_publish(self, frame: Publish, multiline: bool) -> None:
         """``publish`` -> ``{"type":"ack","ack":"publish","status":"ok","topic":T,"seq":N}``
-        once the journal has committed it, or an error ack with a reason."""
-        reason = self.bridge.publish(self, frame)
+        once its turn's commit is in ``bus.log``, or an error ack with a reason."""
+        self.in_flight += 1  # first: the bridge may commit it, and call handle_commit, at once
+        reason = self.bridge.publish(self, frame, multiline)
         if reason is not None:
+            self.in_flight -= 1
             self.send(AckReply(ack="publish", status="error", topic=frame.topic, id=frame.id, reason=reason))
-        else:
-            self.in_flight += 1
 
     def handle_commit(self, topic: str, message_id: MessageId, seq: int | None, reason: str | None) -> None:
-        """The journal's result for one of this session's publishes."""
+        """The commit's result for one of this session's publishes."""
         if reason is None:
             self.send(AckReply(ack="publish", status="ok", topic=topic, seq=seq, id=message_id))
         else:

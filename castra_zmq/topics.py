@@ -4,15 +4,17 @@ ZeroMQ subscriptions match byte prefixes, so every variable part ends in ``\\0``
 ``bus\\0vm:alpha\\0`` is not a prefix of ``bus\\0vm:alpha2\\0``. Bus topics may not
 contain NUL (``wire.Topic`` refuses it), which keeps the terminator unambiguous.
 
-| frame               | from -> to                 | further frames          |
-|---------------------|----------------------------|-------------------------|
-| ``bus\\0<topic>\\0``  | journal -> host tools      | sender, Delivery JSON   |
-| ``evt\\0<kind>\\0``   | every role -> status       | Event JSON              |
+| frame               | from -> to                  | further frames          |
+|---------------------|-----------------------------|-------------------------|
+| ``bus\\0<topic>\\0``  | bridge -> host tools        | sender, Delivery JSON   |
+| ``log\\0``            | bridge -> journal           | whole log lines         |
+| ``evt\\0<kind>\\0``   | every role -> status, ...   | Event JSON              |
 
-The journal sends ``bus`` messages only while a host tool subscribes to them (its
-XPUB sees the subscriptions). Publishes, their results and the bridges' copy of
-every commit do not cross the proxy: they go over the journal's own socket
-(``run/journal.sock``, see ``journal``), one message per batch.
+The bridge sends ``bus`` messages only while a host tool subscribes to them (its
+XPUB sees the subscriptions), and the lines of each commit as ``log`` messages
+(at most ``bus_frame_bytes_max`` each) for the journal to file in the per-VM
+logs. Host tools' publishes and their results do not cross the proxy: they go
+over the bridge's own socket (``run/journal.sock``), one message per batch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 from .subscriptions import pattern_prefix
 
 BUS_ALL = b"bus\0"
+LOG = b"log\0"
 EVENT_ALL = b"evt\0"
 
 

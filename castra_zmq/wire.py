@@ -174,11 +174,11 @@ class LogRecord(msgspec.Struct, gc=False):
 
 
 class PublishRequest(msgspec.Struct, gc=False):
-    """One publish sent to the journal socket (see ``journal``), alone or in an
-    array of them: the whole batch is one frame.
+    """One publish of a host tool to the bridge's host socket (``run/journal.sock``,
+    PROTOCOL.md 8.2), alone or in an array of them: the whole batch is one frame.
 
     ``deadline`` is a ``time.monotonic()`` value: CLOCK_MONOTONIC is one clock for
-    every process of the host, so the journal can refuse work its sender gave up on.
+    every process of the host, so the bridge can refuse work its sender gave up on.
     """
 
     corr: int
@@ -188,32 +188,12 @@ class PublishRequest(msgspec.Struct, gc=False):
     payload: msgspec.Raw
 
 
-ATTACH = b"attach"
-"""A bridge's request to the journal socket for every commit from now on."""
-
-CONNECTED = b"connected\0"
-"""Prefix of a bridge's notice to the journal socket that a VM connected; no JSON
-batch starts with it (nor is it ``attach``)."""
-
-
-def encode_connected(vm: str) -> bytes:
-    """The notice that ``vm`` connected (a bus session or a handshake-only hello):
-    from then on it may get a per-VM log (see ``journal``)."""
-    return CONNECTED + vm.encode("utf-8")
-
-
 # A JSON string of a name or topic takes at most 6 bytes per character (``\u001f``).
 _JSON_BYTES_PER_CHAR = 6
 _REQUEST_OVERHEAD = 128  # "corr", "deadline", the keys and the punctuation, at their widest
 PUBLISH_REQUEST_MAX = _REQUEST_OVERHEAD + _JSON_BYTES_PER_CHAR * (MAX_NAME + MAX_TOPIC) + MAX_FRAME
-"""The largest PublishRequest a bridge sends: a guest frame's payload, and the
-sender and topic re-encoded at their widest."""
-
-
-def publish_request_bytes(vm: str, topic: str, payload: msgspec.Raw) -> int:
-    """An upper bound of the encoded size of one PublishRequest (a bridge's batch
-    must stay under the journal socket's message limit)."""
-    return _REQUEST_OVERHEAD + _JSON_BYTES_PER_CHAR * (len(vm) + len(topic)) + len(payload)
+"""The largest useful PublishRequest: a guest frame's payload, and the sender and
+topic encoded at their widest (a batch must take one)."""
 
 
 _TS_MS_WIDEST = 10**13 - 1  # unix ms have 13 digits until the year 2286
@@ -232,26 +212,12 @@ def delivery_bytes(topic: str, sender: str, payload_bytes: int, seq: int) -> int
     return _delivery_envelope_bytes(topic, sender) + payload_bytes + len(str(seq))
 
 
-FRAME_OVER_REQUEST = 64
-"""A message's guest frame is at most this many bytes longer than its PublishRequest
-(the prefix, ``type``, ``from`` and ``ts_ms`` at their widest, less ``corr``,
-``vm`` and ``deadline`` at their narrowest)."""
-
 MESSAGE_TOO_LARGE = "message too large"
 """The reason a publish is refused when its delivery would not fit in a guest frame."""
 
 BUS_MESSAGE_MAX = MAX_FRAME + 4 * (MAX_TOPIC + MAX_NAME) + 16
-"""The largest message the journal puts on the bus: a Delivery, its topic frame and
+"""The largest message the bridge puts on the bus: a Delivery, its topic frame and
 its sender (UTF-8: at most 4 bytes a character); its events stay under it too."""
-
-
-class Committed(msgspec.Struct, array_like=True, gc=False):
-    """One message of a commit, as a bridge routes it: its guest frame (a
-    ``Delivery``, length-prefixed) ends at ``end`` in the frame after the batch."""
-
-    topic: str
-    sender: str  # "vm:<name>" or "host"
-    end: int
 
 
 class CommitResult(msgspec.Struct, array_like=True, gc=False):
@@ -262,12 +228,10 @@ class CommitResult(msgspec.Struct, array_like=True, gc=False):
     reason: str | None = None
 
 
-class CommitBatch(msgspec.Struct, omit_defaults=True, gc=False):
-    """The journal's answer to one peer for one commit: the results of its
-    publishes, and for a bridge every committed message."""
+class CommitBatch(msgspec.Struct, gc=False):
+    """The answer to one host tool for one commit: the results of its publishes."""
 
     results: list[CommitResult]
-    committed: list[Committed] = []
 
 
 json_encode = msgspec.json.Encoder().encode

@@ -29,7 +29,8 @@ from .options import state_root_option
 @click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=DEFAULTS.handshake_timeout, show_default=True,
               help="Seconds a new connection has to send its hello line.")
 @click.option("--commit-timeout", type=click.FloatRange(min=0.1), default=DEFAULTS.commit_timeout, show_default=True,
-              help="Seconds after which an uncommitted publish gets an error ack.")
+              help="Kept for compatibility, no effect: the bridge commits each publish in the "
+                   "loop turn that read it, and host tools set their own deadline.")
 @click.option("--subscriber-queue", "subscriber_queue_bytes", type=click.IntRange(min=1024),
               default=DEFAULTS.subscriber_queue_bytes, show_default=True,
               help="Bytes queued to one guest (acks, replies, deliveries): past half, its socket is "

@@ -77,6 +77,22 @@ class Router:
             return []
         return [json.loads(line) for line in path.read_text().splitlines()]
 
+    def wait_filed(self, timeout: float = 5.0) -> None:
+        """Wait until the journal has filed every line of ``bus.log`` in the per-VM
+        logs, which it does after the ack: its checkpoint, written on each health
+        tick, says how far it is."""
+        lines = self.read_log()
+        last = lines[-1]["seq"] if lines else 0
+        checkpoint = self.state_root / "state" / "journal.json"
+
+        def filed() -> bool:
+            try:
+                return json.loads(checkpoint.read_text())["vm_logs_synced_seq"] >= last
+            except (OSError, ValueError):
+                return False
+
+        wait_for(filed, timeout=timeout, what=f"the per-VM logs filed up to seq {last}")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0

@@ -313,13 +313,13 @@ def test_publish_without_a_router_says_how_to_start_one(state_root):
 
 
 def test_publish_not_committed_in_time_exits_1(router):
-    journal = router.role_pid("journal")
-    os.kill(journal, signal.SIGSTOP)
+    bridge = router.role_pid("bridge")  # the writer of bus.log
+    os.kill(bridge, signal.SIGSTOP)
     try:
         result = castra("bus", "publish", "--state-root", str(router.state_root), "--payload", "1",
                         "--timeout", "0.3")
     finally:
-        os.kill(journal, signal.SIGCONT)
+        os.kill(bridge, signal.SIGCONT)
     assert result.returncode == 1
     assert "no commit within 0.3s" in result.stderr
 

@@ -377,6 +377,7 @@ def test_hostile_vm_names_get_their_own_log_files_inside_logs_bus(bus_router):
             with connect_bus(bus_router.port, name) as guest:
                 assert guest.publish({"from": name})["status"] == "ok"
             assert mailer.publish({"to": name}, topic=f"vm:{name}")["status"] == "ok"
+    bus_router.wait_filed()
 
     allowed = [root / "logs" / "bus", root / "run", root / "state"]
     records: dict[Path, list[dict]] = {}

@@ -32,11 +32,13 @@ def test_messages_to_vms_that_never_connected_make_no_log_files(router):
         for target in targets:  # pipelined: every ack is read below
             mailer.send({"type": "publish", "topic": f"vm:{target}", "payload": target})
         assert all(mailer.recv()["status"] == "ok" for _ in targets)
+        router.wait_filed()
         assert log_files(router) == {"bus.log", "mailer.log"}  # a log is made by its first line
         say_hello(router.port, "late")
         for target in ("member", "late", "ghost0"):
             assert mailer.publish(target, topic=f"vm:{target}")["status"] == "ok"
         assert member.recv()["payload"] == "member"  # delivery does not depend on logs
+    router.wait_filed()
     assert log_files(router) == {"bus.log", "mailer.log", "member.log", "late.log"}
     assert [line["payload"] for line in router.read_log("late.log")] == ["late"]
     assert [line["payload"] for line in router.read_log("member.log")] == ["member"]
@@ -55,6 +57,7 @@ def test_listed_and_already_logged_vms_get_their_log_before_they_connect(router_
     router = router_factory("--identities", str(identities))
     for target in ("listed", "old", "stranger"):
         client.publish(f"vm:{target}", target, state_root=router.state_root)
+    router.wait_filed()
     assert log_files(router) == {"bus.log", "host.log", "listed.log", "old.log"}
     assert [line["payload"] for line in router.read_log("listed.log")] == ["listed"]
     assert [line["payload"] for line in router.read_log("old.log")] == [0, "old"]
@@ -66,6 +69,7 @@ def test_per_vm_logs_stop_at_their_cap_and_resume_when_one_is_removed(router_fac
     for vm in vms:
         with connect_bus(router.port, vm) as guest:
             assert guest.publish(vm)["status"] == "ok"
+    router.wait_filed()
     assert log_files(router) == {"bus.log", "vm0.log", "vm1.log", "vm2.log"}
     assert [line["vm"] for line in router.read_log()] == vms  # every message is in bus.log
     assert router.log_text().count("per-VM logs at their cap") == 1
@@ -74,6 +78,7 @@ def test_per_vm_logs_stop_at_their_cap_and_resume_when_one_is_removed(router_fac
     def vm4_gets_a_log() -> bool:
         with connect_bus(router.port, "vm4") as guest:
             assert guest.publish("again")["status"] == "ok"
+        router.wait_filed()
         return "vm4.log" in log_files(router)
 
     wait_for(vm4_gets_a_log, timeout=5, interval=0.2, what="a log for vm4 once vm0.log is gone")
