@@ -174,7 +174,7 @@ def test_frame_storm_from_one_guest_does_not_delay_another(router_factory, body)
     another guest's publishes are acked about as fast as before the storm (it took
     seconds when one read's frames were all handled in one loop turn)."""
     router = router_factory()
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # not fork: this process runs threads (3.12 warns)
     sent = context.Value("q", 0)
     with connect_bus(router.port, "bystander") as bystander:
         publish_latencies(bystander, 20)  # warm up
