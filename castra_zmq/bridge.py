@@ -41,7 +41,7 @@ from .config import Settings, settings_from_env
 from .errors import LogWriteFailed
 from .events import EVENT_BYTES_MAX, EventKind, SessionInfo, event_message, now_ms, split_sessions
 from .framing import encode_frame
-from .handshake import HOST_SENDER, Hello
+from .handshake import HOST_SENDER, Hello, sender_of
 from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
 from .listener import listener_socket
 from .session import CLOSE_LINGER, GuestConnection, ReadPause
@@ -76,11 +76,6 @@ TOO_MANY_SESSIONS = "too many sessions for this vm"  # hello past max_sessions_p
 # Descriptors kept out of the connection cap: the bridge's own (about 25) and those
 # of closing connections, which give their slot back before their socket goes.
 FD_RESERVE = 64
-
-
-def sender_of(vm: str) -> str:
-    """A message's sender as the bus shows it: ``vm:<name>``, or ``host``."""
-    return HOST_SENDER if vm == HOST_SENDER else "vm:" + vm
 
 
 class GuestPublish(msgspec.Struct, gc=False):
@@ -218,6 +213,7 @@ class Bridge:
         connection.log.info("session open", vm_sessions=len(open_sessions))
 
     def close_session(self, connection: GuestConnection, reason: str) -> None:
+        connection.catchup = None
         for topic in connection.topics:
             self.subscribers.discard(connection, topic)
         connection.topics.clear()
@@ -519,12 +515,13 @@ class Bridge:
         delivery can close a slow session, which then leaves the index's sets."""
         self.deliveries += 1
         for connection in list(self.subscribers.exact_subscribers(topic)):
-            if connection.sender != sender:
+            if connection.sender != sender and connection.catchup is None:
                 connection.deliver(frame, self.deliveries)
         private = topic.startswith(VM_TOPIC_PREFIX)
         for sessions in self.subscribers.prefix_subscribers(topic):
             for connection in list(sessions):
-                if connection.sender != sender and (not private or self.policy.may_read(connection.vm, topic)):
+                if (connection.sender != sender and connection.catchup is None
+                        and (not private or self.policy.may_read(connection.vm, topic))):
                     connection.deliver(frame, self.deliveries)
 
     # -- periodic work ----------------------------------------------------------------

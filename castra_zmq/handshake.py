@@ -17,8 +17,10 @@ MAX_LINE = 512
 MAX_NAME = 128
 HOST_SENDER = "host"
 VM_TOPIC_PREFIX = "vm:"  # a topic addressed to one VM: vm:<name>
-# Bus protocol versions this broker speaks, best first.
-BUS_PROTOCOLS = ("bus-v1",)
+# Bus protocol versions this broker speaks, oldest first (as the greeting lists
+# them: "capabilities=bus-v1" stays a substring of it). A hello gets the newest it names.
+BUS_V1, BUS_V2 = "bus-v1", "bus-v2"
+BUS_PROTOCOLS = (BUS_V1, BUS_V2)
 
 GREETING = f"castra-broker {__version__} ready capabilities={','.join(BUS_PROTOCOLS)}\n".encode()
 OK_HANDSHAKE_ONLY = b"ok\n"
@@ -31,8 +33,17 @@ class Hello(msgspec.Struct, frozen=True):
     token: str | None = None  # shared secret, for deployments with an identities file
 
 
-def ok_session_line(token: str) -> bytes:
-    return f"ok session={token}\n".encode()
+def sender_of(vm: str) -> str:
+    """A message's sender as the bus shows it: ``vm:<name>``, or ``host``."""
+    return HOST_SENDER if vm == HOST_SENDER else VM_TOPIC_PREFIX + vm
+
+
+def ok_session_line(token: str, protocol: str) -> bytes:
+    """The answer that opens a session: bus-v1's bytes as they always were; a later
+    protocol is named, so that its guest knows it was chosen (PROTOCOL.md 9)."""
+    if protocol == BUS_V1:
+        return f"ok session={token}\n".encode()
+    return f"ok session={token} protocol={protocol}\n".encode()
 
 
 def error_line(reason: str) -> bytes:
@@ -101,5 +112,5 @@ def parse_hello(line: bytes) -> Hello:
                 if cap and cap not in capabilities:
                     capabilities.append(cap)
         # other key=value tokens are room for future fields
-    bus_protocol = next((p for p in BUS_PROTOCOLS if p in capabilities), None)
+    bus_protocol = next((p for p in reversed(BUS_PROTOCOLS) if p in capabilities), None)
     return Hello(vm=vm, capabilities=tuple(capabilities), bus_protocol=bus_protocol, token=secret)

@@ -29,6 +29,7 @@ from .errors import FrameError, HandshakeError
 from .events import EventKind, now_ms
 from .framing import FrameDecoder, encode_frame
 from .handshake import (
+    BUS_V2,
     GREETING,
     OK_HANDSHAKE_ONLY,
     Hello,
@@ -38,6 +39,7 @@ from .handshake import (
     take_line,
 )
 from .identity import FORBIDDEN_TOPIC
+from .resume import Catchup, oldest_seq
 from .wire import (
     MAX_SUBSCRIPTIONS,
     Acknowledge,
@@ -58,6 +60,10 @@ if TYPE_CHECKING:
     from .bridge import Bridge
 
 HELLO, BUS, CLOSED = "hello", "bus", "closed"
+# bus-v2 subscribe refusals (PROTOCOL.md 4.3.1)
+INVALID_SINCE = "invalid since"
+SINCE_EXPIRED = "since expired"
+SEQ_MAX = 2**63 - 1
 THROTTLE_NOTICE_S = 10.0
 _LINGER_OFF = struct.pack("ii", 1, 0)
 # Frames of one connection handled per loop turn: a whole publish window at once,
@@ -135,6 +141,7 @@ class GuestConnection(asyncio.Protocol):
         self.stall: asyncio.TimerHandle | None = None  # slow_consumer deadline while OUTBOUND
         self.linger: asyncio.TimerHandle | None = None  # the reset of a closing connection
         self.lost = False  # connection_lost came: the transport is gone
+        self.catchup: Catchup | None = None  # bus-v2: a replay runs, live deliveries wait (see resume)
         self.log = logger
 
     # -- asyncio callbacks ------------------------------------------------------------
@@ -199,6 +206,8 @@ class GuestConnection(asyncio.Protocol):
             self.stall.cancel()
             self.stall = None
         self.resume(ReadPause.OUTBOUND)
+        if self.catchup is not None:
+            self.catchup.schedule()
 
     # -- handshake (line mode) --------------------------------------------------------
 
@@ -250,7 +259,7 @@ class GuestConnection(asyncio.Protocol):
         self.log = logger.bind(peer=self.peer, vm=self.vm, session=self.token)
         self.phase = BUS
         self.last_frame = time.monotonic()
-        self.transport.write(ok_session_line(self.token))
+        self.transport.write(ok_session_line(self.token, self.bus_protocol))
         self.bridge.open_session(self, hello)
         if rest:
             self.decoder.feed(rest)
@@ -348,15 +357,48 @@ class GuestConnection(asyncio.Protocol):
             self.send(AckReply(ack="subscribe", status="error", topic=frame.topic, reason=reason))
             self.log_frame_event("INFO", "subscribe refused", reason=reason, topic=frame.topic)
             return
+        if frame.since is not None and self.bus_protocol == BUS_V2:
+            self.subscribe_since(frame.topic, frame.since)
+            return
         self.topics.add(frame.topic)
         self.bridge.subscribe(self, frame.topic)
+        if self.catchup is not None:
+            self.catchup.add_live(frame.topic, self.bridge.log.seq)
         self.send(AckReply(ack="subscribe", status="ok", topic=frame.topic))
         self.log_frame_event("INFO", "subscribed", topic=frame.topic)
+
+    def subscribe_since(self, topic: str, since) -> None:
+        """bus-v2 ``subscribe`` with ``since``: the ack says what is replayed (after
+        ``since`` up to ``seq``, the last committed), then the replay (see ``resume``)."""
+        if type(since) is not int or not 0 <= since <= SEQ_MAX:
+            self.send(AckReply(ack="subscribe", status="error", topic=topic, reason=INVALID_SINCE))
+            self.log_frame_event("INFO", "subscribe refused", reason=INVALID_SINCE, topic=topic)
+            return
+        head = self.bridge.log.seq
+        since = min(since, head)
+        oldest = oldest_seq(self.bridge.log.path.parent, self.bridge.log.path.name, head)
+        if since + 1 < oldest:
+            self.send(AckReply(ack="subscribe", status="error", topic=topic, reason=SINCE_EXPIRED, oldest=oldest))
+            self.log_frame_event("INFO", "subscribe refused", reason=SINCE_EXPIRED, topic=topic, since=since,
+                                 oldest=oldest)
+            return
+        self.topics.add(topic)
+        self.bridge.subscribe(self, topic)
+        self.send(AckReply(ack="subscribe", status="ok", topic=topic, seq=head, since=since))
+        self.log_frame_event("INFO", "subscribed", topic=topic, since=since, seq=head)
+        if since < head:
+            if self.catchup is None:
+                self.catchup = Catchup(self, head)
+            self.catchup.add(topic, since)
+        elif self.catchup is not None:
+            self.catchup.add_live(topic, head)
 
     def handle_unsubscribe(self, frame: Unsubscribe) -> None:
         """``unsubscribe`` -> ``{"type":"ack","ack":"unsubscribe","status":"ok","topic":T}``."""
         self.topics.discard(frame.topic)
         self.bridge.unsubscribe(self, frame.topic)
+        if self.catchup is not None:
+            self.catchup.discard(frame.topic)
         self.send(AckReply(ack="unsubscribe", status="ok", topic=frame.topic))
         self.log_frame_event("INFO", "unsubscribed", topic=frame.topic)
 
@@ -404,6 +446,17 @@ class GuestConnection(asyncio.Protocol):
             self.transport.write(b"".join(self.outgoing))
         self.outgoing.clear()
         self.outgoing_bytes = 0
+        if self.catchup is not None:
+            self.catchup.schedule()  # it may have waited for these bytes to leave
+
+    def transport_paused(self) -> bool:
+        """Whether the transport said ``pause_writing`` (and not yet ``resume_writing``)."""
+        return ReadPause.OUTBOUND in self.paused_for
+
+    def outbound_room(self) -> int:
+        """Bytes that may still be queued before the transport pauses (``pause_writing``)."""
+        waiting = self.transport.get_write_buffer_size() + self.outgoing_bytes
+        return self.bridge.settings.subscriber_queue_bytes // 2 - waiting
 
     def deliver(self, frame: bytes, delivery: int) -> None:
         """Queue one encoded message for a subscribed guest, numbered ``delivery`` by

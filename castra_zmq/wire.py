@@ -17,7 +17,7 @@ trigger nor lengthen the cyclic garbage collector's passes.
 from __future__ import annotations
 
 import functools
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -52,6 +52,9 @@ class Publish(GuestFrame, tag="publish"):
 
 class Subscribe(GuestFrame, tag="subscribe"):
     topic: Topic
+    # bus-v2 (PROTOCOL.md 4.3.1), checked by the session: in bus-v1 an unknown
+    # field, so any JSON value is taken and ignored, as before it existed.
+    since: Any = None
 
 
 class Unsubscribe(GuestFrame, tag="unsubscribe"):
@@ -138,8 +141,10 @@ class AckReply(Reply, tag="ack"):
     status: str
     topic: str | None = None
     seq: int | None = None
+    since: int | None = None  # bus-v2 subscribe: where replay starts (seq is where it ends)
     id: MessageId = None
     reason: str | None = None
+    oldest: int | None = None  # bus-v2 subscribe refused as "since expired": the oldest seq left
 
 
 class ErrorReply(Reply, tag="error"):
@@ -239,3 +244,10 @@ decode_publish_requests = msgspec.json.Decoder(PublishRequest | list[PublishRequ
 decode_commit_batch = msgspec.json.Decoder(CommitBatch).decode
 decode_delivery = msgspec.json.Decoder(Delivery).decode
 decode_log_record = msgspec.json.Decoder(LogRecord).decode
+_log_lines_decoder = msgspec.json.Decoder(list[LogRecord])
+
+
+def decode_log_lines(data: bytes) -> list[LogRecord]:
+    """The records of whole log lines (each ends with its newline) in one decode:
+    a payload is compact JSON, so a newline only ever ends a line."""
+    return _log_lines_decoder.decode(b"[" + data[:-1].replace(b"\n", b",") + b"]") if data else []

@@ -37,7 +37,7 @@ class Guest:
         self.sock.sendall(line.encode() + b"\n")
         reply = self.read_line()
         if reply.startswith("ok session="):
-            self.session = reply.split("=", 1)[1]
+            self.session = reply.split()[1].split("=", 1)[1]
         return reply
 
     # -- frame mode -------------------------------------------------------------------
