@@ -120,7 +120,9 @@ def bounds(bridge: int = BRIDGE_ONE) -> dict[str, int]:
 LOAD_VMS = [f"load{n}" for n in range(LOAD_GUESTS)]
 IDLE_VMS = [f"idle{n}" for n in range(IDLE_SESSIONS)]
 PUBLISHER_VMS = ["pub0", "pub1"]
-LISTED = ["bystander", "deaf60000", f"deaf{MAX_ID}", "storm", "mailer", *LOAD_VMS, *IDLE_VMS, *PUBLISHER_VMS]
+REPLAY_VMS = [f"replay{n}" for n in range(LOAD_GUESTS)]
+LISTED = ["bystander", "deaf60000", f"deaf{MAX_ID}", "storm", "mailer", *LOAD_VMS, *IDLE_VMS, *PUBLISHER_VMS,
+          *REPLAY_VMS]
 PAD = "x" * 60_000  # a ~60 KB payload
 
 
@@ -553,3 +555,29 @@ def test_h_journal_stopped_under_pipelined_guest_load(bench):
         flood.note = f"{load.total_acks():,} guest publishes of 60 KB"
         assert all(guest.end is None for guest in load.guests)
         flood.check()
+
+
+def test_i_replays_to_guests_that_never_read(bench):
+    """4 guests resume (bus-v2, ``since`` 0) over about 40 MB of 60 KB messages and
+    never read. A replay reads the log only while what waits for its guest is under
+    half its subscriber queue, so the bridge holds about one queue per guest (the
+    bound of flood (h)), not the 40 MB; each guest is reset as ``slow_consumer``."""
+    router = bench.router
+    HostPublisher(router, "replayed").run(700, 60.0)  # before the flood: its memory is not the replay's
+    with bench.flood("i: resume over 40 MB, never read", bounds(BRIDGE_LOAD)) as flood:
+        guests = []
+        try:
+            for vm in REPLAY_VMS:
+                guest = Guest(router.port)
+                guests.append(guest)
+                guest.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                assert guest.hello(vm, "bus-v1,bus-v2").endswith("protocol=bus-v2")
+                guest.send_raw(frame(b'{"type":"subscribe","topic":"replayed","since":0}'))
+            for vm in REPLAY_VMS:
+                wait_for(lambda vm=vm: log_has(router, f"vm={vm} ", "reason=slow_consumer"), timeout=15,
+                         what=f"{vm} reset as slow_consumer")
+            flood.note = "4 guests x 700 messages of 60 KB to replay"
+            flood.check()
+        finally:
+            for guest in guests:
+                guest.close()
