@@ -152,11 +152,7 @@ class Bridge:
         self.host.sndhwm = settings.hwm_for(settings.host_reply_bytes_max)
         self.host.rcvhwm = settings.hwm_for(settings.batch_bytes_max)
         self.host.router_mandatory = True  # a tool gone or full is an error, not a silent drop
-        previous = os.umask(0o077)  # owner-only socket file
-        try:
-            self.host.bind(endpoints.journal)
-        finally:
-            os.umask(previous)
+        runtime.bind_owner_only((self.host, endpoints.journal))
         self.server: asyncio.AbstractServer | None = None
         self.stopping = asyncio.Event()
         self.crash: BaseException | None = None  # what stopped a socket reader

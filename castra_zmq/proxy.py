@@ -115,13 +115,7 @@ def run(settings: Settings) -> None:
         sock.rcvhwm = hwm
     frontend.maxmsgsize = settings.bus_frame_bytes_max
     backend.maxmsgsize = _SUBSCRIPTION_MAX  # what subscribers send: (un)subscriptions
-    # Owner-only socket files: set the umask around bind.
-    previous = os.umask(0o077)
-    try:
-        frontend.bind(endpoints.publish)
-        backend.bind(endpoints.subscribe)
-    finally:
-        os.umask(previous)
+    runtime.bind_owner_only((frontend, endpoints.publish), (backend, endpoints.subscribe))
     stopping = threading.Event()
 
     def stop() -> None:

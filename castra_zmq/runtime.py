@@ -141,6 +141,17 @@ def notify_ready() -> None:
         pass
 
 
+def bind_owner_only(*bindings) -> None:
+    """Bind each ``(socket, endpoint)`` under umask 077: an ipc socket file that only
+    its owner may connect to (see README "Local users")."""
+    previous = os.umask(0o077)
+    try:
+        for sock, endpoint in bindings:
+            sock.bind(endpoint)
+    finally:
+        os.umask(previous)
+
+
 def stop_on_signals(handler) -> int:
     """Route SIGTERM and SIGINT to ``handler`` (a clean stop, not a traceback).
 

@@ -11,7 +11,6 @@ killed bridge cannot leave VMs looking connected. The table itself is
 
 from __future__ import annotations
 
-import os
 import time
 
 import msgspec
@@ -45,11 +44,7 @@ class StatusService:
         self.events.connect(self.endpoints.subscribe)
         self.queries = self.context.socket(zmq.ROUTER)
         self.queries.linger = 0
-        previous = os.umask(0o077)
-        try:
-            self.queries.bind(self.endpoints.status)
-        finally:
-            os.umask(previous)
+        runtime.bind_owner_only((self.queries, self.endpoints.status))
 
     def serve(self, stop_signals: int) -> None:
         """Serve until ``stop``. ``stop_signals`` turns readable when a stop signal
