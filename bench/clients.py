@@ -114,11 +114,14 @@ class CastraClient(TcpClient):
     _MESSAGE = b'{"type":"message"'
     _HEARTBEAT = b'{"type":"heartbeat"}'
     _SUBSCRIBE = b'{"type":"subscribe","topic":"%s"}' % TOPIC
+    #: what the hello line offers (``CastraV2Client``: bus-v2 too)
+    capabilities = b"bus-v1"
 
     def __init__(self, name: str):
         super().__init__(name)
         self.lines_left = 2  # greeting, then the answer to hello
         self.subscribed: asyncio.Future | None = None
+        self.answer = b""  # the router's answer line to hello, without its newline
 
     def greet(self) -> None:
         pass  # the broker speaks first
@@ -132,8 +135,9 @@ class CastraClient(TcpClient):
             line, offset = data[offset:eol], eol + 1
             self.lines_left -= 1
             if self.lines_left == 1:
-                self.transport.write(b"hello vm:%s capabilities=bus-v1\n" % self.name.encode())
+                self.transport.write(b"hello vm:%s capabilities=%s\n" % (self.name.encode(), self.capabilities))
             elif line.startswith(b"ok session="):
+                self.answer = bytes(line)
                 self.ready.set_result(None)
             else:
                 self.handshake_failed(line)
@@ -174,6 +178,41 @@ class CastraClient(TcpClient):
 
     def write_frame(self, body: bytes) -> None:
         self.transport.write(len(body).to_bytes(4, "big") + body)
+
+
+class CastraV2Client(CastraClient):
+    """A bus-v2 guest of castra-zmq: bus-v1 plus resume, a subscribe with ``since``
+    (PROTOCOL.md 4.3.1). Offering bus-v2 does not make the session bus-v2: the
+    router says so in its answer, ``bus_v2`` tells."""
+
+    capabilities = b"bus-v1,bus-v2"
+    _SUBSCRIBE_ACK = b'{"type":"ack","ack":"subscribe"'
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.on_subscribe_ack = _ignore  # called with the ack's bytes as it is parsed
+        self.resumed: asyncio.Future | None = None
+
+    @property
+    def bus_v2(self) -> bool:
+        return self.answer.endswith(b" protocol=bus-v2")
+
+    def frame(self, body: bytes | bytearray) -> None:
+        if self.resumed is not None and body.startswith(self._SUBSCRIBE_ACK):
+            # At once, not through the future: the replayed messages after it may
+            # be parsed from the same read, before any callback runs.
+            self.on_subscribe_ack(bytes(body))
+            if not self.resumed.done():
+                self.resumed.set_result(bytes(body))
+        else:
+            super().frame(body)
+
+    def subscribe_since(self, topic: bytes, since: int) -> asyncio.Future:
+        """Send ``{"type":"subscribe","topic":T,"since":S}``; the future gets the
+        ack's bytes (ok with ``seq`` and ``since``, or an error ack)."""
+        self.resumed = asyncio.get_running_loop().create_future()
+        self.write_frame(b'{"type":"subscribe","topic":"%s","since":%d}' % (topic, since))
+        return self.resumed
 
 
 def _mqtt_length(n: int) -> bytes:
