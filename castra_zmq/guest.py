@@ -11,25 +11,40 @@ need pyzmq and msgspec)::
         for message in bus.messages():
             print(message["topic"], message["payload"])
 
+Resume (bus-v2, PROTOCOL.md 4.3.1): the session remembers, per subscription, the
+seq of the last message it handed to the application, and after a reconnect
+subscribes again with ``since`` that seq, so the host replays what was published
+meanwhile; repeats are dropped by seq. With ``state_file`` the positions outlive
+the process (an agent restart, a reboot)::
+
+    with GuestSession("10.0.2.2", 7070, "alpha", subscribe=["vm:alpha"],
+                      state_file="/var/lib/castra-guest/alpha.json") as bus:
+        for message in bus.messages():   # each message once, in seq order, across reconnects
+            handle(message)
+
 Threads of a session: one reader owns the socket (it connects, hand-shakes,
 re-subscribes, reads every frame and routes it to whoever waits for it, and
-reconnects with back-off), one heartbeat thread, and any number of caller threads.
-Every write takes one lock, so frames from several threads never interleave.
+reconnects with back-off), one heartbeat thread, with a state file one thread that
+writes it, and any number of caller threads. Every write takes one lock, so frames
+from several threads never interleave.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import itertools
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -42,6 +57,8 @@ DEFAULT_HOST = "10.0.2.2"
 DEFAULT_PORT = 7070
 HANDSHAKE_CONF = "/etc/conf.d/castra-handshake"
 CAPABILITY = "bus-v1"
+BUS_V2 = "bus-v2"  # bus-v1 plus resume: subscribe with "since" (PROTOCOL.md 4.3.1)
+CAPABILITIES = f"{CAPABILITY},{BUS_V2}"  # what a session offers; the host picks the best it speaks
 HEARTBEAT_INTERVAL = 25.0
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 30.0
@@ -54,7 +71,25 @@ MAX_LINE = 512
 MAX_FRAME = 65536
 MAX_TOPIC = 256
 MAX_NAME = 128
+MAX_SINCE = 2**63 - 1
+# The since of a subscription with no position yet: the router takes one ahead of its
+# log as its last seq and says so in the ack's since, which gives the subscription a
+# position at once (PROTOCOL.md 4.3.1). Messages published before its first
+# delivery, say while the guest reboots, are then resumed too.
+FROM_NOW = MAX_SINCE
 RESERVED_NAME = "host"
+SINCE_EXPIRED = "since expired"  # the error ack of a subscribe whose since is rotated away
+INVALID_SINCE = "invalid since"
+# Subscribes in a row for one topic after "since expired" before it is taken live
+# (the oldest seq left moves on only if the host rotates its log meanwhile).
+SINCE_RETRIES = 3
+
+# The state file: resume positions across restarts of the process.
+STATE_DIR = "/var/lib/castra-guest"  # the agent's default, used only if it is a writable directory
+STATE_FORMAT = "castra-guest-positions"
+STATE_VERSION = 1
+STATE_MAX_BYTES = 1 << 20
+SAVE_INTERVAL = 1.0  # seconds between writes of the state file while messages flow
 # Unicode categories a VM name must not contain (handshake.validate_vm_name).
 FORBIDDEN_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
 # A heartbeat ack slower than this means the connection is dead (a host that went
@@ -144,6 +179,193 @@ def check_topic(topic: str) -> str:
     if not isinstance(topic, str) or not 1 <= len(topic) <= MAX_TOPIC or "\x00" in topic:
         raise ValueError(f"invalid topic {topic!r}: 1..{MAX_TOPIC} characters, no NUL")
     return topic
+
+
+def check_since(since) -> int:
+    if type(since) is not int or not 0 <= since <= MAX_SINCE:
+        raise ValueError(f"invalid since {since!r}: an integer from 0 to 2^63-1")
+    return since
+
+
+def parse_session_reply(reply: str) -> tuple[str, str] | None:
+    """``(token, protocol)`` of the answer that opens a bus session (PROTOCOL.md 2.4):
+    ``ok session=<token>`` (``protocol`` is then ``bus-v1``) or ``ok session=<token>
+    protocol=bus-v2``. Further ``key=value`` words are ignored (room for later
+    versions). None for any other answer (``ok`` alone: no protocol in common)."""
+    words = reply.split()
+    if not words or words[0] != "ok":
+        return None
+    fields: dict = {}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if sep:
+            fields[key] = value
+    if not fields.get("session"):
+        return None
+    return fields["session"], fields.get("protocol") or CAPABILITY
+
+
+def topic_matches(subscription: str, topic: str) -> bool:
+    """Whether ``subscription`` covers ``topic``: the same string, or a pattern ending
+    in ``*`` and ``topic`` starts with what comes before that ``*`` (``*``: all)."""
+    if subscription.endswith("*"):
+        return topic.startswith(subscription[:-1])
+    return subscription == topic
+
+
+class Positions:
+    """Resume bookkeeping, pure (the session holds the lock): per subscription (topic
+    or pattern), ``last[subscription]`` is the seq of the last message handed to the
+    application; a subscription without one has no entry. ``version`` counts changes."""
+
+    def __init__(self, known: dict | None = None):
+        self.last: dict = dict(known or {})
+        self.version = 0
+
+    def set(self, subscription: str, seq: int) -> None:
+        if self.last.get(subscription) != seq:
+            self.last[subscription] = seq
+            self.version += 1
+
+    def forget(self, subscription: str) -> None:
+        if self.last.pop(subscription, None) is not None:
+            self.version += 1
+
+    def take(self, topic: str, seq: int, subscriptions, dedupe: bool = True) -> bool:
+        """Whether the message ``(topic, seq)`` goes to the application; if so, record it.
+
+        With ``dedupe`` (a bus-v2 session, whose replays can repeat messages) it goes
+        only if one of the ``subscriptions`` matching ``topic`` has no position or
+        one below ``seq``; each matching subscription's position then becomes
+        max(position, seq). Without (bus-v1: nothing is replayed, and a host whose
+        log started again must not have its messages dropped) it always goes, and
+        the matching positions become ``seq``. A message that no subscription
+        matches (one in flight when its topic was unsubscribed) goes, and changes
+        nothing.
+        """
+        matching = [s for s in subscriptions if topic_matches(s, topic)]
+        if dedupe:
+            if matching and all(self.last.get(s, -1) >= seq for s in matching):
+                return False
+            for s in matching:
+                self.set(s, max(self.last.get(s, seq), seq))
+        else:
+            for s in matching:
+                self.set(s, seq)
+        return True
+
+
+# -- the state file (pure but for the file itself) ---------------------------------------------
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z")
+
+
+def state_file_name(vm: str) -> str:
+    """``<vm>.json`` for a plain name, else the name percent-encoded as the router
+    names per-VM logs (PROTOCOL.md 7.3): never a path, never hidden, two names never
+    share a file."""
+    if _PLAIN_NAME.match(vm) and len(vm) <= 200:
+        return vm + ".json"
+    raw = vm.encode()
+    name = "".join(chr(byte) if index and (chr(byte).isascii() and chr(byte).isalnum() or chr(byte) in "_-")
+                   else f"%{byte:02X}" for index, byte in enumerate(raw))
+    if len(name) > 200:
+        name = "%%" + hashlib.sha256(raw).hexdigest()
+    return name + ".json"
+
+
+def default_state_file(vm: str, directory: str | None = None) -> str | None:
+    """``<directory>/<vm>.json`` (``STATE_DIR`` by default) if ``directory`` is a
+    directory this process may write in, else None (the agent then keeps positions
+    in memory only)."""
+    directory = STATE_DIR if directory is None else directory
+    if os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK):
+        return os.path.join(directory, state_file_name(vm))
+    return None
+
+
+def encode_state(vm: str, host: str, port: int, positions: dict) -> bytes:
+    document = {"format": STATE_FORMAT, "version": STATE_VERSION, "vm": vm, "host": host, "port": port,
+                "positions": dict(sorted(positions.items()))}
+    return json.dumps(document, ensure_ascii=False, indent=1).encode() + b"\n"
+
+
+def decode_state(data: bytes, vm: str, host: str, port: int) -> dict:
+    """The positions of a state file written by ``encode_state`` for this ``vm`` and
+    ``host:port``; ``ValueError`` (with a printable reason) for anything else: a file
+    for another VM or host would resume from seqs that mean nothing here."""
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON") from None
+    if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
+        raise ValueError("not a castra-guest state file")
+    if document.get("version") != STATE_VERSION:
+        raise ValueError(f"version {document.get('version')!r}, not {STATE_VERSION}")
+    if document.get("vm") != vm:
+        raise ValueError(f"written for vm:{document.get('vm')}, not vm:{vm}")
+    if (document.get("host"), document.get("port")) != (host, port):
+        raise ValueError(f"written for {document.get('host')}:{document.get('port')}, not {host}:{port}")
+    positions = document.get("positions")
+    if not isinstance(positions, dict):
+        raise ValueError("no positions")  # noqa: TRY004 - file content: callers take ValueError
+    for topic, seq in positions.items():
+        try:
+            check_topic(topic)
+            check_since(seq)
+        except ValueError as exc:
+            raise ValueError(f"bad position: {exc}") from None
+    return positions
+
+
+def load_state(path: str, vm: str, host: str, port: int) -> dict:
+    """The positions kept in ``path``: none if it does not exist; none and a warning
+    if it cannot be read or is not a state file for this VM and host (it is then
+    replaced at the next write)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(STATE_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        log.warning("state file %s not read (%s): starting without positions", path, exc.strerror or exc)
+        return {}
+    try:
+        if len(data) > STATE_MAX_BYTES:
+            raise ValueError(f"over {STATE_MAX_BYTES} bytes")
+        return decode_state(data, vm, host, port)
+    except ValueError as exc:
+        log.warning("state file %s not used (%s): starting without positions; it will be replaced", path, exc)
+        return {}
+
+
+def save_state(path: str, vm: str, host: str, port: int, positions: dict) -> None:
+    """Replace ``path`` atomically: a temporary file in the same directory, fsynced,
+    renamed over it, then the directory fsynced. Raises ``OSError``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(encode_state(vm, host, port, positions))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # the rename is done; only its durability is up to the OS
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory
+    finally:
+        os.close(dir_fd)
 
 
 def encode_frame(frame: dict) -> bytes:
@@ -251,6 +473,37 @@ class GuestSession:
 
     Delivered messages queue up to ``max_queued``; past that the reader stops reading,
     so replies wait too and the host eventually drops the session as a slow consumer.
+
+    **Resume.** The hello offers ``bus-v1,bus-v2`` (``resume=False``: ``bus-v1`` only).
+    Per subscription (topic or pattern) the session keeps the seq of the last message
+    ``receive()`` handed to the application (``positions``):
+
+    * A message goes to the application only if one of the subscriptions matching its
+      topic has no position yet or one below the message's seq; every matching
+      subscription's position then becomes that seq (if higher). So nothing is
+      handed twice, even when a replay repeats what was already queued.
+    * After a reconnect to a bus-v2 host, each subscription that has a position is
+      subscribed with ``"since": <position>``: the host replays what it missed, in
+      seq order, then goes on live. One without a position (subscribed in this
+      process, no message yet) is subscribed live, as is every subscription on a
+      host that speaks bus-v1 only: there the session behaves as a bus-v1 guest,
+      nothing is replayed and nothing is dropped.
+    * ``subscribe(topic, since=N)`` starts ``topic`` at position ``N`` (bus-v2: the
+      host replays from ``N + 1``).
+    * When the host's log is behind the position (the ack's ``since`` is lower than
+      the one sent: a new state root), the position becomes the ack's ``since``.
+    * When the host no longer has the messages after the position (the ack
+      ``since expired`` with ``oldest`` N), the gap is accepted: a warning names the
+      seqs lost, the position becomes N - 1 and the topic is subscribed again from
+      there. The application sees the gap in the log only; it never waits for
+      messages that cannot come. After ``SINCE_RETRIES`` such answers in a row the
+      topic is subscribed live.
+
+    ``state_file`` keeps the positions across restarts: read when the session starts
+    (a file that is corrupt, or written for another VM or ``host:port``, is ignored
+    with a warning and replaced), written atomically at most every ``SAVE_INTERVAL``
+    seconds while positions change, and at ``close()``. Positions of messages handed
+    after ``close()`` are written when the queue runs empty.
     """
 
     def __init__(
@@ -267,6 +520,8 @@ class GuestSession:
         connect_timeout: float = DEFAULT_TIMEOUT,
         max_queued: int = MAX_QUEUED,
         wait: bool = True,
+        state_file: str | os.PathLike | None = None,
+        resume: bool = True,
     ):
         if not (heartbeat_interval > 0 and 0 < backoff_initial <= backoff_max):
             raise ValueError("heartbeat_interval and backoff_initial must be > 0, and backoff_max >= backoff_initial")
@@ -277,10 +532,14 @@ class GuestSession:
         self.connect_timeout = connect_timeout
         self.max_queued = max_queued
         self.session_token: str | None = None  # the host's token of the current connection
-        self._hello = hello_line(self.vm, CAPABILITY, token)
+        self.bus_protocol: str | None = None  # what the current connection speaks: "bus-v1" or "bus-v2"
+        self.state_file = os.fspath(state_file) if state_file is not None else None
+        self._hello = hello_line(self.vm, CAPABILITIES if resume else CAPABILITY, token)
         # Lock order: _send_lock, then _state. _state guards everything below it and
         # is also the condition for "connected", "reply/message arrived", "closed".
-        self._send_lock = threading.Lock()
+        # _send_lock is reentrant: _connect holds it while it subscribes again, so that
+        # those subscribes are the first frames of a connection.
+        self._send_lock = threading.RLock()
         self._state = threading.Condition()
         self._sock: socket.socket | None = None
         topics = [subscribe] if isinstance(subscribe, str) else subscribe
@@ -288,7 +547,16 @@ class GuestSession:
         self._publishes: dict = {}  # publish id -> Future of its ack (acks come in any order)
         # Other replies come back in the order of their requests, one queue per kind.
         self._replies = {kind: collections.deque() for kind in ("subscribe", "unsubscribe", "heartbeat")}
-        self._inbox: collections.deque = collections.deque()
+        self._inbox: collections.deque = collections.deque()  # (message, came on a bus-v2 connection)
+        self._resumable = False  # the current connection speaks bus-v2
+        known = load_state(self.state_file, self.vm, self.host, self.port) if self.state_file else {}
+        self._positions = Positions(known)
+        self._duplicates = 0
+        self._saved_version = 0  # positions.version in the state file
+        self._save_lock = threading.Lock()  # one writer of the state file at a time
+        self._last_save = time.monotonic() - SAVE_INTERVAL
+        self._save_error: str | None = None  # the last write's failure, logged once
+        self._dirty = threading.Event()  # positions changed (or closing): wakes the saver
         self._ids = itertools.count(1)  # next() on it is atomic: ids are unique across threads
         self._closed = threading.Event()
         self._first_attempt = threading.Event()
@@ -297,8 +565,12 @@ class GuestSession:
         self._reader = threading.Thread(target=self._run_reader, name=f"castra-guest-reader-{self.vm}", daemon=True)
         self._heartbeat = threading.Thread(target=self._run_heartbeat, name=f"castra-guest-heartbeat-{self.vm}",
                                            daemon=True)
+        self._saver = (threading.Thread(target=self._run_saver, name=f"castra-guest-saver-{self.vm}", daemon=True)
+                       if self.state_file else None)
         self._reader.start()
         self._heartbeat.start()
+        if self._saver is not None:
+            self._saver.start()
         if wait:
             self._first_attempt.wait()  # bounded: every step of an attempt has connect_timeout
             error = self._last_error  # set by a failed attempt, cleared by a successful one
@@ -319,24 +591,50 @@ class GuestSession:
         frame = {"type": "publish", "topic": check_topic(topic), "payload": payload, "id": next(self._ids)}
         return self._request(frame, timeout)
 
-    def subscribe(self, topic: str, timeout: float = DEFAULT_TIMEOUT) -> dict:
+    def subscribe(self, topic: str, timeout: float = DEFAULT_TIMEOUT, *, since: int | None = None) -> dict:
         """Receive messages on ``topic`` from now on, across reconnects: ``p*`` is every
         topic starting with ``p`` (``metrics.*``), ``*`` all (both only what this VM may read).
 
         The topic is kept even if this call times out (it is subscribed on the next
         connection); an error ack (say, past 16 topics) raises ``AckError`` and drops it.
+
+        ``since=N``: this application has every message on ``topic`` up to seq ``N``;
+        a bus-v2 host replays the later ones first (a bus-v1 host cannot: live only).
+        Without it, a topic not held yet whose position is known (from the state
+        file) resumes from there; otherwise it starts live. ``since expired`` is
+        handled as the class says (a warning, then from the oldest seq left).
         """
+        check_topic(topic)
+        if since is not None:
+            check_since(since)
+        deadline = time.monotonic() + timeout
         with self._state:
-            self._topics[check_topic(topic)] = None
-        try:
-            return self._request({"type": "subscribe", "topic": topic}, timeout)
-        except AckError:
-            self._forget_topic(topic)
-            raise
+            held = topic in self._topics
+            self._topics[topic] = None
+            if since is not None:
+                self._set_position(topic, since)
+            elif not held:
+                since = self._positions.last.get(topic, FROM_NOW)
+        attempt = 0
+        while True:  # bounded: after SINCE_RETRIES refusals of since, a live subscribe
+            frame = {"type": "subscribe", "topic": topic}
+            if since is not None:
+                frame["since"] = since
+            try:
+                ack = self._request(frame, max(0.0, deadline - time.monotonic()))
+            except AckError as refused:
+                retry, since = self._retry_since(topic, since, refused.ack, attempt)
+                if retry:
+                    attempt += 1
+                    continue
+                self._forget_topic(topic)
+                raise
+            self._subscribed(topic, since, ack)
+            return ack
 
     def unsubscribe(self, topic: str, timeout: float = DEFAULT_TIMEOUT) -> dict:
-        """Stop receiving ``topic``, now and after reconnects."""
-        self._forget_topic(topic)
+        """Stop receiving ``topic``, now and after reconnects (its position is dropped)."""
+        self._forget_topic(topic, position=True)
         return self._request({"type": "unsubscribe", "topic": check_topic(topic)}, timeout)
 
     def heartbeat(self, timeout: float = DEFAULT_TIMEOUT) -> dict:
@@ -348,14 +646,27 @@ class GuestSession:
 
         Raises ``GuestTimeout`` if none arrives in ``timeout`` seconds (None: wait),
         ``SessionClosed`` once the session is closed and every message was taken.
+        A message already handed (a replay repeats it) is dropped here, and counted
+        in ``duplicates``.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._state:
-            if not self._state.wait_for(lambda: self._inbox or self._closed.is_set(), timeout):
-                raise GuestTimeout(f"no message within {timeout:g}s")
-            if not self._inbox:
-                raise SessionClosed("session closed")
-            self._state.notify_all()  # the reader may wait for room in the inbox
-            return self._inbox.popleft()
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._state.wait_for(lambda: self._inbox or self._closed.is_set(), left):
+                    raise GuestTimeout(f"no message within {timeout:g}s")
+                if not self._inbox:
+                    raise SessionClosed("session closed")
+                self._state.notify_all()  # the reader may wait for room in the inbox
+                message, resumable = self._inbox.popleft()
+                if self._hand_over(message, resumable):
+                    break
+            # After close() no saver runs: write the last positions once the queue is empty.
+            save = (self._saver is not None and self._closed.is_set()
+                    and (not self._inbox or time.monotonic() - self._last_save >= SAVE_INTERVAL))
+        if save:
+            self._save()
+        return message
 
     def messages(self, timeout: float | None = None):
         """Yield delivered messages until the session is closed, or until none came
@@ -372,6 +683,18 @@ class GuestSession:
     def connected(self) -> bool:
         return self._sock is not None
 
+    @property
+    def positions(self) -> dict:
+        """A copy of ``{subscription: seq of the last message handed to the application}``
+        for the subscriptions held; those without a position yet are left out."""
+        with self._state:
+            return {topic: self._positions.last[topic] for topic in self._topics if topic in self._positions.last}
+
+    @property
+    def duplicates(self) -> int:
+        """How many delivered messages were dropped as already handed (replays)."""
+        return self._duplicates
+
     def close(self, timeout: float | None = None) -> None:
         """End the session; waiting calls raise ``SessionClosed`` (or ``ConnectionLost``).
 
@@ -379,15 +702,18 @@ class GuestSession:
         the session's threads, which may be inside a connection attempt.
         """
         self._closed.set()
+        self._dirty.set()  # wakes the saver, which then ends
         with self._state:
             sock = self._sock
             self._state.notify_all()
         if sock is not None:
             _shutdown(sock)
         deadline = time.monotonic() + (self.connect_timeout + 1 if timeout is None else timeout)
-        for thread in (self._reader, self._heartbeat):
-            if thread is not threading.current_thread():
+        for thread in (self._reader, self._heartbeat, self._saver):
+            if thread is not None and thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
+        if self.state_file is not None:
+            self._save()
 
     def __enter__(self):
         return self
@@ -417,18 +743,23 @@ class GuestSession:
             raise AckError(reply)
         return reply
 
-    def _submit(self, frame: dict) -> futures.Future:
+    def _submit(self, frame: dict, on: socket.socket | None = None) -> futures.Future:
         """Write ``frame`` and return the future of its reply, registered before the
-        write so that the reader always finds it, and in wire order."""
+        write so that the reader always finds it, and in wire order. With ``on``, only
+        on that connection (``ConnectionLost`` once it is gone)."""
         data = encode_frame(frame)
+        # A bus-v1 host would ignore "since", but it is not sent: bus-v1 bytes exactly.
+        plain = encode_frame({k: v for k, v in frame.items() if k != "since"}) if "since" in frame else data
         future: futures.Future = futures.Future()
         with self._send_lock:
             with self._state:
                 sock = self._sock
                 if self._closed.is_set():
                     raise SessionClosed("session closed")
-                if sock is None:
+                if sock is None or (on is not None and sock is not on):
                     raise ConnectionLost("not connected")
+                if not self._resumable:
+                    data = plain
                 if frame["type"] == "publish":
                     self._publishes[frame["id"]] = future
                 else:
@@ -464,7 +795,7 @@ class GuestSession:
             # Waits for room (the reader stops reading: back-pressure to the host).
             self._state.wait_for(lambda: len(self._inbox) < self.max_queued or self._closed.is_set())
             if not self._closed.is_set():
-                self._inbox.append(message)
+                self._inbox.append((message, self._resumable))
                 self._state.notify_all()
 
     def _dispatch(self, frame: dict) -> None:
@@ -476,9 +807,107 @@ class GuestSession:
         else:  # {"type":"error"}: a frame we sent was malformed, which encode_frame prevents
             log.warning("host reported an error: %s", frame)
 
-    def _forget_topic(self, topic: str) -> None:
+    def _forget_topic(self, topic: str, position: bool = False) -> None:
+        """Drop ``topic`` from the subscriptions; with ``position``, its position too
+        (a refused topic keeps it: the next run may be allowed to read it)."""
         with self._state:
             self._topics.pop(topic, None)
+            if position:
+                self._positions.forget(topic)
+                self._dirty.set()
+
+    # -- resume -----------------------------------------------------------------------------
+
+    def _set_position(self, topic: str, seq: int) -> None:
+        """Under ``_state``."""
+        self._positions.set(topic, seq)
+        self._dirty.set()
+
+    def _hand_over(self, message: dict, resumable: bool) -> bool:
+        """Under ``_state``: whether ``message`` goes to the application (``Positions.take``)."""
+        seq, topic = message.get("seq"), message.get("topic")
+        if type(seq) is not int or not isinstance(topic, str):
+            return True  # not a message the host sends: nothing to go by
+        version = self._positions.version
+        if not self._positions.take(topic, seq, self._topics, dedupe=resumable):
+            self._duplicates += 1
+            return False
+        if self._positions.version != version:
+            self._dirty.set()
+        return True
+
+    def _subscribed(self, topic: str, sent: int | None, ack: dict) -> None:
+        """An ok ack of a subscribe sent with ``since`` = ``sent``: a host whose log is
+        behind answers a lower ``since``, which becomes the position."""
+        since = ack.get("since")
+        if sent is None or type(since) is not int or since >= sent:
+            return
+        if sent == FROM_NOW:  # a subscription's first position: where the log ends now
+            with self._state:
+                self._set_position(topic, since)
+            return
+        log.warning("%s: the host's log ends at seq %d, before this guest's position %d (a new log?): "
+                    "resuming from seq %d", topic, since, sent, since)
+        with self._state:
+            self._set_position(topic, since)
+
+    def _retry_since(self, topic: str, sent: int | None, ack: dict, attempt: int) -> tuple[bool, int | None]:
+        """After an error ack of a subscribe sent with ``since`` = ``sent``: whether to
+        subscribe again, and with which ``since`` (None: live).
+
+        ``since expired``, ``oldest`` N: the messages between are gone; warn, take
+        N - 1 as the position, and go on from there (live after ``SINCE_RETRIES`` in
+        a row). ``invalid since``: drop the position, go on live.
+        """
+        reason = ack.get("reason")
+        if sent is None or reason not in (SINCE_EXPIRED, INVALID_SINCE):
+            return False, None
+        oldest = ack.get("oldest")
+        if reason == SINCE_EXPIRED and type(oldest) is int and sent + 1 < oldest <= MAX_SINCE + 1 \
+                and attempt < SINCE_RETRIES:
+            log.warning("%s: messages after seq %d up to seq %d are no longer in the host's logs and are lost; "
+                        "resuming from seq %d", topic, sent, oldest - 1, oldest)
+            with self._state:
+                self._set_position(topic, oldest - 1)
+            return True, oldest - 1
+        log.warning("%s: subscribe with since %d refused (%s%s): subscribing from now on, messages before are lost",
+                    topic, sent, reason, f", oldest {oldest}" if oldest is not None else "")
+        with self._state:
+            self._positions.forget(topic)
+            self._dirty.set()
+        return True, None
+
+    def _save(self) -> None:
+        """Write the positions to the state file if they changed since the last write;
+        a failure is logged (once until a write succeeds) and the session goes on."""
+        with self._save_lock:
+            with self._state:
+                version = self._positions.version
+                positions = dict(self._positions.last)
+            if version == self._saved_version:
+                return
+            self._last_save = time.monotonic()
+            try:
+                save_state(self.state_file, self.vm, self.host, self.port, positions)
+            except OSError as exc:
+                error = str(exc.strerror or exc)
+                if error != self._save_error:
+                    log.warning("cannot write the state file %s: %s", self.state_file, error)
+                self._save_error = error
+                return
+            self._saved_version = version
+            self._save_error = None
+
+    def _run_saver(self) -> None:
+        """Write the state file when positions change, at most every ``SAVE_INTERVAL``."""
+        while True:
+            self._dirty.wait()
+            if self._closed.is_set():
+                return  # close() writes the last positions
+            if self._closed.wait(max(0.0, self._last_save + SAVE_INTERVAL - time.monotonic())):
+                return
+            self._dirty.clear()
+            self._save()
 
     # -- the reader: connection life ------------------------------------------------------
 
@@ -506,43 +935,73 @@ class GuestSession:
 
     def _connect(self):
         sock, stream, reply = handshake(self.host, self.port, self._hello, self.connect_timeout)
-        if not reply.startswith("ok session="):
+        opened = parse_session_reply(reply)
+        if opened is None:
             _close(sock, stream)
             raise ConnectFailed(f"{self.host}:{self.port} did not open a bus session (reply {reply!r})")
         sock.settimeout(None)  # from now on the reader blocks until a frame or the end
-        with self._state:
-            if self._closed.is_set():
-                _close(sock, stream)
-                raise ConnectFailed("closed while connecting")
-            self._sock = sock
-            self.session_token = reply.split("=", 1)[1]
-            topics = list(self._topics)
-        log.info("connected to %s:%s as vm:%s (session %s)", self.host, self.port, self.vm, self.session_token)
-        self._resubscribe(topics)
+        # The subscribes go out before any caller's frame (an unsubscribe cannot come
+        # before a stale subscribe). A few small frames on a new connection: the
+        # kernel takes them at once, so the reader does not wait here while a replay
+        # fills what the host sends.
+        with self._send_lock:
+            with self._state:
+                if self._closed.is_set():
+                    _close(sock, stream)
+                    raise ConnectFailed("closed while connecting")
+                self._sock = sock
+                self.session_token, self.bus_protocol = opened
+                self._resumable = self.bus_protocol == BUS_V2
+                # Each subscription from its position (the since is dropped on a bus-v1 connection).
+                subscriptions = [(topic, self._positions.last.get(topic, FROM_NOW)) for topic in self._topics]
+            log.info("connected to %s:%s as vm:%s (session %s, %s)", self.host, self.port, self.vm,
+                     self.session_token, self.bus_protocol)
+            for topic, since in subscriptions:
+                if not self._send_subscribe(sock, topic, since, 0):
+                    break  # the read loop that follows sees the end and reconnects
         with self._state:
             self._last_error = None
             self._state.notify_all()
         self._first_attempt.set()
         return sock, stream
 
-    def _resubscribe(self, topics) -> None:
-        for topic in topics:
-            try:
-                future = self._submit({"type": "subscribe", "topic": topic})
-            except (ConnectionLost, SessionClosed):
-                return  # the read loop that follows sees the end and reconnects
-            # Nobody waits for these acks: the reader itself must go on reading them.
-            future.add_done_callback(lambda done, topic=topic: self._handle_resubscribed(topic, done))
+    def _subscribe_again(self, sock: socket.socket, topic: str, since: int | None, attempt: int) -> None:
+        """Subscribe on the connection ``sock`` from a thread of its own, for the reader
+        (an ack's callback): it must not wait for the send lock. A replay fills
+        what the host sends us, and a reader waiting for a caller whose write waits
+        for the host (which stops reading us while we do not read) would stall the
+        session until the host drops it as a slow consumer."""
+        threading.Thread(target=self._send_subscribe, args=(sock, topic, since, attempt),
+                         name=f"castra-guest-subscribe-{self.vm}", daemon=True).start()
 
-    def _handle_resubscribed(self, topic: str, done: futures.Future) -> None:
+    def _send_subscribe(self, sock: socket.socket, topic: str, since: int | None, attempt: int) -> bool:
+        frame = {"type": "subscribe", "topic": topic}
+        if since is not None:
+            frame["since"] = since
+        try:
+            future = self._submit(frame, on=sock)
+        except (ConnectionLost, SessionClosed):
+            return False
+        # Nobody waits for these acks: the reader calls this back when one comes.
+        future.add_done_callback(lambda done: self._handle_resubscribed(sock, topic, since, attempt, done))
+        return True
+
+    def _handle_resubscribed(self, sock: socket.socket, topic: str, since: int | None, attempt: int,
+                             done: futures.Future) -> None:
         if done.exception() is not None:
             return  # the connection dropped; the next one subscribes again
         ack = done.result()
         if ack.get("status") == "ok":
-            log.info("subscribed to %s", topic)
-        else:
-            self._forget_topic(topic)
-            log.warning("subscription to %s refused: %s", topic, ack.get("reason"))
+            self._subscribed(topic, since, ack)
+            replay = ack.get("since")
+            log.info("subscribed to %s%s", topic, f" (replay after seq {replay})" if type(replay) is int else "")
+            return
+        retry, since = self._retry_since(topic, since, ack, attempt)
+        if retry:
+            self._subscribe_again(sock, topic, since, attempt + 1)
+            return
+        self._forget_topic(topic)
+        log.warning("subscription to %s refused: %s", topic, ack.get("reason"))
 
     def _serve(self, sock: socket.socket, stream) -> str:
         """Read and dispatch frames until the connection ends; return why it ended."""
@@ -647,7 +1106,7 @@ def forward_frame(session: GuestSession, frame, timeout: float) -> dict:
     if kind == "publish":
         return session.publish(frame.get("topic", "broadcast"), frame.get("payload"), timeout)
     if kind == "subscribe":
-        return session.subscribe(frame.get("topic"), timeout)
+        return session.subscribe(frame.get("topic"), timeout, since=frame.get("since"))
     if kind == "unsubscribe":
         return session.unsubscribe(frame.get("topic"), timeout)
     if kind == "heartbeat":
@@ -689,7 +1148,17 @@ def run_publish(args, target: Target) -> int:
     return EXIT_OK
 
 
+def agent_state_file(args, target: Target) -> str | None:
+    """``--state-file``, else none with ``--no-state-file``, else ``default_state_file``."""
+    if args.no_state_file:
+        return None
+    return args.state_file or default_state_file(target.vm)
+
+
 def run_agent(args, target: Target) -> int:
+    state_file = agent_state_file(args, target)
+    if state_file:
+        log.info("resume positions in %s", state_file)
     session = GuestSession(
         target.host, target.port, target.vm,
         subscribe=args.subscribe,
@@ -699,6 +1168,7 @@ def run_agent(args, target: Target) -> int:
         backoff_max=args.backoff_max,
         connect_timeout=args.timeout,
         wait=False,
+        state_file=state_file,
     )
     try:
         if args.stdin_json:
@@ -787,6 +1257,17 @@ AGENT_EXAMPLES = """\
 examples:
   castra-guest agent --subscribe broadcast --subscribe vm:alpha
   producer | castra-guest agent --stdin-json   # lines like {"type":"publish","topic":"t","payload":{}}
+  castra-guest agent --subscribe vm:alpha --state-file /var/lib/castra-guest/alpha.json
+"""
+
+RESUME = f"""\
+resume: with a host that speaks bus-v2, every message on the subscribed topics is
+printed once, in seq order, also when the connection drops: after a reconnect the
+agent asks for what it missed. The positions (per topic, the last seq printed)
+outlive the agent in the state file: --state-file PATH, by default
+{STATE_DIR}/<vm>.json if that directory exists and is writable
+(mkdir -p {STATE_DIR} to have it), else none (--no-state-file: none).
+Messages the host no longer has are skipped with a warning on stderr.
 """
 
 PING_EXAMPLES = """\
@@ -829,7 +1310,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "JSON line on stdout, and with --stdin-json forward each stdin line (a publish, subscribe, "
                     "unsubscribe or heartbeat frame) until stdin ends, then exit once their acks are in. "
                     "Exits 0 on SIGTERM or Ctrl-C.",
-        epilog=epilog(AGENT_EXAMPLES), formatter_class=raw,
+        epilog=epilog(AGENT_EXAMPLES + "\n" + RESUME), formatter_class=raw,
     )
     agent.add_argument("--subscribe", action="append", default=[], metavar="TOPIC",
                        help="receive messages on TOPIC (repeatable); 'metrics.*': every topic "
@@ -842,6 +1323,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="first reconnect delay, doubled on each failure (default: %(default)g)")
     agent.add_argument("--backoff-max", type=float, default=BACKOFF_MAX, metavar="S",
                        help="longest reconnect delay (default: %(default)g)")
+    state = agent.add_mutually_exclusive_group()
+    state.add_argument("--state-file", metavar="PATH",
+                       help=f"keep resume positions in PATH across restarts (default: {STATE_DIR}/<vm>.json "
+                            "if that directory is writable, else none)")
+    state.add_argument("--no-state-file", action="store_true", help="keep resume positions in memory only")
     agent.set_defaults(run=run_agent)
 
     ping_command = commands.add_parser("ping", parents=[common], help="handshake only: exit 0 if the host answers ok",

@@ -79,9 +79,11 @@ class Journal:
         poller.register(stop_signals, zmq.POLLIN)
         interval_ms = int(self.settings.health_interval * 1000)
         next_health = 0.0
-        self.rebuild()
+        # Ready before catching up: a journal far behind (a restored state root, a long
+        # outage) takes seconds a million lines, and the bridge acks without it.
         logger.info("journal ready", seq=self.vm_logs.seq, log=str(self.vm_logs.bus_log))
         runtime.notify_ready()
+        self.rebuild()
         while self.running:
             if self.bus in dict(poller.poll(interval_ms)):
                 self.read_bus()

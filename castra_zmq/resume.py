@@ -35,6 +35,8 @@ from .wire import Delivery, decode_log_lines, json_encode
 if TYPE_CHECKING:
     from .session import GuestConnection
 
+_TOPIC_KEY = b',"topic":"'
+_TOPIC_END = b'","payload":'
 RETRY_DELAY = 0.1  # seconds: a log that cannot be read (being rotated, failing) is read again after it
 REPLAY_EXPIRED = "replay_expired"  # a session's close reason: its log went while it was replayed
 
@@ -117,10 +119,16 @@ class Catchup:
         connection = self.connection
         may_read = connection.bridge.policy.may_read
         wanted = [(topic, pattern_prefix(topic), after) for topic, after in self.after.items()]
-        for record in decode_log_lines(b"".join(lines)):
-            sender = sender_of(record.vm)
-            if sender == connection.sender:
-                continue  # a VM never hears its own publishes
+        # Most lines of a log are on other topics: those are told apart by their
+        # bytes (about a tenth of the cost of decoding them, measured), the rest decoded.
+        exact = {raw_json(pattern) for pattern, prefix, _ in wanted if prefix is None}
+        prefixes = tuple(raw_json(prefix) for _, prefix, _ in wanted if prefix is not None)
+        matching = [line for line in lines if (topic := raw_topic(line)) in exact or topic.startswith(prefixes)]
+        if not matching:
+            return
+        for record in decode_log_lines(b"".join(matching)):
+            if record.vm == connection.vm:
+                continue  # a VM never hears its own publishes ("host" is no guest's name)
             topic, seq = record.topic, record.seq
             if not any(after < seq and (topic == pattern if prefix is None else topic.startswith(prefix))
                        for pattern, prefix, after in wanted):
@@ -128,6 +136,21 @@ class Catchup:
             if (topic.startswith(VM_TOPIC_PREFIX) and topic not in self.after
                     and not may_read(connection.vm, topic)):
                 continue  # only through a pattern, and not this VM's to read
-            body = json_encode(Delivery(topic, sender, record.ts_ms, seq, record.payload))
+            body = json_encode(Delivery(topic, sender_of(record.vm), record.ts_ms, seq, record.payload))
             connection.queue(encode_frame(body))
             self.replayed += 1
+
+
+def raw_json(text: str) -> bytes:
+    """``text`` as it is between the quotes of a JSON string in a log line (msgspec
+    escapes each character alone, so a prefix's bytes are a prefix of the topic's)."""
+    return json_encode(text)[1:-1]
+
+
+def raw_topic(line: bytes) -> bytes:
+    """A log line's topic as its JSON bytes, escapes kept, without decoding the
+    line: inside a JSON string every quote is escaped, so the first ``,"topic":"``
+    is the key (``vm`` comes before it, PROTOCOL.md 7.2) and the first ``","payload":``
+    after it ends the topic."""
+    start = line.find(_TOPIC_KEY) + len(_TOPIC_KEY)
+    return line[start:line.find(_TOPIC_END, start)]
