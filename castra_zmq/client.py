@@ -1,4 +1,5 @@
-"""Host-tool API: publish with a durable ack, subscribe to committed messages.
+"""Host-tool API: publish with a durable ack, subscribe to committed messages,
+follow the bus log from a seq.
 
 ```python
 from castra_zmq import client
@@ -6,12 +7,16 @@ from castra_zmq import client
 seq = client.publish("vm:alpha", {"cmd": "reload"})      # returns once it is in bus.log
 for message in client.subscribe(["vm:alpha", "broadcast"]):   # or ["vm:*"]: every VM's topic
     print(message.seq, message.sender, message.topic, bytes(message.payload))
+for message in client.follow(["vm:*"], since=last_seq_handled):  # what was missed, then live
+    handle(message)
+    last_seq_handled = message.seq
 ```
 
-Everything goes over the router's ipc endpoints under ``<state_root>/run/``, and
-only once ``run/`` is known to be ours (``Endpoints.check_run_dir``): a socket
-another user put there is never connected to. The README documents the framing
-for tools written in other languages.
+Publishing and subscribing go over the router's ipc endpoints under
+``<state_root>/run/``, and only once ``run/`` is known to be ours
+(``Endpoints.check_run_dir``): a socket another user put there is never
+connected to. ``follow`` reads ``logs/bus/bus.log`` itself. The README documents
+the framing for tools written in other languages.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from .endpoints import Endpoints, default_state_root
 from .errors import PublishFailed, RouterUnavailable
 from .handshake import HOST_SENDER
 from .owner import router_pid
+from .replay import Expired  # noqa: F401 - raised by follow: client.Expired
+from .subscriptions import topic_patterns
 from .wire import (
     MAX_FRAME,
     MESSAGE_TOO_LARGE,
@@ -38,6 +45,7 @@ from .wire import (
     PublishRequest,
     decode_commit_batch,
     decode_delivery,
+    decode_log_record,
     json_encode,
 )
 
@@ -228,6 +236,109 @@ async def subscribe_async(topic_names: Iterable[str] = ("*",), *, state_root=Non
     finally:
         sock.close(linger=0)
         context.term()
+
+
+# -- following bus.log from a seq ---------------------------------------------------
+
+
+class _LogReader:
+    """``follow``'s state: the bus log read by seq (``tail.SeqFollower``), an
+    inotify watch on its directory, and the topics wanted."""
+
+    def __init__(self, topic_names: Iterable[str], since: int, state_root):
+        from . import tail  # file reading and inotify: only tools that follow pay for them
+
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise ValueError(f"since is a seq, an int from 0 (every message) on, not {since!r}")
+        self.wanted = topic_patterns(list(topic_names) or ["*"])
+        path = _endpoints(state_root).bus_log
+        # Watching starts before the first read, so no append falls between the two.
+        self.watch = tail.DirectoryWatch(path.parent)
+        self.reader = tail.SeqFollower(path, since, self._notify)
+
+    def deliveries(self) -> list[Delivery] | None:
+        """The next messages on the topics wanted (maybe none of them is), None when
+        no message is committed yet."""
+        lines = self.reader.read()
+        if not lines:
+            return None
+        found = []
+        for line in lines:
+            try:
+                record = decode_log_record(line)
+            except msgspec.DecodeError as exc:
+                self._notify(f"skipped a line that is not a bus log record ({exc}): {line[:60]!r}")
+                continue
+            if self.wanted.match(record.topic):
+                sender = HOST_SENDER if record.vm == HOST_SENDER else "vm:" + record.vm
+                found.append(Delivery(topic=record.topic, sender=sender, ts_ms=record.ts_ms, seq=record.seq,
+                                      payload=record.payload))
+        return found
+
+    def close(self) -> None:
+        self.reader.close()
+        self.watch.close()
+
+    @staticmethod
+    def _notify(note: str) -> None:
+        from loguru import logger
+
+        logger.warning("client.follow: {}", note)
+
+
+def follow(topic_names: Iterable[str] = ("*",), *, since: int, state_root=None) -> Iterator[Delivery]:
+    """Yield every committed message on ``topic_names`` (as for ``subscribe``) with
+    a seq above ``since``, in seq order, each once: those already in the log, then
+    each one as it is committed, until the caller stops iterating.
+
+    Pass the seq of the last message handled (0: from the first one): a tool that
+    was away gets what it missed and goes on, with no gap at the switch to live
+    messages and none across router restarts. The messages are read from
+    ``logs/bus/bus.log`` and its rotated copies (bisecting to ``since``, never
+    reading the log through) and are ``Delivery`` values as ``subscribe`` gives,
+    from the log's lines (``sender`` ``host`` or ``vm:<name>``). No router is
+    needed: a log that does not exist yet is waited for. Each message shows within
+    milliseconds of its line being written (inotify on the log's directory), which
+    can be just before its fsync and ack: if that commit then fails
+    (``log_write_failed``, the log is cut back; a full or failing disk), a warning
+    is logged and the seqs cut off come again with the messages committed under them.
+
+    Raises ``Expired`` (``.since``, ``.oldest``) when messages after ``since`` are
+    no longer in the logs (rotated away, then compressed or deleted): follow again
+    from ``oldest - 1`` to accept the gap. A log started again below ``since`` (a
+    new state root) is read from its last seq on, as a guest's resume does
+    (PROTOCOL.md 4.3.1); both, and lines that are not records, are logged.
+    """
+    source = _LogReader(topic_names, since, state_root)
+    try:
+        while True:
+            found = source.deliveries()
+            if found is None:
+                source.watch.wait()
+            else:
+                yield from found
+    finally:
+        source.close()
+
+
+async def follow_async(topic_names: Iterable[str] = ("*",), *, since: int, state_root=None) -> AsyncIterator[Delivery]:
+    """``follow`` for asyncio programs. Waiting never blocks the event loop (it
+    watches the inotify descriptor); reading is from the page cache, a chunk of at
+    most about 256 KiB between two returns to the loop."""
+    import asyncio
+
+    source = _LogReader(topic_names, since, state_root)
+    try:
+        while True:
+            found = source.deliveries()
+            if found is None:
+                await source.watch.wait_async()
+                continue
+            for delivery in found:
+                yield delivery
+            await asyncio.sleep(0)  # a long backlog shares the loop
+    finally:
+        source.close()
 
 
 def query_status(*, state_root=None, timeout: float = 0.25) -> bytes | None:

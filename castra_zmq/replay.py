@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CastraError
+from .logfiles import SUFFIX as LOG_SUFFIX
 
 BUS_LOG = "bus.log"
 # What logrotate may leave beside the log: those cannot be read line by line.
@@ -99,13 +100,19 @@ def first_seq(path: Path) -> int | None:
 
 def segments(directory: Path, name: str = BUS_LOG) -> list[tuple[int, Path]]:
     """``name`` and its rotated copies in ``directory`` that have lines, as
-    (seq of the first line, path), oldest first."""
+    (seq of the first line, path), oldest first.
+
+    Another log is never taken for a copy: every per-VM log ends in ``.log``
+    (``bus.log.log`` is the log of a VM named ``bus.log``), a rotated copy does not.
+    """
     found = []
     try:
         entries = os.listdir(directory)
     except OSError:
         return []
     for entry in entries:
+        if entry != name and entry.endswith(LOG_SUFFIX):
+            continue  # a per-VM log whose name starts with ``name``
         if entry.startswith(name) and not entry.endswith(COMPRESSED_SUFFIXES) and not entry.endswith(".tmp"):
             try:
                 seq = first_seq(directory / entry)

@@ -1,14 +1,18 @@
-"""``castra bus tail``: the last lines of a bus log, then with -f each new one."""
+"""``castra bus tail``: the last lines of a bus log (or those after a seq or a
+time), then with -f each new one."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
 import msgspec
+from click.core import ParameterSource
 
 from castra_zmq import tail as bus_tail
 from castra_zmq.errors import CastraError
+from castra_zmq.replay import Expired
 from castra_zmq.terminal import json_for_terminal, printable
 from castra_zmq.wire import LogRecord
 
@@ -16,6 +20,21 @@ from .options import interrupt_on_signals, no_entries_note, state_root_option, s
 
 _VM_WIDTH = 12
 _TOPIC_WIDTH = 16
+EXIT_GAP = 3  # --since: messages it asked for were rotated away (everything left was printed)
+
+
+class SinceType(click.ParamType):
+    """``--since``: a seq, a duration back from now, or an ISO 8601 time (``tail.parse_since``)."""
+
+    name = "SEQ|DURATION|TIME"
+
+    def convert(self, value, param, ctx) -> bus_tail.Since:
+        if isinstance(value, bus_tail.Since):
+            return value
+        try:
+            return bus_tail.parse_since(value.strip(), time.time_ns() // 1_000_000)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def format_record(record: LogRecord, color: bool = False, utc: bool = False) -> str:
@@ -40,6 +59,10 @@ def format_record(record: LogRecord, color: bool = False, utc: bool = False) -> 
               help="Read one VM's log instead: what it published and what was addressed to it.")
 @click.option("-n", "--tail", "count", type=click.IntRange(min=0), default=bus_tail.DEFAULT_COUNT,
               show_default=True, help="How many of the last lines to show first.")
+@click.option("--since", type=SinceType(), metavar="SEQ|DURATION|TIME",
+              help="Instead of the last lines, every message after seq SEQ (a number), or committed "
+                   "in the last DURATION (90s, 15m, 2h, 1d, 1h30m) or since TIME (ISO 8601, local "
+                   "time without an offset), rotated copies of the log included.")
 @click.option("-f", "--follow", is_flag=True, help="Then print each new line as it is appended, until Ctrl-C.")
 @click.option("--topic", "topics", metavar="T", multiple=True,
               help="Only messages on topic T; T ending in * is every topic starting with what comes "
@@ -48,9 +71,10 @@ def format_record(record: LogRecord, color: bool = False, utc: bool = False) -> 
 @click.option("--utc", is_flag=True, help="Show times in UTC instead of local time.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the log's JSON lines (for jq), C1 control characters \\u-escaped.")
-def tail(state_root: Path, shared: bool, vm: str | None, count: int, follow: bool,
+def tail(state_root: Path, shared: bool, vm: str | None, count: int, since: bus_tail.Since | None, follow: bool,
          topics: tuple[str, ...], utc: bool, as_json: bool) -> None:
-    """Show the last lines of a bus log; with -f, follow it.
+    """Show the last lines of a bus log, or those after a seq or a time; with -f,
+    follow it.
 
     Each line shows the time (ISO 8601 with the date, local time or --utc),
     sender, topic and payload. A line still being written (or torn by a crash) is
@@ -58,7 +82,17 @@ def tail(state_root: Path, shared: bool, vm: str | None, count: int, follow: boo
     with a note on stderr. A log that does not exist (yet) is said so on stderr,
     and on a terminal an empty result shows `-- No entries --`. --follow keeps
     reading across log truncation, rotation and router restarts, and waits for a
-    log that does not exist yet; Ctrl-C ends it with status 0.
+    log that does not exist yet; Ctrl-C ends it with status 0 (3 after a gap, below).
+
+    --since resumes where a reader left off: every message after that seq (or
+    from that time), in seq order, each once, from the log's rotated copies
+    (bus.log.1, bus.log-20261201: not compressed ones) and then the log, found by
+    bisection, not by reading the log through. It takes the place of -n (give one
+    of them). When messages after SEQ were rotated away (compressed or deleted)
+    a warning on stderr names the oldest seq left, the rest is shown, and the
+    status is 3 (also when -f ends). A VM's log has gaps in its seqs by design:
+    with --vm the warning says messages may be gone, when the shared log lost
+    them too or a compressed copy is there.
 
     \b
     Examples:
@@ -67,27 +101,53 @@ def tail(state_root: Path, shared: bool, vm: str | None, count: int, follow: boo
       castra bus tail -n 50 --topic builds --topic broadcast --utc
       castra bus tail -f --topic 'vm:*'        # every topic starting with vm:
       castra bus tail -f --json | jq -c '{seq, payload}'
+      castra bus tail --since 1200 -f --json   # every message after seq 1200, then follow
+      castra bus tail --since 15m --vm alpha   # alpha's traffic of the last 15 minutes
     """
     if shared and vm is not None:
         raise click.UsageError("--shared and --vm exclude each other")
     if vm == "":
         raise click.BadParameter("a VM name is not empty", param_hint="--vm")
+    if since is not None and click.get_current_context().get_parameter_source("count") is ParameterSource.COMMANDLINE:
+        raise click.UsageError("use one of -n and --since: -n shows the last lines, --since those after a point")
     color = stdout_wants_color()
     path = bus_tail.log_path(state_root, vm)
     shown = 0
+    gaps: list[Expired] = []
 
     def caught_up(exists: bool) -> None:
         if not exists:
             # A VM's log starts with the first message from or to it after it connected.
             whose = f"VM {printable(vm)} (none sent or received yet)" if vm is not None else "the bus"
             click.echo(f"castra bus tail: no log yet for {whose}: {path} does not exist", err=True)
-        if shown == 0 and count > 0 and not as_json:
+        if shown == 0 and (count > 0 or since is not None) and not as_json:
             no_entries_note()
 
-    entries = bus_tail.tail_entries(
-        path, count=count, follow=follow, topics=frozenset(topics), caught_up=caught_up,
-        notify=lambda note: click.echo(f"castra bus tail: {printable(note)}", err=True),
-    )
+    def notify(note: str) -> None:
+        click.echo(f"castra bus tail: {printable(note)}", err=True)
+
+    def on_gap(gap: Expired) -> None:
+        gaps.append(gap)
+        if vm is not None:
+            notify(f"messages of VM {vm} after seq {gap.since} may be gone (rotated away): the oldest line "
+                   f"left in its log is seq {gap.oldest}; going on from there")
+        elif since.ts_ms is not None and gap.since == 0:
+            notify(f"messages before seq {gap.oldest} are no longer in the logs (rotated away), and some may "
+                   f"be from after {bus_tail.format_time(since.ts_ms, utc)}; going on from seq {gap.oldest}")
+        else:
+            notify(f"messages after seq {gap.since} are no longer all in the logs (rotated away): the oldest "
+                   f"left is seq {gap.oldest}; going on from there")
+
+    try:
+        if since is None:
+            entries = bus_tail.tail_entries(path, count=count, follow=follow, topics=frozenset(topics),
+                                            caught_up=caught_up, notify=notify)
+        else:
+            entries = bus_tail.entries_after(path, bus_tail.start_after(path, since), follow=follow,
+                                             topics=frozenset(topics), caught_up=caught_up, notify=notify,
+                                             on_gap=on_gap)
+    except CastraError as exc:
+        raise click.ClickException(exc.reason) from None
     # Ctrl-C and SIGTERM end a follow quietly, with status 0, even when the shell
     # started it with SIGINT ignored (`castra bus tail -f &`).
     interrupt_on_signals()
@@ -100,3 +160,5 @@ def tail(state_root: Path, shared: bool, vm: str | None, count: int, follow: boo
         pass
     except CastraError as exc:
         raise click.ClickException(exc.reason) from None
+    if gaps:
+        raise click.exceptions.Exit(EXIT_GAP)
