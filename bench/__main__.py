@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import math
 import os
 import platform
 import resource
@@ -212,23 +211,12 @@ def write_outputs(args: argparse.Namespace, out: Path, started: str, systems: li
         "rows": rows,
         "runs": runs,
     }
-    (out / "results.json").write_text(json.dumps(without_nan(document), indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(report.without_nan(document), indent=1) + "\n")
     (out / "results.md").write_text(report.render_markdown(rows, notes))
     print(report.render_text(rows))
     print("\nnotes:\n" + "\n".join(f"- {note}" for note in notes))
     print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}"
           + ("" if chart_note else f", {out / 'bench.png'}"))
-
-
-def without_nan(value):
-    """NaN (a figure with no samples) as null: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_nan(item) for item in value]
-    return value
 
 
 if __name__ == "__main__":

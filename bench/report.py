@@ -231,3 +231,14 @@ def write_chart(rows: list[dict], path: Path, title: str) -> str | None:
     figure.savefig(path, dpi=72)
     pyplot.close(figure)
     return None
+
+
+def without_nan(value):
+    """NaN (a figure with no samples) as null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nan(item) for item in value]
+    return value

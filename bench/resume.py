@@ -72,6 +72,7 @@ from castra_zmq import __version__ as castra_version
 from castra_zmq.buslog import encode_lines, last_seq, write_checkpoint
 
 from .clients import CastraV2Client, ProtocolError, open_tcp
+from .report import without_nan
 from .systems import STOP_TIMEOUT, Castra, ProcessTree, read_ready_line
 from .workloads import (
     NOMINAL_GUESTS,
@@ -831,16 +832,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
     ok = runs and all("error" not in run and all(run[case]["check"]["ok"] for case in CASES) for run in runs)
     return 0 if ok else 1
-
-
-def without_nan(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_nan(item) for item in value]
-    return value
 
 
 if __name__ == "__main__":

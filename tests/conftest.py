@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from castra_zmq.client import Publisher
 from castra_zmq.supervisor import exits_within
 
 READY = re.compile(r"castra router ready on 127\.0\.0\.1:(\d+)")
@@ -93,6 +94,16 @@ class Router:
 
         wait_for(filed, timeout=timeout, what=f"the per-VM logs filed up to seq {last}")
 
+    def kill_9(self) -> None:
+        """Kill the router at once (SIGKILL to ``castra up``) and wait for its roles
+        to die with it."""
+        pids = [self.role_pid(role) for role in ("bridge", "journal", "proxy", "status")]
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.log.close()
+        for pid in pids:
+            wait_for(lambda pid=pid: not process_runs(pid), what=f"role {pid} gone")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
@@ -106,6 +117,26 @@ class Router:
             return self.process.returncode
         finally:
             self.log.close()
+
+
+def process_runs(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def host_publish(router: Router, topic: str, count: int, start: int = 0) -> list[int]:
+    """``count`` host publishes of ``{"n": start..}`` to ``topic``, 1,000 a batch; their seqs."""
+    seqs: list[int] = []
+    with Publisher(state_root=router.state_root) as publisher:
+        for first in range(start, start + count, 1000):
+            batch = [(topic, {"n": n}) for n in range(first, min(start + count, first + 1000))]
+            results = publisher.publish_batch(batch, timeout=20)
+            assert all(result.reason is None for result in results), results[:3]
+            seqs += [result.seq for result in results]
+    return seqs
 
 
 def identities_file(directory: Path, text: str) -> Path:
@@ -143,3 +174,22 @@ def router_factory(state_root):
 @pytest.fixture
 def router(router_factory) -> Router:
     return router_factory()
+
+
+@pytest.fixture
+def follow():
+    """Start ``castra bus tail -f`` processes (``test_cli.Follow``); any left running
+    is killed afterwards."""
+    from .test_cli import Follow
+
+    started: list[Follow] = []
+
+    def start(state_root: Path, *args: str, ignore_sigint: bool = False) -> Follow:
+        started.append(Follow(state_root, *args, ignore_sigint=ignore_sigint))
+        return started[-1]
+
+    yield start
+    for each in started:
+        if each.process.poll() is None:
+            each.process.kill()
+            each.process.wait()

@@ -130,22 +130,6 @@ class Follow:
         return self.process.wait(10)
 
 
-@pytest.fixture
-def follow():
-    """Start ``castra bus tail -f`` processes; any left running is killed afterwards."""
-    started: list[Follow] = []
-
-    def start(state_root: Path, *args: str, ignore_sigint: bool = False) -> Follow:
-        started.append(Follow(state_root, *args, ignore_sigint=ignore_sigint))
-        return started[-1]
-
-    yield start
-    for each in started:
-        if each.process.poll() is None:
-            each.process.kill()
-            each.process.wait()
-
-
 # -- pure: castra_zmq.tail on plain files -----------------------------------------------
 
 

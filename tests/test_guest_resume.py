@@ -21,7 +21,6 @@ import time
 import pytest
 
 from castra_zmq import guest, handshake
-from castra_zmq.client import Publisher
 from castra_zmq.guest import (
     GuestSession,
     GuestTimeout,
@@ -37,7 +36,7 @@ from castra_zmq.guest import (
 )
 from castra_zmq.replay import segments
 
-from .conftest import Router, wait_for
+from .conftest import host_publish, wait_for
 from .test_guest import GUEST_CLI, Child, environment, guest_env
 
 # -- pure: the answer line, topics, positions ------------------------------------------------
@@ -250,18 +249,6 @@ def gate(router):
     relay = Gate(router.port)
     yield relay
     relay.close()
-
-
-def host_publish(router: Router, topic: str, count: int, start: int = 0) -> list[int]:
-    """``count`` host publishes of ``{"n": start..}`` to ``topic``; their seqs."""
-    seqs: list[int] = []
-    with Publisher(state_root=router.state_root) as publisher:
-        for first in range(start, start + count, 1000):
-            batch = [(topic, {"n": n}) for n in range(first, min(start + count, first + 1000))]
-            results = publisher.publish_batch(batch, timeout=20)
-            assert all(result.reason is None for result in results), results[:3]
-            seqs += [result.seq for result in results]
-    return seqs
 
 
 def receive_all(bus: GuestSession, count: int, timeout: float = 30.0) -> list[dict]:

@@ -14,7 +14,6 @@ import gzip
 import json
 import os
 import queue
-import signal
 import threading
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from castra_zmq.replay import Expired, segments
 
 from .conftest import wait_for
 from .guest import Guest
-from .test_cli import Follow, castra
+from .test_cli import castra
 
 NOW_MS = 1_796_149_291_016
 MINUTE = 60_000
@@ -235,22 +234,6 @@ def tail_seqs(router, *args: str, status: int = 0) -> list[int]:
     return [json.loads(line)["seq"] for line in result.stdout.splitlines()]
 
 
-@pytest.fixture
-def follows():
-    """``castra bus tail -f`` processes, killed if left running."""
-    started: list[Follow] = []
-
-    def start(state_root: Path, *args: str) -> Follow:
-        started.append(Follow(state_root, *args))
-        return started[-1]
-
-    yield start
-    for each in started:
-        if each.process.poll() is None:
-            each.process.kill()
-            each.process.wait()
-
-
 def test_tail_since_seq_prints_exactly_the_messages_after_it(router):
     sent = publish(router, 12, "t") + publish(router, 8, "other")
     assert sent == list(range(1, 21))
@@ -338,9 +321,9 @@ def seq_topic(router, seq: int) -> str:
     raise AssertionError(f"seq {seq} is in no log")
 
 
-def test_tail_since_follows_after_the_backlog_through_a_rotation(router, follows):
+def test_tail_since_follow_after_the_backlog_through_a_rotation(router, follow):
     sent = publish(router, 6)
-    following = follows(router.state_root, "--since", "2", "--json")
+    following = follow(router.state_root, "--since", "2", "--json")
     seen = [following.next_record()["seq"] for _ in range(4)]
     assert seen == sent[2:]
     rotate(router, {"bus.log": "bus.log.1"})
@@ -416,29 +399,12 @@ def test_follow_gets_each_message_after_since_once_in_order_across_a_router_rest
     during = publish(router, 5, start=5)
     assert [m.seq for m in following.take(5)] == during
 
-    kill_9(router)
+    router.kill_9()
     router = router_factory()
     after = publish(router, 5, start=10)
     assert after[0] == during[-1] + 1
     assert [m.seq for m in following.take(5)] == after
     following.stop()
-
-
-def kill_9(router) -> None:
-    """Kill the router at once and wait for its roles to die with it."""
-    pids = [router.role_pid(role) for role in ("bridge", "journal", "proxy", "status")]
-    router.process.send_signal(signal.SIGKILL)
-    router.process.wait()
-    router.log.close()
-    for pid in pids:
-        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or zombie(pid), what=f"role {pid} gone")
-
-
-def zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_follow_reads_through_rotations_exactly_once(router):
