@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from castra_zmq import guest, handshake
+from castra_zmq import guest, handshake, session
 from castra_zmq.guest import (
     GuestSession,
     GuestTimeout,
@@ -40,6 +40,14 @@ from .conftest import host_publish, wait_for
 from .test_guest import GUEST_CLI, Child, environment, guest_env
 
 # -- pure: the answer line, topics, positions ------------------------------------------------
+
+
+def test_copied_bus_v2_constants_equal_the_routers():
+    """guest.py is one stdlib file, so it copies what it needs of bus-v2 (the limits
+    of bus-v1 are checked in test_guest)."""
+    assert (guest.BUS_V2, guest.MAX_SINCE, guest.SINCE_EXPIRED, guest.INVALID_SINCE) == (
+        handshake.BUS_V2, session.SEQ_MAX, session.SINCE_EXPIRED, session.INVALID_SINCE)
+
 
 
 def test_the_session_token_is_parsed_with_and_without_a_protocol():
