@@ -125,6 +125,7 @@ class Catchup:
                 connection.log.info("replay done", replayed=self.replayed, seq=head)
             elif not lines:  # committed lines not found yet (a rotation under way)
                 self.retry_later()
+                return
             elif time.monotonic() >= deadline:
                 self.schedule()  # after the loop's other work
                 return
