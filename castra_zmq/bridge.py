@@ -44,7 +44,7 @@ from .framing import encode_frame
 from .handshake import HOST_SENDER, Hello, sender_of
 from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
 from .listener import listener_socket
-from .session import CLOSE_LINGER, GuestConnection, ReadPause
+from .session import CLOSE_LINGER, GuestConnection, Phase, ReadPause
 from .subscriptions import SubscriberIndex
 from .wire import (
     MAX_FRAME,
@@ -323,7 +323,7 @@ class Bridge:
 
     def answer(self, waiter: GuestPublish | HostPublish, seq: int | None, reason: str | None) -> None:
         if isinstance(waiter, GuestPublish):
-            if waiter.connection.phase == "bus":  # else: gone meanwhile
+            if waiter.connection.phase is Phase.BUS:  # else: gone meanwhile
                 waiter.connection.handle_commit(waiter.topic, waiter.message_id, seq, reason)
         else:
             self.host_results[waiter.peer].append(CommitResult(corr=waiter.corr, seq=seq, reason=reason))

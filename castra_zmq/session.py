@@ -59,7 +59,17 @@ from .wire import (
 if TYPE_CHECKING:
     from .bridge import Bridge
 
-HELLO, BUS, CLOSED = "hello", "bus", "closed"
+
+
+class Phase(enum.Enum):
+    """Where a connection is: its hello line, bus frames, or closing (read and dropped)."""
+
+    HELLO = "hello"
+    BUS = "bus"
+    CLOSED = "closed"
+
+
+HELLO, BUS, CLOSED = Phase.HELLO, Phase.BUS, Phase.CLOSED
 # bus-v2 subscribe refusals (PROTOCOL.md 4.3.1)
 INVALID_SINCE = "invalid since"
 SINCE_EXPIRED = "since expired"
