@@ -36,12 +36,12 @@ import zmq
 from loguru import logger
 
 from . import runtime, topics
-from .buslog import BusLog, Message, read_checkpoint, read_seq_floor, target_of, write_seq_floor
+from .buslog import BusLog, Message, read_checkpoint, read_seq_floor, write_seq_floor
 from .config import Settings, settings_from_env
 from .errors import LogWriteFailed
 from .events import EVENT_BYTES_MAX, EventKind, SessionInfo, event_message, now_ms, split_sessions
 from .framing import encode_frame
-from .handshake import HOST_SENDER, Hello, sender_of
+from .handshake import HOST_SENDER, Hello, is_vm_name, sender_of
 from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
 from .listener import listener_socket
 from .session import CLOSE_LINGER, GuestConnection, Phase, ReadPause
@@ -409,7 +409,7 @@ class Bridge:
             return "invalid topic"
         if request.topic == SUBSCRIBE_ALL:
             return STAR_IS_FOR_SUBSCRIBE
-        if request.vm != HOST_SENDER and target_of("vm:" + request.vm) is None:
+        if request.vm != HOST_SENDER and not is_vm_name(request.vm):
             return "invalid vm name"
         if check_utf8 or compact:
             try:

@@ -40,7 +40,7 @@ import msgspec
 from loguru import logger
 
 from .errors import CastraError, LogWriteFailed
-from .handshake import HOST_SENDER, validate_vm_name
+from .handshake import HOST_SENDER, VM_TOPIC_PREFIX, is_vm_name
 from .logfiles import (
     DISK,
     SUFFIX,
@@ -230,12 +230,10 @@ class KnownVms:
 @functools.lru_cache(maxsize=4096)  # called for every message with few distinct topics
 def target_of(topic: str) -> str | None:
     """The VM a ``vm:<target>`` topic is addressed to, if it names a valid VM."""
-    if not topic.startswith("vm:"):
+    if not topic.startswith(VM_TOPIC_PREFIX):
         return None
-    try:
-        return validate_vm_name(topic[3:])
-    except CastraError:
-        return None
+    target = topic[len(VM_TOPIC_PREFIX):]
+    return target if is_vm_name(target) else None
 
 
 def files_of(vm: str, topic: str) -> tuple[str, ...]:

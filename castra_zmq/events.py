@@ -1,4 +1,4 @@
-"""Structured events: one name list and one Struct, published on ``evt\\0<kind>\\0``.
+"""Structured events: a Struct per kind (a tagged union), published on ``evt\\0<kind>\\0``.
 
 Every handshake, session change, back-pressure action and process change leaves
 one event (for the status role) beside its one log line.
@@ -36,23 +36,85 @@ class SessionInfo(msgspec.Struct, array_like=True):
     last_heartbeat_ms: int | None
 
 
-class Event(msgspec.Struct, omit_defaults=True):
-    kind: EventKind
+class Event(msgspec.Struct, tag_field="kind", omit_defaults=True, kw_only=True):
+    """Base of the events: ``kind`` (the tag) and ``ts_ms`` first, then each kind's
+    keys in one order across kinds (PROTOCOL.md 8.3), absent when null."""
+
     ts_ms: int
+
+
+class HandshakeEvent(Event, tag=EventKind.HANDSHAKE.value, kw_only=True):
+    vm: str | None = None  # None when no name was parsed (limits, timeout, bad hello)
+    reason: str | None = None
+    outcome: str  # ok (handshake-only), session, error
+    capabilities: list[str] | None = None
+    bus_protocol: str | None = None
+
+
+class SessionOpenEvent(Event, tag=EventKind.SESSION_OPEN.value, kw_only=True):
+    vm: str
+    session: str
+    bus_protocol: str | None = None
+
+
+class SessionCloseEvent(Event, tag=EventKind.SESSION_CLOSE.value, kw_only=True):
+    vm: str
+    session: str
+    reason: str | None = None
+
+
+class SubscribeEvent(Event, tag=EventKind.SUBSCRIBE.value, kw_only=True):
+    vm: str
+    session: str
+    topics: list[str] = []  # the session's topics afterwards
+
+
+class UnsubscribeEvent(Event, tag=EventKind.UNSUBSCRIBE.value, kw_only=True):
+    vm: str
+    session: str
+    topics: list[str] = []
+
+
+class HeartbeatEvent(Event, tag=EventKind.HEARTBEAT.value, kw_only=True):
+    vm: str
+    session: str
+
+
+class PublishEvent(Event, tag=EventKind.PUBLISH.value, kw_only=True):
+    counts: dict[str, int]  # sender -> messages committed since the last event
+    seq: int | None = None
+
+
+class BackpressureEvent(Event, tag=EventKind.BACKPRESSURE.value, kw_only=True):
     vm: str | None = None
     session: str | None = None
     reason: str | None = None
-    outcome: str | None = None
-    action: str | None = None
-    capabilities: list[str] | None = None
-    bus_protocol: str | None = None
-    topics: list[str] | None = None
-    counts: dict[str, int] | None = None
-    seq: int | None = None
-    sessions: list[SessionInfo] | None = None
+    action: str  # pause_reading, disconnect
+
+
+class SessionsEvent(Event, tag=EventKind.SESSIONS.value, kw_only=True):
+    sessions: list[SessionInfo]
     sync_round: int | None = None  # a session sync: when it started (unix ms), the same in each part
     sync_parts: int | None = None  # how many parts that sync has
-    peer: str | None = None  # a subscriber the proxy disconnected: pid:<n>
+
+
+class JournalEvent(Event, tag=EventKind.JOURNAL.value, kw_only=True):
+    reason: str | None = None
+    outcome: str  # ok, error
+    seq: int | None = None
+
+
+class PeerEvent(Event, tag=EventKind.PEER.value, kw_only=True):
+    reason: str | None = None
+    action: str  # disconnect
+    peer: str  # a subscriber the proxy disconnected: pid:<n>
+
+
+AnyEvent = (HandshakeEvent | SessionOpenEvent | SessionCloseEvent | SubscribeEvent | UnsubscribeEvent
+            | HeartbeatEvent | PublishEvent | BackpressureEvent | SessionsEvent | JournalEvent | PeerEvent)
+EVENT_TYPES: dict[EventKind, type[Event]] = {
+    EventKind(cls.__struct_config__.tag): cls for cls in AnyEvent.__args__  # type: ignore[attr-defined]
+}
 
 
 # No event is larger: a subscribe event lists at most 16 topics of 256 characters
@@ -82,9 +144,9 @@ def now_ms() -> int:
 
 
 _encode = msgspec.json.Encoder().encode
-decode_event = msgspec.json.Decoder(Event).decode
+decode_event = msgspec.json.Decoder(AnyEvent).decode
 
 
 def event_message(kind: EventKind, **fields) -> list[bytes]:
     """The multipart message announcing one event."""
-    return [topics.event(kind.value), _encode(Event(kind=kind, ts_ms=now_ms(), **fields))]
+    return [topics.event(kind.value), _encode(EVENT_TYPES[kind](ts_ms=now_ms(), **fields))]

@@ -16,6 +16,9 @@ from .errors import HandshakeError
 MAX_LINE = 512
 MAX_NAME = 128
 HOST_SENDER = "host"
+# Unicode categories no VM name may have a character of: controls, format
+# characters, surrogates, private use, unassigned, line and paragraph separators.
+FORBIDDEN_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
 VM_TOPIC_PREFIX = "vm:"  # a topic addressed to one VM: vm:<name>
 # Bus protocol versions this broker speaks, oldest first (as the greeting lists
 # them: "capabilities=bus-v1" stays a substring of it). A hello gets the newest it names.
@@ -69,13 +72,22 @@ def take_line(buffer: bytes) -> tuple[bytes, bytes] | None:
     return line, buffer[end + 1 :]
 
 
+def is_vm_name(name: str) -> bool:
+    """Whether ``name`` passes ``validate_vm_name``."""
+    try:
+        validate_vm_name(name)
+    except HandshakeError:
+        return False
+    return True
+
+
 def validate_vm_name(name: str) -> str:
     """Check an identity: 1..128 printable characters, not the reserved ``host``."""
     if not name:
         raise HandshakeError("missing vm name")
     if len(name) > MAX_NAME:
         raise HandshakeError("vm name too long")
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for ch in name):
+    if any(unicodedata.category(ch) in FORBIDDEN_CATEGORIES for ch in name):
         raise HandshakeError("invalid vm name")
     if name.lower() == HOST_SENDER:
         raise HandshakeError("reserved vm name")

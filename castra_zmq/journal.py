@@ -31,10 +31,11 @@ import zmq
 from loguru import logger
 
 from . import runtime, topics
-from .buslog import KnownVms, Message, VmLogs, target_of
+from .buslog import KnownVms, Message, VmLogs
 from .config import Settings, settings_from_env
 from .errors import ConfigError, LogWriteFailed
-from .events import EventKind, decode_event
+from .events import EventKind, HandshakeEvent, JournalEvent, SessionsEvent, decode_event
+from .handshake import is_vm_name
 from .identity import load_identities
 from .wire import decode_log_record
 
@@ -124,23 +125,24 @@ class Journal:
         except msgspec.DecodeError as exc:
             logger.warning("dropped malformed event", reason=str(exc))
             return
-        if event.kind == EventKind.HANDSHAKE and event.outcome in ("ok", "session") and event.vm is not None:
-            self.add_known(event.vm)
-        elif event.kind == EventKind.SESSIONS:
-            # Only the first sync matters (the sessions opened before this role
-            # started); later sessions come with their handshake events.
-            if self.first_sync is None:
-                self.first_sync = event.sync_round
-            if event.sync_round == self.first_sync:
-                for session in event.sessions or ():
-                    self.add_known(session.vm)
-            else:
-                self.bus.unsubscribe(topics.event(EventKind.SESSIONS.value))
-        elif event.kind == EventKind.JOURNAL and event.seq is not None and event.seq > (self.vm_logs.seq or 0):
-            self.rebuild()
+        match event:
+            case HandshakeEvent(outcome="ok" | "session", vm=str(vm)):
+                self.add_known(vm)
+            case SessionsEvent():
+                # Only the first sync matters (the sessions opened before this role
+                # started); later sessions come with their handshake events.
+                if self.first_sync is None:
+                    self.first_sync = event.sync_round
+                if event.sync_round == self.first_sync:
+                    for session in event.sessions:
+                        self.add_known(session.vm)
+                else:
+                    self.bus.unsubscribe(topics.event(EventKind.SESSIONS.value))
+            case JournalEvent(seq=int(seq)) if seq > (self.vm_logs.seq or 0):
+                self.rebuild()
 
     def add_known(self, vm: str) -> None:
-        if target_of("vm:" + vm) is not None:
+        if is_vm_name(vm):
             self.known.add(vm, refresh=True)
 
     def rebuild(self) -> None:

@@ -20,7 +20,21 @@ from __future__ import annotations
 import msgspec
 
 from .endpoints import Endpoints
-from .events import Event, EventKind, now_ms
+from .events import (
+    BackpressureEvent,
+    Event,
+    HandshakeEvent,
+    HeartbeatEvent,
+    JournalEvent,
+    PublishEvent,
+    SessionCloseEvent,
+    SessionOpenEvent,
+    SessionsEvent,
+    SubscribeEvent,
+    UnsubscribeEvent,
+    now_ms,
+)
+from .owner import RoleState
 from .statefs import read_regular, replace_file
 from .wire import json_encode
 
@@ -98,9 +112,21 @@ class JournalStatus(msgspec.Struct):
     seq: int | None
 
 
+class RouterStatus(msgspec.Struct):
+    """The router part of ``castra status``: from its ``run/router.json``, by the CLI."""
+
+    running: bool
+    pid: int | None
+    listen: str | None
+    uptime_ms: int | None
+    state_root: str
+    source: str  # live (the status role answered), snapshot (its last file), none
+    processes: dict[str, RoleState] = {}
+
+
 class StatusView(msgspec.Struct):
     vms: list[VmStatus]
-    router: dict = {}
+    router: RouterStatus | None = None  # None from the status role: the CLI fills it in
     journal: JournalStatus | None = None
     refused_handshakes: int = 0
 
@@ -154,59 +180,58 @@ def vm_record(table: StatusTable, vm: str) -> VmRecord:
 
 def apply_event(table: StatusTable, event: Event) -> None:
     """Fold one event into the table (pure: no I/O)."""
-    kind = event.kind
-    if kind is EventKind.JOURNAL:
-        table.journal = JournalHealth(state=event.outcome or "unknown", reason=event.reason, seq=event.seq, seen_ms=event.ts_ms)
-        return
-    if kind is EventKind.SESSIONS:
-        apply_sessions(table, event)
-        return
-    if kind is EventKind.PUBLISH:
-        for vm in event.counts or ():
-            record = table.vms.get(vm)  # none for host, nor for a VM already forgotten
+    match event:
+        case JournalEvent():
+            table.journal = JournalHealth(state=event.outcome, reason=event.reason, seq=event.seq,
+                                          seen_ms=event.ts_ms)
+        case SessionsEvent():
+            apply_sessions(table, event)
+        case PublishEvent():
+            for vm in event.counts:
+                record = table.vms.get(vm)  # none for host, nor for a VM already forgotten
+                if record is not None:
+                    record.last_publish_ms = event.ts_ms
+        case HandshakeEvent(outcome="error"):
+            # Any name can be refused, as often as a guest likes: only a VM already
+            # known keeps the reason.
+            table.refused_handshakes += 1
+            record = table.vms.get(event.vm) if event.vm else None
             if record is not None:
-                record.last_publish_ms = event.ts_ms
-        return
-    if kind is EventKind.HANDSHAKE and event.outcome == "error":
-        # Any name can be refused, as often as a guest likes: only a VM already
-        # known keeps the reason.
-        table.refused_handshakes += 1
-        record = table.vms.get(event.vm) if event.vm else None
-        if record is not None:
-            record.last_reason = event.reason
-        return
-    if not event.vm:
-        return
-    if kind in (EventKind.HANDSHAKE, EventKind.SESSION_OPEN):
-        record = vm_record(table, event.vm)
-    else:
-        record = table.vms.get(event.vm)
-        if record is None:
-            return  # a late event of a VM already forgotten
-    if kind is EventKind.HANDSHAKE:
-        record.last_handshake_ms = event.ts_ms
-        record.last_handshake_outcome = event.outcome
-        record.capabilities = event.capabilities or []
-        record.bus_protocol = event.bus_protocol
-    elif kind is EventKind.SESSION_OPEN:
-        if event.session:
+                record.last_reason = event.reason
+        case HandshakeEvent(vm=str(vm)) if vm:
+            record = vm_record(table, vm)
+            record.last_handshake_ms = event.ts_ms
+            record.last_handshake_outcome = event.outcome
+            record.capabilities = event.capabilities or []
+            record.bus_protocol = event.bus_protocol
+        case SessionOpenEvent(vm=str(vm)) if vm:
+            record = vm_record(table, vm)
             record.sessions[event.session] = SessionRecord(opened_ms=event.ts_ms, sync_round=table.sync_round)
-        record.bus_protocol = event.bus_protocol
-        record.last_heartbeat_ms = event.ts_ms
-        refresh_sessions(record)
-    elif event.session not in record.sessions:
-        return  # a late event of a session already closed
-    elif kind is EventKind.SESSION_CLOSE:
-        del record.sessions[event.session]
-        record.last_reason = event.reason
-        refresh_sessions(record)
-    elif kind in (EventKind.SUBSCRIBE, EventKind.UNSUBSCRIBE):
-        record.sessions[event.session].topics = event.topics or []
-        refresh_sessions(record)
-    elif kind is EventKind.HEARTBEAT:
-        record.last_heartbeat_ms = event.ts_ms
-    elif kind is EventKind.BACKPRESSURE:
-        record.last_reason = event.reason
+            record.bus_protocol = event.bus_protocol
+            record.last_heartbeat_ms = event.ts_ms
+            refresh_sessions(record)
+        case SessionCloseEvent() | SubscribeEvent() | UnsubscribeEvent() | HeartbeatEvent() | BackpressureEvent():
+            apply_session_event(table, event)
+
+
+def apply_session_event(table: StatusTable, event: Event) -> None:
+    """An event of one open session; a late one (its VM forgotten, its session
+    closed) changes nothing."""
+    record = table.vms.get(event.vm) if event.vm else None
+    if record is None or event.session not in record.sessions:
+        return
+    match event:
+        case SessionCloseEvent():
+            del record.sessions[event.session]
+            record.last_reason = event.reason
+            refresh_sessions(record)
+        case SubscribeEvent() | UnsubscribeEvent():
+            record.sessions[event.session].topics = event.topics
+            refresh_sessions(record)
+        case HeartbeatEvent():
+            record.last_heartbeat_ms = event.ts_ms
+        case BackpressureEvent():
+            record.last_reason = event.reason
 
 
 def refresh_sessions(record: VmRecord) -> None:
@@ -221,7 +246,7 @@ def refresh_sessions(record: VmRecord) -> None:
         record.topics = []
 
 
-def apply_sessions(table: StatusTable, event: Event) -> None:
+def apply_sessions(table: StatusTable, event: SessionsEvent) -> None:
     """One part of the bridge's session sync: its sessions are open. Once every
     part of a sync came, a session that none of them listed is closed; a sync
     with a part lost closes nothing (the next one, half a second later, will).

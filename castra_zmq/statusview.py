@@ -2,6 +2,10 @@
 
 The status role is asked first (250 ms deadline); when it does not answer, the
 last snapshot file is read instead, and ``router.source`` says which was used.
+
+Status is four pieces: ``statustable`` the model (the table, how events fold into
+it, the view of it), ``status`` the role process that keeps it, this module the
+query (and ``client.query_status`` its socket), ``cli/status`` the rendering.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from .client import query_status
 from .endpoints import Endpoints
 from .events import now_ms
 from .owner import read_router_info, router_pid
-from .statustable import StatusTable, StatusView, load_snapshot, view
+from .statustable import RouterStatus, StatusTable, StatusView, load_snapshot, view
 
 _decode_view = msgspec.json.Decoder(StatusView).decode
 
@@ -37,15 +41,15 @@ def collect_status(state_root: os.PathLike | str, timeout: float = 0.25) -> Stat
         if pid is None:
             result.journal = None
     info = read_router_info(endpoints) if pid is not None else None
-    result.router = {
-        "running": pid is not None,
-        "pid": pid,
-        "listen": info.listen if info else None,
-        "uptime_ms": max(0, now_ms() - info.started_ms) if info else None,
-        "state_root": str(endpoints.state_root),
-        "source": source,
-        "processes": {name: msgspec.to_builtins(state) for name, state in info.processes.items()} if info else {},
-    }
+    result.router = RouterStatus(
+        running=pid is not None,
+        pid=pid,
+        listen=info.listen if info else None,
+        uptime_ms=max(0, now_ms() - info.started_ms) if info else None,
+        state_root=str(endpoints.state_root),
+        source=source,
+        processes=info.processes if info else {},
+    )
     return result
 
 

@@ -50,7 +50,7 @@ def status(state_root: Path, as_json: bool, check: bool, interval: float | None)
         _watch(state_root, as_json, interval)
         return
     result = _show(state_root, as_json)
-    if check and not result.router.get("running"):
+    if check and not result.router.running:
         sys.exit(NOT_RUNNING)
 
 
@@ -124,10 +124,10 @@ def render_table(result: StatusView, color: bool = False) -> str:
         return "  ".join(parts).rstrip()
 
     router = result.router
-    if router.get("running"):
-        head = f"router: running on {router.get('listen')} (pid {router.get('pid')}), status {router.get('source')}"
+    if router.running:
+        head = f"router: running on {router.listen} (pid {router.pid}), status {router.source}"
     else:
-        head = f"router: not running (start it with `castra up`), status from {router.get('source')}"
+        head = f"router: not running (start it with `castra up`), status from {router.source}"
     if result.journal is not None and result.journal.state != "ok":
         head += f"\njournal: {result.journal.state}" + (f" ({result.journal.reason})" if result.journal.reason else "")
     if result.refused_handshakes:

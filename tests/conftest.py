@@ -119,6 +119,14 @@ class Router:
             self.log.close()
 
 
+def restarted(router: Router, role: str, old_pid: int) -> bool:
+    """Whether ``castra status`` shows ``role`` running again, under another pid."""
+    from castra_zmq.statusview import collect_status
+
+    state = collect_status(router.state_root).router.processes[role]
+    return state.pid != old_pid and state.state == "running"
+
+
 def process_runs(pid: int) -> bool:
     """Whether ``pid`` is a process that has not exited (a zombie has)."""
     try:

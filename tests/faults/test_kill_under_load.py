@@ -16,9 +16,7 @@ import time
 
 import pytest
 
-from castra_zmq.statusview import collect_status
-
-from ..conftest import Router, wait_for
+from ..conftest import Router, restarted, wait_for
 from ..guest import connect_bus
 
 GUESTS = 8
@@ -100,11 +98,6 @@ def _runs(pid: int) -> bool:
             return bool(cmdline.read())  # a zombie has none
     except OSError:
         return False
-
-
-def restarted(router: Router, role: str, old_pid: int) -> bool:
-    state = collect_status(router.state_root).router["processes"][role]
-    return state["pid"] != old_pid and state["state"] == "running"
 
 
 @pytest.mark.parametrize("role", ["bridge", "proxy", "journal", "status"])

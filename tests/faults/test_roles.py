@@ -17,7 +17,7 @@ from castra_zmq import client, topics
 from castra_zmq.errors import PublishFailed
 from castra_zmq.statusview import collect_status
 
-from ..conftest import wait_for
+from ..conftest import restarted, wait_for
 from ..guest import Guest, connect_bus
 
 
@@ -25,11 +25,6 @@ def kill_role(router, role: str) -> int:
     pid = router.role_pid(role)
     os.kill(pid, signal.SIGKILL)
     return pid
-
-
-def restarted(router, role: str, old_pid: int) -> bool:
-    info = collect_status(router.state_root).router["processes"][role]
-    return info["pid"] != old_pid and info["state"] == "running"
 
 
 def vm_log_matches_bus_log(router, vm: str) -> bool:

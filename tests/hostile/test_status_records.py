@@ -9,7 +9,7 @@ import secrets
 import subprocess
 import sys
 
-from castra_zmq.events import Event, EventKind, SessionInfo, split_sessions
+from castra_zmq.events import EVENT_TYPES, Event, EventKind, SessionInfo, split_sessions
 from castra_zmq.statustable import (
     IDLE_RECORD_TTL_MS,
     MAX_IDLE_RECORDS,
@@ -27,7 +27,7 @@ NOW = 1_800_000_000_000
 
 
 def event(kind: EventKind, ts_ms: int = NOW, **fields) -> Event:
-    return Event(kind=kind, ts_ms=ts_ms, **fields)
+    return EVENT_TYPES[kind](ts_ms=ts_ms, **fields)
 
 
 def sync(table: StatusTable, *open_vms: str, ts_ms: int = NOW) -> None:
@@ -44,8 +44,11 @@ def test_refused_and_unknown_names_make_no_record():
     for n in range(100):
         apply_event(table, event(EventKind.HANDSHAKE, vm=f"random{n}", outcome="error", reason="unknown vm"))
     apply_event(table, event(EventKind.HANDSHAKE, outcome="error", reason="expected hello"))
-    for kind in (EventKind.HEARTBEAT, EventKind.SUBSCRIBE, EventKind.SESSION_CLOSE, EventKind.BACKPRESSURE):
-        apply_event(table, event(kind, vm="never-seen", session="s", topics=["t"], reason="r"))
+    for late in (event(EventKind.HEARTBEAT, vm="never-seen", session="s"),
+                 event(EventKind.SUBSCRIBE, vm="never-seen", session="s", topics=["t"]),
+                 event(EventKind.SESSION_CLOSE, vm="never-seen", session="s", reason="r"),
+                 event(EventKind.BACKPRESSURE, vm="never-seen", session="s", action="disconnect", reason="r")):
+        apply_event(table, late)
     apply_event(table, event(EventKind.PUBLISH, counts={"host": 3, "never-seen": 1}))
     assert table.vms == {} and table.refused_handshakes == 101
 
