@@ -130,6 +130,12 @@ def last_lines(path: Path, count: int) -> list[bytes]:
     return lines
 
 
+def file_identity(stat: os.stat_result) -> tuple[int, int]:
+    """Which file a stat is of (device, inode): a path whose identity changed was
+    replaced (rotation by rename, a new file)."""
+    return stat.st_dev, stat.st_ino
+
+
 class Disk:
     """The calls that change a log file's bytes. The OS's; tests pass a subclass
     that fails on cue (ENOSPC, EIO, a torn write) against the real file system."""
@@ -191,7 +197,7 @@ class AppendFile:
         except FileNotFoundError:
             return True
         opened = os.fstat(self.fd)
-        return (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino)
+        return file_identity(named) != file_identity(opened)
 
     def close(self) -> None:
         os.close(self.fd)

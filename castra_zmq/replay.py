@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CastraError
-from .logfiles import SUFFIX as LOG_SUFFIX
+from .logfiles import SUFFIX as LOG_SUFFIX, file_identity
 
 BUS_LOG = "bus.log"
 # What logrotate may leave beside the log: those cannot be read line by line.
@@ -173,7 +173,7 @@ class Cursor:
         try:
             stat = os.fstat(fd)
             size = stat.st_size
-            if self.place is not None and self.place[:2] == (stat.st_dev, stat.st_ino) and self.place[2] <= size:
+            if self.place is not None and self.place[:2] == file_identity(stat) and self.place[2] <= size:
                 offset = self.place[2]
             else:
                 offset = offset_after(fd, size, self.after)
@@ -181,7 +181,7 @@ class Cursor:
             if lines and seq_of_line(lines[-1]) > end_seq:  # past what the caller knows is committed
                 while lines and seq_of_line(lines[-1]) > end_seq:
                     lines.pop()
-            self.place = (stat.st_dev, stat.st_ino, offset + sum(map(len, lines)))
+            self.place = (*file_identity(stat), offset + sum(map(len, lines)))
             return lines
         finally:
             os.close(fd)

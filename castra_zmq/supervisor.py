@@ -138,9 +138,9 @@ class Supervisor:
                    if state.pid and _is_role_process(state.pid, name)]
         deadline = time.monotonic() + _STOP_TIMEOUT
         for pid in orphans:
-            while _is_alive(pid) and time.monotonic() < deadline:
+            while process_runs(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if _is_alive(pid):
+            if process_runs(pid):
                 logger.bind(pid=pid, reason="left by a killed router").warning("killing orphaned role")
                 os.kill(pid, signal.SIGKILL)
 
@@ -308,7 +308,8 @@ def _is_role_process(pid: int, role: str) -> bool:
         return False
 
 
-def _is_alive(pid: int) -> bool:
+def process_runs(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"

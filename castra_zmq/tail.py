@@ -39,7 +39,7 @@ import msgspec
 
 from .endpoints import Endpoints
 from .errors import CastraError
-from .logfiles import complete_end, last_lines, lines_before, log_file_name
+from .logfiles import complete_end, file_identity, last_lines, lines_before, log_file_name
 from .replay import (
     BUS_LOG,
     COMPRESSED_SUFFIXES,
@@ -159,7 +159,7 @@ class _OpenLog:
     def __init__(self, fd: int):
         self.fd = fd
         stat = os.fstat(fd)
-        self.identity = (stat.st_dev, stat.st_ino)
+        self.identity = file_identity(stat)
         self.offset = 0
 
     def has_data(self) -> bool:
@@ -252,13 +252,13 @@ class LogFollower:
             stat = os.stat(self.path)
         except FileNotFoundError:
             stat = None
-        if self.at_path and (stat is None or (stat.st_dev, stat.st_ino) != self.files[-1].identity):
+        if self.at_path and (stat is None or file_identity(stat) != self.files[-1].identity):
             self.at_path = False
             self.notify(f"{self.path} was replaced or removed; reading the old file to its end, "
                         "then the one by that name")
         if stat is None:
             self.missing = True
-        elif not self.at_path and self.files and (stat.st_dev, stat.st_ino) == self.files[-1].identity:
+        elif not self.at_path and self.files and file_identity(stat) == self.files[-1].identity:
             self.at_path = True  # moved back before anything replaced it
         elif not self.at_path and self._open() is not None and self.missing:
             self.notify(f"{self.path} appeared; reading it")
@@ -338,7 +338,7 @@ class _Segment:
         self.fd = fd
         self.path = path
         stat = os.fstat(fd)
-        self.identity = (stat.st_dev, stat.st_ino)
+        self.identity = file_identity(stat)
         self.offset = 0
         self.start = 0  # where reading it began
         self.start_after = 0  # the seq reading it began after
@@ -485,7 +485,7 @@ class SeqFollower:
             stat = os.stat(self.path)
         except FileNotFoundError:
             stat = None
-        if stat is not None and (stat.st_dev, stat.st_ino) == self.current.identity:
+        if stat is not None and file_identity(stat) == self.current.identity:
             return False  # reading the log itself
         newer = [first for first, _path in segments(self.directory, self.name) if first > self.after]
         if newer:

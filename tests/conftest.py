@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from castra_zmq.client import Publisher
-from castra_zmq.supervisor import exits_within
+from castra_zmq.supervisor import exits_within, process_runs
 
 READY = re.compile(r"castra router ready on 127\.0\.0\.1:(\d+)")
 
@@ -125,14 +125,6 @@ def restarted(router: Router, role: str, old_pid: int) -> bool:
 
     state = collect_status(router.state_root).router.processes[role]
     return state.pid != old_pid and state.state == "running"
-
-
-def process_runs(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not exited (a zombie has)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def host_publish(router: Router, topic: str, count: int, start: int = 0) -> list[int]:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from ..conftest import Router, restarted, wait_for
+from ..conftest import Router, process_runs, restarted, wait_for
 from ..guest import connect_bus
 
 GUESTS = 8
@@ -92,14 +92,6 @@ def check_logs(router: Router, guests: list[PublishingGuest]) -> None:
         assert logged.get(message_id) == [seq], f"{message_id}: acked seq {seq}, logged {logged.get(message_id)}"
 
 
-def _runs(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return bool(cmdline.read())  # a zombie has none
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("role", ["bridge", "proxy", "journal", "status"])
 def test_kill_9_of_a_role_under_load_loses_no_acked_message(router, role):
     def kill_and_wait() -> None:
@@ -143,7 +135,7 @@ def test_kill_9_of_the_whole_router_then_up_again(router_factory, state_root):
         with connect_bus(router.port, "after") as guest:
             assert guest.publish({"id": "after"})["seq"] > last_seq
         for pid in before:
-            assert not _runs(pid), f"role {pid} of the killed router is still running"
+            assert not process_runs(pid), f"role {pid} of the killed router is still running"
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(15)
