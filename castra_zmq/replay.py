@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CastraError
-from .logfiles import SUFFIX as LOG_SUFFIX, file_identity
+from .logfiles import SUFFIX as LOG_SUFFIX
+from .logfiles import file_identity
 
 BUS_LOG = "bus.log"
 # What logrotate may leave beside the log: those cannot be read line by line.
