@@ -32,7 +32,7 @@ from loguru import logger
 
 from . import runtime, topics
 from .buslog import KnownVms, Message, VmLogs
-from .config import Settings, settings_from_env
+from .config import Settings
 from .errors import ConfigError, LogWriteFailed
 from .events import EventKind, HandshakeEvent, JournalEvent, SessionsEvent, decode_event
 from .handshake import is_vm_name
@@ -170,20 +170,11 @@ class Journal:
         self.vm_logs.close()
         self.bus.close(linger=0)
         self.context.term()
+        logger.info("journal stopped", seq=self.vm_logs.seq)
 
 
 def main() -> None:
-    runtime.setup_logging("journal")
-    runtime.die_with_parent()
-    runtime.wait_for_turn()
-    journal = Journal(settings_from_env())
-    stop_signals = runtime.stop_on_signals(journal.stop)
-    try:
-        journal.serve(stop_signals)
-    finally:
-        journal.close()
-        logger.info("journal stopped", seq=journal.vm_logs.seq)
-    runtime.skip_final_collection()
+    runtime.run_polling_role("journal", Journal)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,22 @@ def notify_ready() -> None:
         pass
 
 
+def run_polling_role(name: str, create) -> None:
+    """The life of a role that polls its sockets (journal, status): ``create(settings)``
+    gives an object with ``serve(stop_signals)``, ``stop()`` (from a signal handler)
+    and ``close()`` (which logs that it stopped)."""
+    setup_logging(name)
+    die_with_parent()
+    wait_for_turn()
+    role = create(settings_from_env())
+    stop_signals = stop_on_signals(role.stop)
+    try:
+        role.serve(stop_signals)
+    finally:
+        role.close()
+    skip_final_collection()
+
+
 def bind_owner_only(*bindings) -> None:
     """Bind each ``(socket, endpoint)`` under umask 077: an ipc socket file that only
     its owner may connect to (see README "Local users")."""

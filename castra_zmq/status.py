@@ -18,7 +18,7 @@ import zmq
 from loguru import logger
 
 from . import runtime, topics
-from .config import Settings, settings_from_env
+from .config import Settings
 from .events import decode_event, now_ms
 from .statustable import StatusTable, apply_event, load_snapshot, view, write_snapshot
 from .wire import json_encode
@@ -110,20 +110,11 @@ class StatusService:
         self.events.close(linger=0)
         self.queries.close(linger=0)
         self.context.term()
+        logger.info("status stopped")
 
 
 def main() -> None:
-    runtime.setup_logging("status")
-    runtime.die_with_parent()
-    runtime.wait_for_turn()
-    service = StatusService(settings_from_env())
-    stop_signals = runtime.stop_on_signals(service.stop)
-    try:
-        service.serve(stop_signals)
-    finally:
-        service.close()
-        logger.info("status stopped")
-    runtime.skip_final_collection()
+    runtime.run_polling_role("status", StatusService)
 
 
 if __name__ == "__main__":

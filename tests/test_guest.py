@@ -1,5 +1,12 @@
 """The guest side (castra_zmq.guest, castra-guest, guest/castra-bus-agent.sh) against a
-real router on loopback: library, command line, bash agent and Python 3.8."""
+real router on loopback: library, command line, bash agent and Python 3.8.
+
+One router serves the module (``router``), and a second one with a 1 s heartbeat
+timeout (``hb_router``) the tests of heartbeats: each test uses its own VM names (a
+parametrized test one per command) and looks only at its own lines of the log.
+Tests that restart a router or need other ``castra up`` options start their own
+(``router_factory``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +37,36 @@ from castra_zmq.guest import (
     resolve_target,
 )
 
-from .conftest import wait_for
+from .conftest import Router, wait_for
 from .guest import connect_bus
 
 REPO = Path(__file__).resolve().parent.parent
 BASH_AGENT = REPO / "guest" / "castra-bus-agent.sh"
 GUEST_CLI = [sys.executable, "-m", "castra_zmq.guest"]
 NO_CONF = "/nonexistent/castra-handshake"  # so this machine's own conf file never leaks in
+
+
+def shared_router(*args: str):
+    """A router for the whole module, on a state root of its own, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="cz", dir="/tmp"))
+    try:
+        router = Router(path / "root", *args).start()
+        try:
+            yield router
+        finally:
+            router.stop()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def router():
+    yield from shared_router()
+
+
+@pytest.fixture(scope="module")
+def hb_router():
+    yield from shared_router("--heartbeat-timeout", "1")
 
 
 def free_port() -> int:
@@ -56,6 +87,17 @@ def guest_env(port: int, vm: str, **extra: str) -> dict:
 
 def logged(router, vm: str, payload) -> bool:
     return any(record["vm"] == vm and record["payload"] == payload for record in router.read_log())
+
+
+def last_seq(router) -> int:
+    """The seq of the last line of ``bus.log`` (0 if none): a test's own lines come after it."""
+    lines = router.read_log()
+    return lines[-1]["seq"] if lines else 0
+
+
+def tag(command: list[str]) -> str:
+    """``py`` or ``sh``: in the VM names of a test run once per agent, so that each run has its own."""
+    return "sh" if command[0] == "bash" else "py"
 
 
 def quiet_session_dropped(router) -> None:
@@ -135,22 +177,24 @@ def run(args: list[str], env: dict, stdin: bytes = b"") -> subprocess.CompletedP
 
 
 def test_publish_returns_the_ok_ack_once_in_the_log(router):
-    with GuestSession("127.0.0.1", router.port, "alpha") as bus:
+    before = last_seq(router)
+    with GuestSession("127.0.0.1", router.port, "acked") as bus:
         ack = bus.publish("vm:beta", {"n": 1})
         assert ping("127.0.0.1", router.port, "pinger") is True
     assert ack["type"] == "ack" and ack["ack"] == "publish" and ack["status"] == "ok" and ack["topic"] == "vm:beta"
-    [record] = router.read_log()
-    assert (record["seq"], record["vm"], record["payload"]) == (ack["seq"], "alpha", {"n": 1})
+    [record] = [record for record in router.read_log() if record["seq"] > before]
+    assert (record["seq"], record["vm"], record["payload"]) == (ack["seq"], "acked", {"n": 1})
 
 
 def test_subscriber_receives_another_guests_publish(router):
-    with GuestSession("127.0.0.1", router.port, "alpha") as alpha, \
-            GuestSession("127.0.0.1", router.port, "beta") as beta:
-        assert alpha.subscribe("vm:alpha")["status"] == "ok"
-        beta.publish("vm:alpha2", {"n": "not for alpha"})  # committed first: it would arrive first
-        beta.publish("vm:alpha", {"n": "for alpha"})
+    with GuestSession("127.0.0.1", router.port, "receiver") as alpha, \
+            GuestSession("127.0.0.1", router.port, "sender") as beta:
+        assert alpha.subscribe("vm:receiver")["status"] == "ok"
+        beta.publish("vm:receiver2", {"n": "not for receiver"})  # committed first: it would arrive first
+        beta.publish("vm:receiver", {"n": "for receiver"})
         message = alpha.receive(timeout=5)
-        assert (message["topic"], message["from"], message["payload"]) == ("vm:alpha", "vm:beta", {"n": "for alpha"})
+        assert (message["topic"], message["from"], message["payload"]) == \
+            ("vm:receiver", "vm:sender", {"n": "for receiver"})
         with pytest.raises(GuestTimeout):
             alpha.receive(timeout=0.05)
     assert list(alpha.messages()) == []  # closed: iteration ends
@@ -159,23 +203,24 @@ def test_subscriber_receives_another_guests_publish(router):
 
 
 def test_error_ack_raises_ack_error_and_the_topic_is_dropped(router):
-    with GuestSession("127.0.0.1", router.port, "alpha") as bus:
+    with GuestSession("127.0.0.1", router.port, "greedy") as bus:
         for n in range(16):
             bus.subscribe(f"topic-{n}")
         with pytest.raises(AckError) as refused:
-            bus.subscribe("one-too-many")
+            # With a since, the topic has a position: ``positions`` would list it if it were still held.
+            bus.subscribe("one-too-many", since=0)
         assert isinstance(refused.value, GuestError)
         assert "too many subscriptions" in refused.value.reason
         assert refused.value.ack["ack"] == "subscribe" and refused.value.ack["status"] == "error"
-        assert "one-too-many" not in bus._topics
+        assert "one-too-many" not in bus.positions
         with pytest.raises(ValueError):
             bus.publish("x" * 257, {})  # refused before it is sent: the session goes on
         assert bus.heartbeat()["status"] == "ok"
 
 
-def test_heartbeats_keep_a_quiet_session_open(router_factory):
-    router = router_factory("--heartbeat-timeout", "1")
-    with GuestSession("127.0.0.1", router.port, "alpha", heartbeat_interval=0.2) as bus:
+def test_heartbeats_keep_a_quiet_session_open(hb_router):
+    router = hb_router  # --heartbeat-timeout 1
+    with GuestSession("127.0.0.1", router.port, "steady", heartbeat_interval=0.2) as bus:
         token = bus.session_token
         quiet_session_dropped(router)
         assert bus.connected and bus.session_token == token  # never reconnected
@@ -324,8 +369,8 @@ def test_publish_without_an_ack_gives_up_after_timeout(mute_host, command):
     assert time.monotonic() - started < 10  # bounded by --timeout, not by the test's 30 s
 
 
-def test_bash_agent_subscribes_heartbeats_and_forwards_stdin(router_factory, spawn):
-    router = router_factory("--heartbeat-timeout", "1")
+def test_bash_agent_subscribes_heartbeats_and_forwards_stdin(hb_router, spawn):
+    router = hb_router  # --heartbeat-timeout 1
     agent = spawn(["bash", str(BASH_AGENT), "agent", "--subscribe", "vm:bash-sub", "--stdin-json",
                    "--heartbeat", "0.2"], guest_env(router.port, "bash-sub"))
     agent.stderr.wait("subscribed to vm:bash-sub")
@@ -344,12 +389,13 @@ def test_a_guests_own_publish_leaves_its_agent_subscribed(router, spawn, command
     """Issue 12: ``agent --subscribe vm:alpha`` running, then ``publish`` from the same
     guest: a host message to vm:alpha right after it reaches the agent, which never
     reconnected."""
-    env = guest_env(router.port, "alpha")
-    agent = spawn([*command, "agent", "--subscribe", "vm:alpha"], env)
-    agent.stderr.wait("subscribed to vm:alpha")
+    vm = f"own-{tag(command)}"
+    env = guest_env(router.port, vm)
+    agent = spawn([*command, "agent", "--subscribe", f"vm:{vm}"], env)
+    agent.stderr.wait(f"subscribed to vm:{vm}")
     published = run([*command, "publish", "--topic", "broadcast", "--payload", '{"event": "booted"}'], env)
     assert published.returncode == 0, published.stderr
-    client.publish("vm:alpha", {"cmd": "reload"}, state_root=router.state_root)
+    client.publish(f"vm:{vm}", {"cmd": "reload"}, state_root=router.state_root)
     agent.wait_message({"cmd": "reload"}, timeout=5)
     assert agent.stderr.count("lost") == 0 and agent.stderr.count("connected to") == 1, agent.stderr.lines
     assert agent.terminate() == 0
@@ -463,7 +509,8 @@ def test_both_agents_accept_what_the_router_accepts(command, vm):
 
 @COMMANDS
 def test_exit_statuses_are_one_table(router, command):
-    env = guest_env(router.port, "statuses")
+    vm = f"statuses-{tag(command)}"
+    env = guest_env(router.port, vm)
     assert run([*command, "publish", "--payload", '{"ok": 1}'], env).returncode == 0
     bad_json = run([*command, "publish", "--payload", "{bad"], env)
     assert bad_json.returncode == 2 and message(bad_json).startswith(b"--payload is not JSON: "), bad_json.stderr
@@ -471,7 +518,7 @@ def test_exit_statuses_are_one_table(router, command):
     refused = run([*command, "publish", "--topic", "*", "--payload", "{}"], env)
     assert (refused.returncode, message(refused)) == (
         1, f"publish refused by 127.0.0.1:{router.port}: topic * is only for subscribe".encode())
-    assert not any(r["vm"] == "statuses" and r["payload"] != {"ok": 1} for r in router.read_log())
+    assert not any(r["vm"] == vm and r["payload"] != {"ok": 1} for r in router.read_log())
 
 
 @COMMANDS
@@ -496,7 +543,8 @@ def test_every_subcommand_help_has_an_example():
 @COMMANDS
 def test_agent_stops_quietly_with_status_0(router, spawn, command, signals):
     for attempt in range(3):
-        agent = spawn([*command, "agent", "--subscribe", "broadcast"], guest_env(router.port, f"stop{attempt}"))
+        vm = f"stop{attempt}-{tag(command)}-{'-'.join(signals)}"
+        agent = spawn([*command, "agent", "--subscribe", "broadcast"], guest_env(router.port, vm))
         agent.stderr.wait("subscribed to broadcast")
         for name in signals:  # back to back, as timeout(1) sends them to the command and its group
             agent.process.send_signal(getattr(signal, name))
@@ -528,12 +576,13 @@ def test_interrupted_publish_ends_by_its_signal_without_a_traceback(mute_host, s
 
 @COMMANDS
 def test_agent_exits_0_at_the_end_of_stdin_once_its_publishes_are_acked(router, spawn, command):
-    agent = spawn([*command, "agent", "--subscribe", "broadcast", "--stdin-json"], guest_env(router.port, "eof"))
+    vm = f"eof-{tag(command)}"
+    agent = spawn([*command, "agent", "--subscribe", "broadcast", "--stdin-json"], guest_env(router.port, vm))
     for n in range(5):
         agent.send_line({"type": "publish", "topic": "broadcast", "payload": {"n": n}})
     agent.process.stdin.close()
     assert agent.process.wait(15) == 0, agent.stderr.lines
-    assert [r["payload"] for r in router.read_log() if r["vm"] == "eof"] == [{"n": n} for n in range(5)]
+    assert [r["payload"] for r in router.read_log() if r["vm"] == vm] == [{"n": n} for n in range(5)]
 
 
 @COMMANDS
@@ -547,12 +596,12 @@ def test_agent_at_the_end_of_stdin_waits_for_acks_at_most_timeout(mute_host, spa
 
 
 @COMMANDS
-def test_a_forbidden_subscription_is_logged_and_the_agent_goes_on(router, spawn, state_root, command):
+def test_a_forbidden_subscription_is_logged_and_the_agent_goes_on(router, spawn, command):
     agent = spawn([*command, "agent", "--subscribe", "vm:other", "--subscribe", "broadcast"],
-                  guest_env(router.port, "nosy"))
+                  guest_env(router.port, f"nosy-{tag(command)}"))
     agent.stderr.wait("subscription to vm:other refused: forbidden topic")
     agent.stderr.wait("subscribed to broadcast")
-    client.publish("broadcast", {"still": "served"}, state_root=state_root)
+    client.publish("broadcast", {"still": "served"}, state_root=router.state_root)
     agent.wait_message({"still": "served"})
     assert agent.terminate() == 0
 

@@ -1,24 +1,80 @@
-"""End-to-end: real router processes, real TCP guests on loopback."""
+"""End-to-end: real router processes, real TCP guests on loopback.
+
+One router serves the module (``router``), and a second one with a 1 s heartbeat
+timeout and one session per VM (``hb_router``) the tests of those limits: each test
+uses its own VM names and topics, and reads the logs and the status relative to
+what they held when it started, so that none hears another's messages or sees
+another's state. Tests that stop or restart a router, or need other ``castra up``
+options, start their own (``router_factory``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import zmq
 
 from castra_zmq import client
 from castra_zmq.cli.status import render_table
 from castra_zmq.statusview import collect_status
 
-from .conftest import wait_for
+from .conftest import Router, wait_for
 from .guest import Guest, connect_bus
+
+
+def shared_router(*args: str):
+    """A router for the whole module, on a state root of its own, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="cz", dir="/tmp"))
+    try:
+        router = Router(path / "root", *args).start()
+        try:
+            yield router
+        finally:
+            router.stop()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def router():
+    yield from shared_router()
+
+
+@pytest.fixture(scope="module")
+def hb_router():
+    yield from shared_router("--heartbeat-timeout", "1", "--max-sessions-per-vm", "1")
+
+
+def last_seq(router) -> int:
+    """The seq of the last line of ``bus.log`` (0 if none): a test's own lines come after it."""
+    lines = router.read_log()
+    return lines[-1]["seq"] if lines else 0
+
+
+def log_offset(router) -> int:
+    """Where the router's log (its stderr) ends now: ``log_since`` reads what comes after."""
+    return router.log_path.stat().st_size
+
+
+def log_since(router, offset: int) -> str:
+    with open(router.log_path, "rb") as file:
+        file.seek(offset)
+        return file.read().decode(errors="replace")
+
+
+def logged_line(router, offset: int, *parts: str) -> bool:
+    """Whether a line of the router's log after ``offset`` holds every one of ``parts``."""
+    return any(all(part in line for part in parts) for line in log_since(router, offset).splitlines())
 
 
 def test_greeting_and_handshake_only_guest(router):
@@ -35,22 +91,24 @@ def test_unknown_bus_version_is_handshake_only(router):
 
 
 def test_publish_is_acked_after_it_is_in_bus_log_then_filed_in_the_vm_logs(router):
+    before = last_seq(router)
     with Guest(router.port) as beta:  # a VM that connected gets a log (only the sender else)
-        assert beta.hello("beta", capabilities=None) == "ok"
-    with connect_bus(router.port, "alpha") as guest:
-        ack = guest.publish({"n": 1}, topic="vm:beta", id="m1")
-        assert ack == {"type": "ack", "ack": "publish", "status": "ok", "topic": "vm:beta", "seq": 1, "id": "m1"}
-    [line] = router.read_log("bus.log")
-    assert line["seq"] == 1 and line["vm"] == "alpha" and line["topic"] == "vm:beta"
+        assert beta.hello("acked-beta", capabilities=None) == "ok"
+    with connect_bus(router.port, "acked-alpha") as guest:
+        ack = guest.publish({"n": 1}, topic="vm:acked-beta", id="m1")
+        assert ack == {"type": "ack", "ack": "publish", "status": "ok", "topic": "vm:acked-beta", "seq": before + 1,
+                       "id": "m1"}
+    [line] = [line for line in router.read_log("bus.log") if line["seq"] > before]
+    assert line["seq"] == before + 1 and line["vm"] == "acked-alpha" and line["topic"] == "vm:acked-beta"
     assert line["payload"] == {"n": 1}
     assert isinstance(line["ts_ms"], int) and abs(line["timestamp"] * 1000 - line["ts_ms"]) < 1
     # The per-VM logs are derived: the journal files the line after the ack.
-    wait_for(lambda: router.read_log("alpha.log") == [line], what="the line in alpha.log")
-    wait_for(lambda: router.read_log("beta.log") == [line], what="the line in beta.log")  # addressed to beta
+    wait_for(lambda: router.read_log("acked-alpha.log") == [line], what="the line in acked-alpha.log")
+    wait_for(lambda: router.read_log("acked-beta.log") == [line], what="the line in acked-beta.log")  # addressed to it
 
 
 def test_reply_bytes_are_compact_for_substring_matching(router):
-    with connect_bus(router.port, "alpha") as guest:
+    with connect_bus(router.port, "compact") as guest:
         guest.send({"type": "publish", "payload": {"spaced": [1, 2]}})
         raw = guest.recv_raw()
         assert b'"type":"ack"' in raw and b'"ack":"publish"' in raw and b'"status":"ok"' in raw
@@ -60,53 +118,58 @@ def test_reply_bytes_are_compact_for_substring_matching(router):
 
 
 def test_default_topic_and_payload(router):
-    with connect_bus(router.port, "alpha") as guest:
+    with connect_bus(router.port, "defaults") as guest:
         ack = guest.request({"type": "publish"})
         assert ack["status"] == "ok" and ack["topic"] == "broadcast"
-    assert router.read_log()[0]["payload"] is None
+    [line] = [line for line in router.read_log() if line["seq"] == ack["seq"]]
+    assert line["vm"] == "defaults" and line["payload"] is None
 
 
 def test_multiline_payload_stays_one_log_line(router):
-    with connect_bus(router.port, "alpha") as guest:
+    bus_log = router.logs / "bus.log"
+    offset = bus_log.stat().st_size if bus_log.exists() else 0
+    with connect_bus(router.port, "multiline") as guest:
         body = b'{"type":"publish","payload":{"a":\n[1,\r\n2]}}'
         guest.send_raw(len(body).to_bytes(4, "big") + body)
         assert guest.recv()["status"] == "ok"
-    assert router.read_log() [0]["payload"] == {"a": [1, 2]}
-    assert len((router.logs / "bus.log").read_bytes().splitlines()) == 1
+    with open(bus_log, "rb") as file:
+        file.seek(offset)
+        [added] = file.read().splitlines()  # what this publish wrote: one line
+    assert json.loads(added)["payload"] == {"a": [1, 2]}
 
 
 def test_subscriber_receives_other_guests_publish_but_not_its_own(router):
-    with connect_bus(router.port, "sub") as sub, connect_bus(router.port, "pub") as pub:
-        assert sub.subscribe("news") == {"type": "ack", "ack": "subscribe", "status": "ok", "topic": "news"}
-        assert sub.publish({"own": True}, topic="news")["status"] == "ok"
-        ack = pub.publish({"hello": "world"}, topic="news")
+    with connect_bus(router.port, "own-sub") as sub, connect_bus(router.port, "own-pub") as pub:
+        assert sub.subscribe("own-news") == {"type": "ack", "ack": "subscribe", "status": "ok", "topic": "own-news"}
+        assert sub.publish({"own": True}, topic="own-news")["status"] == "ok"
+        ack = pub.publish({"hello": "world"}, topic="own-news")
         message = sub.recv()
-        assert message == {"type": "message", "topic": "news", "from": "vm:pub", "ts_ms": message["ts_ms"],
+        assert message == {"type": "message", "topic": "own-news", "from": "vm:own-pub", "ts_ms": message["ts_ms"],
                            "seq": ack["seq"], "payload": {"hello": "world"}}
 
 
 def test_topic_match_is_exact_and_star_gets_everything_the_guest_may_read(router):
-    with connect_bus(router.port, "alpha") as exact, connect_bus(router.port, "alpha2") as every, \
-            connect_bus(router.port, "c") as pub:
-        exact.subscribe("vm:alpha")
+    with connect_bus(router.port, "match") as exact, connect_bus(router.port, "match2") as every, \
+            connect_bus(router.port, "match-pub") as pub:
+        exact.subscribe("vm:match")
         every.subscribe("*")
-        pub.publish(1, topic="vm:alpha2")
-        pub.publish(2, topic="vm:alpha")
-        pub.publish(3, topic="news")
-        assert exact.recv()["payload"] == 2  # vm:alpha2 did not match vm:alpha
-        # alpha2 may read its own vm: topic and every other topic, not alpha's.
+        pub.publish(1, topic="vm:match2")
+        pub.publish(2, topic="vm:match")
+        pub.publish(3, topic="match-news")
+        assert exact.recv()["payload"] == 2  # vm:match2 did not match vm:match
+        # match2 may read its own vm: topic and every other topic, not match's.
         assert [every.recv()["payload"], every.recv()["payload"]] == [1, 3]
 
 
 def test_host_publish_reaches_guest_and_logs(router):
-    with connect_bus(router.port, "alpha") as guest:
-        guest.subscribe("vm:alpha")
-        seq = client.publish("vm:alpha", {"cmd": "reload"}, state_root=router.state_root)
+    with connect_bus(router.port, "commanded") as guest:
+        guest.subscribe("vm:commanded")
+        seq = client.publish("vm:commanded", {"cmd": "reload"}, state_root=router.state_root)
         message = guest.recv()
         assert message["from"] == "host" and message["seq"] == seq and message["payload"] == {"cmd": "reload"}
     router.wait_filed()
-    assert router.read_log("host.log")[0]["vm"] == "host"
-    assert router.read_log("alpha.log")[0]["seq"] == seq
+    assert [line["vm"] for line in router.read_log("host.log") if line["seq"] == seq] == ["host"]
+    assert router.read_log("commanded.log")[0]["seq"] == seq
 
 
 def test_journal_socket_answers_each_publish_of_a_batch(router):
@@ -114,7 +177,7 @@ def test_journal_socket_answers_each_publish_of_a_batch(router):
     requests in one frame, pretty-printed here; payloads are stored compacted."""
     deadline = time.monotonic() + 5
     requests = [{"corr": n, "vm": "host", "topic": topic, "deadline": deadline, "payload": payload}
-                for n, topic, payload in ((1, "batch", {"n": [1, 2]}), (2, "*", 2), (3, "batch", "three"))]
+                for n, topic, payload in ((1, "journal-batch", {"n": [1, 2]}), (2, "*", 2), (3, "journal-batch", "three"))]
     with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
         sock.linger = 0
         sock.connect(f"ipc://{router.state_root}/run/journal.sock")
@@ -127,14 +190,15 @@ def test_journal_socket_answers_each_publish_of_a_batch(router):
     (_, first, _), (_, refused, reason), (_, third, _) = results
     assert third == first + 1 and refused is None and "only for subscribe" in reason
     router.wait_filed()
-    assert [(line["seq"], line["payload"]) for line in router.read_log("host.log")] == [(first, {"n": [1, 2]}), (third, "three")]
+    assert [(line["seq"], line["payload"]) for line in router.read_log("host.log") if line["seq"] >= first] == \
+        [(first, {"n": [1, 2]}), (third, "three")]
 
 
 def test_unsubscribe_stops_delivery(router):
-    with connect_bus(router.port, "sub") as sub, connect_bus(router.port, "pub") as pub:
-        sub.subscribe("t")
-        assert sub.request({"type": "unsubscribe", "topic": "t"})["status"] == "ok"
-        pub.publish(1, topic="t")
+    with connect_bus(router.port, "unsub") as sub, connect_bus(router.port, "unsub-pub") as pub:
+        sub.subscribe("unsub-t")
+        assert sub.request({"type": "unsubscribe", "topic": "unsub-t"})["status"] == "ok"
+        pub.publish(1, topic="unsub-t")
         sub.send({"type": "heartbeat"})
         assert sub.recv()["ack"] == "heartbeat"  # the next frame is the heartbeat ack, no message
 
@@ -151,33 +215,34 @@ def test_seventeenth_subscription_is_refused(router):
 def test_a_second_session_of_a_vm_leaves_the_first_subscribed(router):
     """Issue 12: a guest's own publish (a second session of its name) must not kick
     its agent off; a host message to the VM meanwhile reaches the agent."""
-    with connect_bus(router.port, "alpha") as agent:
-        assert agent.subscribe("vm:alpha")["status"] == "ok"
-        with connect_bus(router.port, "alpha") as publisher:
+    offset = log_offset(router)
+    with connect_bus(router.port, "twice") as agent:
+        assert agent.subscribe("vm:twice")["status"] == "ok"
+        with connect_bus(router.port, "twice") as publisher:
             assert publisher.session != agent.session
             assert publisher.publish({"event": "booted"})["status"] == "ok"
-            seq = client.publish("vm:alpha", {"cmd": "reload"}, state_root=router.state_root)
+            seq = client.publish("vm:twice", {"cmd": "reload"}, state_root=router.state_root)
             message = agent.recv()
             assert (message["from"], message["seq"], message["payload"]) == ("host", seq, {"cmd": "reload"})
-        later = client.publish("vm:alpha", {"cmd": "after"}, state_root=router.state_root)
+        later = client.publish("vm:twice", {"cmd": "after"}, state_root=router.state_root)
         assert agent.recv()["seq"] == later  # the publisher's goodbye closed only its own session
         assert agent.request({"type": "heartbeat"})["status"] == "ok"
-    assert "reason=replaced" not in router.log_text()
+    assert "reason=replaced" not in log_since(router, offset)
 
 
 def test_every_subscribed_session_of_a_vm_gets_a_delivery_but_none_its_own_publish(router):
-    with connect_bus(router.port, "alpha") as first, connect_bus(router.port, "alpha") as second, \
-            connect_bus(router.port, "beta") as beta:
+    with connect_bus(router.port, "every") as first, connect_bus(router.port, "every") as second, \
+            connect_bus(router.port, "every-beta") as beta:
         for session in (first, second):
-            assert session.subscribe("news")["status"] == "ok"
-        assert second.subscribe("vm:alpha")["status"] == "ok"
-        ack = beta.publish({"n": 1}, topic="news")
+            assert session.subscribe("every-news")["status"] == "ok"
+        assert second.subscribe("vm:every")["status"] == "ok"
+        ack = beta.publish({"n": 1}, topic="every-news")
         assert first.recv()["seq"] == second.recv()["seq"] == ack["seq"]
-        command = client.publish("vm:alpha", {"n": 2}, state_root=router.state_root)
+        command = client.publish("vm:every", {"n": 2}, state_root=router.state_root)
         assert second.recv()["seq"] == command  # only the session subscribed to it
         # No echo to the sender: to none of its VM's sessions, whichever sent it.
-        assert first.publish({"own": True}, topic="news")["status"] == "ok"
-        last = beta.publish({"n": 3}, topic="news")["seq"]
+        assert first.publish({"own": True}, topic="every-news")["status"] == "ok"
+        last = beta.publish({"n": 3}, topic="every-news")["seq"]
         assert first.recv()["seq"] == second.recv()["seq"] == last
 
 
@@ -209,58 +274,60 @@ def test_sessions_past_the_cap_of_a_vm_are_refused_and_the_others_go_on(router_f
     second.close()
 
 
-def test_a_stale_session_holds_its_place_until_its_heartbeat_timeout(router_factory):
+def test_a_stale_session_holds_its_place_until_its_heartbeat_timeout(hb_router):
     """A guest reset without a FIN leaves a session that counts against the cap until
     the heartbeat timeout reaps it (the cap must leave room for those)."""
-    router = router_factory("--max-sessions-per-vm", "1", "--heartbeat-timeout", "1")
+    router = hb_router  # --max-sessions-per-vm 1 --heartbeat-timeout 1
+    offset = log_offset(router)
     with connect_bus(router.port, "rebooted") as stale:  # never heartbeats, never closes
         with Guest(router.port) as early:
             assert early.hello("rebooted") == "error: too many sessions for this vm"
         assert stale.is_closed(timeout=4)
         with connect_bus(router.port, "rebooted") as fresh:
             assert fresh.publish(1)["status"] == "ok"
-    assert "reason=heartbeat_timeout" in router.log_text()
+    assert logged_line(router, offset, "vm=rebooted", "reason=heartbeat_timeout")
 
 
 def test_status_shows_one_row_for_all_sessions_of_a_vm(router):
-    def alpha():
-        return next((vm for vm in collect_status(router.state_root).vms if vm.name == "alpha"), None)
+    def status_row():
+        return next((vm for vm in collect_status(router.state_root).vms if vm.name == "rows"), None)
 
-    with connect_bus(router.port, "alpha") as agent, connect_bus(router.port, "alpha") as second:
-        agent.subscribe("vm:alpha")
+    known = {vm.name for vm in collect_status(router.state_root).vms}  # other tests' VMs
+    with connect_bus(router.port, "rows") as agent, connect_bus(router.port, "rows") as second:
+        agent.subscribe("vm:rows")
         second.subscribe("news")
-        second.subscribe("vm:alpha")
-        row = wait_for(lambda: (vm := alpha()) and vm.sessions == 2 and len(vm.subscribed_topics) == 2 and vm,
-                       what="alpha's two sessions in status")
-        assert [vm.name for vm in collect_status(router.state_root).vms] == ["alpha"]
-        assert row.bus_subscribed and row.subscribed_topics == ["news", "vm:alpha"]  # the union
+        second.subscribe("vm:rows")
+        row = wait_for(lambda: (vm := status_row()) and vm.sessions == 2 and len(vm.subscribed_topics) == 2 and vm,
+                       what="rows' two sessions in status")
+        assert [vm.name for vm in collect_status(router.state_root).vms if vm.name not in known] == ["rows"]
+        assert row.bus_subscribed and row.subscribed_topics == ["news", "vm:rows"]  # the union
         assert row.session == agent.session  # the oldest open one
         table = render_table(collect_status(router.state_root)).splitlines()
-        [header, cells] = [re.split(r"\s{2,}", line) for line in table if line.startswith(("VM ", "alpha "))]
+        [header, cells] = [re.split(r"\s{2,}", line) for line in table if line.startswith(("VM ", "rows "))]
         assert dict(zip(header, cells))["SESSIONS"] == "2", table
         agent.close()
-        row = wait_for(lambda: (vm := alpha()) and vm.sessions == 1 and vm, what="one session left")
-        assert row.session == second.session and row.subscribed_topics == ["news", "vm:alpha"]
+        row = wait_for(lambda: (vm := status_row()) and vm.sessions == 1 and vm, what="one session left")
+        assert row.session == second.session and row.subscribed_topics == ["news", "vm:rows"]
         assert row.bus_subscribed and row.last_reason == "disconnect"
-    row = wait_for(lambda: (vm := alpha()) and not vm.bus_subscribed and vm, what="alpha closed")
+    row = wait_for(lambda: (vm := status_row()) and not vm.bus_subscribed and vm, what="rows closed")
     assert (row.sessions, row.session, row.subscribed_topics) == (0, None, [])
 
 
-def test_heartbeat_timeout_closes_session_and_clears_subscriptions(router_factory):
-    router = router_factory("--heartbeat-timeout", "1")
+def test_heartbeat_timeout_closes_session_and_clears_subscriptions(hb_router):
+    router = hb_router
+    known = {vm.name for vm in collect_status(router.state_root).vms}  # other tests' VMs
+    offset = log_offset(router)
     with connect_bus(router.port, "quiet") as quiet:
         quiet.subscribe("t")
         assert quiet.is_closed(timeout=4)
-    wait_for(lambda: "vm=quiet" in router.log_text() and "reason=heartbeat_timeout" in router.log_text(),
-             what="timeout log line")
-    [vm] = collect_status(router.state_root).vms
+    wait_for(lambda: logged_line(router, offset, "vm=quiet", "reason=heartbeat_timeout"), what="timeout log line")
+    [vm] = [vm for vm in collect_status(router.state_root).vms if vm.name not in known]
     assert vm.name == "quiet" and not vm.bus_subscribed and vm.subscribed_topics == []
     assert vm.last_reason == "heartbeat_timeout"
 
 
-def test_heartbeats_keep_a_quiet_session_open(router_factory):
-    router = router_factory("--heartbeat-timeout", "1")
-    with connect_bus(router.port, "chatty") as guest:
+def test_heartbeats_keep_a_quiet_session_open(hb_router):
+    with connect_bus(hb_router.port, "chatty") as guest:
         for _ in range(6):
             assert guest.request({"type": "heartbeat"})["status"] == "ok"
             assert not guest.is_closed(timeout=0.4)
@@ -271,7 +338,7 @@ def test_state_root_is_private(router):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
     for sock in (router.state_root / "run").glob("*.sock"):
         assert stat.S_IMODE(os.stat(sock).st_mode) & 0o077 == 0
-    with connect_bus(router.port, "alpha") as guest:
+    with connect_bus(router.port, "private") as guest:
         guest.publish(1)
     assert stat.S_IMODE(os.stat(router.logs / "bus.log").st_mode) == 0o600
 
@@ -295,7 +362,8 @@ def test_taken_port_is_refused(router):
     assert "already in use" in result.stderr
 
 
-def test_clean_shutdown_removes_sockets_and_stops_roles(router):
+def test_clean_shutdown_removes_sockets_and_stops_roles(router_factory):
+    router = router_factory()  # its own: it is stopped
     pids = [router.role_pid(role) for role in ("proxy", "journal", "status", "bridge")]
     assert router.stop() == 0
     for pid in pids:
@@ -303,7 +371,7 @@ def test_clean_shutdown_removes_sockets_and_stops_roles(router):
     assert not list((router.state_root / "run").glob("*.sock"))
 
 
-def test_seq_continues_after_restart(router_factory, state_root):
+def test_seq_continues_after_restart(router_factory):
     router = router_factory()
     with connect_bus(router.port, "alpha") as guest:
         guest.publish(1)
