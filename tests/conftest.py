@@ -148,6 +148,22 @@ def identities_file(directory: Path, text: str) -> Path:
     return path
 
 
+def shared_router(*args: str, identities: str | None = None):
+    """A router for a whole module (``yield from`` it in a module fixture), on a state
+    root of its own, removed afterwards; ``identities``: the text of its identities file."""
+    path = Path(tempfile.mkdtemp(prefix="cz", dir="/tmp"))
+    try:
+        if identities is not None:
+            args = (*args, "--identities", str(identities_file(path, identities)))
+        router = Router(path / "root", *args).start()
+        try:
+            yield router
+        finally:
+            router.stop()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def state_root():
     path = Path(tempfile.mkdtemp(prefix="cz", dir="/tmp"))

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,26 +36,13 @@ from castra_zmq.guest import (
     resolve_target,
 )
 
-from .conftest import Router, wait_for
+from .conftest import shared_router, wait_for
 from .guest import connect_bus
 
 REPO = Path(__file__).resolve().parent.parent
 BASH_AGENT = REPO / "guest" / "castra-bus-agent.sh"
 GUEST_CLI = [sys.executable, "-m", "castra_zmq.guest"]
 NO_CONF = "/nonexistent/castra-handshake"  # so this machine's own conf file never leaks in
-
-
-def shared_router(*args: str):
-    """A router for the whole module, on a state root of its own, removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="cz", dir="/tmp"))
-    try:
-        router = Router(path / "root", *args).start()
-        try:
-            yield router
-        finally:
-            router.stop()
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

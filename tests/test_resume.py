@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import msgspec
@@ -20,7 +18,7 @@ import pytest
 from castra_zmq.buslog import encode_lines
 from castra_zmq.replay import Cursor, Expired, offset_after, segments, ts_ms_of_line
 
-from .conftest import Router, host_publish, wait_for
+from .conftest import Router, host_publish, shared_router, wait_for
 from .guest import Guest
 
 V2 = "bus-v1,bus-v2"
@@ -83,13 +81,7 @@ def test_cursor_expires_when_the_old_lines_are_gone(tmp_path):
 
 @pytest.fixture(scope="module")
 def router():
-    path = Path(tempfile.mkdtemp(prefix="cz", dir="/tmp"))
-    router = Router(path / "root").start()
-    yield router
-    try:
-        router.stop()
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    yield from shared_router()
 
 
 def connect(router: Router, vm: str, capabilities: str = V2) -> Guest:

@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,21 +26,8 @@ from castra_zmq import client
 from castra_zmq.cli.status import render_table
 from castra_zmq.statusview import collect_status
 
-from .conftest import Router, wait_for
+from .conftest import shared_router, wait_for
 from .guest import Guest, connect_bus
-
-
-def shared_router(*args: str):
-    """A router for the whole module, on a state root of its own, removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="cz", dir="/tmp"))
-    try:
-        router = Router(path / "root", *args).start()
-        try:
-            yield router
-        finally:
-            router.stop()
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,7 @@ import asyncio
 import contextlib
 import json
 import queue
-import shutil
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +22,7 @@ from castra_zmq.identity import DEFAULT_POLICY, parse_identities
 from castra_zmq.subscriptions import SubscriberIndex, pattern_prefix, topic_patterns
 from castra_zmq.wire import MAX_SUBSCRIPTIONS, MAX_TOPIC
 
-from .conftest import Router, identities_file
+from .conftest import Router, shared_router
 from .guest import Guest
 from .test_cli import Follow, castra, record_line
 
@@ -111,13 +108,7 @@ def test_the_index_looks_up_once_per_prefix_length_however_many_patterns():
 
 @pytest.fixture(scope="module")
 def router():
-    path = Path(tempfile.mkdtemp(prefix="cz", dir="/tmp"))
-    router = Router(path / "root", "--identities", str(identities_file(path, IDENTITIES))).start()
-    yield router
-    try:
-        router.stop()
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    yield from shared_router(identities=IDENTITIES)
 
 
 def connect_as(router: Router, vm: str) -> Guest:
