@@ -23,6 +23,8 @@ a ``Disk``, where tests inject ENOSPC, EIO and torn writes.
 A line is msgspec's JSON of a ``wire.LogRecord`` and a newline (PROTOCOL.md 7.2).
 A Struct per message, not a bytes template filled with ``%``: measured, msgspec
 builds a line in about half the time.
+
+Runs in: the bridge (``BusLog``) and the journal role (``VmLogs``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Publishing and subscribing go over the router's ipc endpoints under
 (``Endpoints.check_run_dir``): a socket another user put there is never
 connected to. ``follow`` reads ``logs/bus/bus.log`` itself. The README documents
 the framing for tools written in other languages.
+
+Runs in: host tools and the CLI, never a role.
 """
 
 from __future__ import annotations

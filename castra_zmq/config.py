@@ -2,6 +2,9 @@
 
 ``castra up`` builds it from its options and hands it to each child process as JSON
 in the ``CASTRA_SETTINGS`` environment variable.
+
+Runs in: the supervisor (from ``castra up``'s options) and each role (from the
+environment).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@
 
 Who may control these directories, and the directories above them, is
 ``statefs``'s to check: ``prepare`` for the router, ``check_run_dir`` for host tools.
+
+Runs in: every process.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Every error carries a short machine-readable ``reason``: it is what a guest sees in
 ``error: <reason>`` or in an error ack, and what the CLI prints.
+
+Runs in: every process.
 """
 
 

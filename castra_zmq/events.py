@@ -2,6 +2,9 @@
 
 Every handshake, session change, back-pressure action and process change leaves
 one event (for the status role) beside its one log line.
+
+Runs in: the bridge and the proxy (they emit events), the status and journal roles
+(they read them).
 """
 
 from __future__ import annotations

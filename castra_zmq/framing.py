@@ -1,5 +1,7 @@
 """Length-prefixed frames (PROTOCOL.md section 2): a 4-byte big-endian length, then
 that many bytes. The length is checked before a single body byte is buffered for it.
+
+Runs in: the bridge (guest frames); the guest side has its own copy in ``guest.py``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 ``parse_hello`` turns one hello line into a ``Hello`` or raises ``HandshakeError``
 whose reason goes back to the guest verbatim as ``error: <reason>``.
+
+Runs in: the bridge (hello lines); its names and limits also in the journal, status
+and host tools.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ alpha                                   # allowed, no secret
 beta token=Zq8#kP3vLx9!mW2              # allowed with this secret
 monitor subscribe=vm:* publish=alerts   # reads every VM's topic, publishes only to alerts
 ```
+
+Runs in: the bridge (who may connect, read, publish) and the supervisor (checks the
+file at start).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ it starts, so a restarted bridge keeps the port and the connections queued on it
 
 Apart from ``bridge`` so that the supervisor need not import the bridge (uvloop,
 the sessions: about 50 ms of every ``castra up`` before any role starts).
+
+Runs in: the supervisor (binds) and the bridge (serves).
 """
 
 from __future__ import annotations

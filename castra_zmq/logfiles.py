@@ -9,6 +9,9 @@ start with ``%`` and plain ones never contain it, so two names never share a fil
 (only names with many unsafe bytes, or names longer than a VM name may be) becomes
 ``%%<sha256>``, so a file name stays under the 255-byte limit; the name is then in
 the ``vm`` field of every line of that file.
+
+Runs in: the bridge and the journal role (appends), ``castra bus tail`` and host
+tools (reads).
 """
 
 from __future__ import annotations

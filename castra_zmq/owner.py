@@ -2,6 +2,8 @@
 
 Read by ``castra status`` and host tools to tell whether a router runs, without
 importing the supervisor. ``router_pid`` first checks that ``run/`` is ours.
+
+Runs in: the supervisor (writes) and the CLI (reads).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ compressed) are ordered by the seq of their first line.
 
 Pure file reading, no sockets: the bridge replays to guests with it, host tools
 (``client.follow``, ``castra bus tail --since``) read with it.
+
+Runs in: the bridge (guests' resume) and host tools (``client.follow``, ``castra bus
+tail --since``).
 """
 
 from __future__ import annotations

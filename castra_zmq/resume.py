@@ -19,6 +19,8 @@ only while what waits for the guest is under half of its outbound budget (the
 point where its transport pauses: then ``resume_writing`` goes on); steps of
 sessions and guests' frames take turns in the loop. A guest that stops reading
 is dropped as a slow consumer, as for live messages.
+
+Runs in: the bridge.
 """
 
 from __future__ import annotations

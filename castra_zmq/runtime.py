@@ -4,6 +4,8 @@ Roles run as ``python -m castra_zmq.<role>``; the supervisor passes the settings
 ``CASTRA_SETTINGS`` (the log settings among them, so every process logs alike) and a
 pipe in ``CASTRA_READY_FD`` on which the role writes one line once its sockets are up.
 At start-up it also passes ``CASTRA_START_FD``: see ``wait_for_turn``.
+
+Runs in: each role process (bridge, journal, status, proxy).
 """
 
 from __future__ import annotations

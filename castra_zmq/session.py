@@ -11,6 +11,8 @@ only while no ``ReadPause`` holds it, so frames wait in the kernel (TCP pushes
 back on the guest), never in the bridge; at most ``FRAMES_PER_TURN`` of its frames
 are handled per loop turn; everything queued to it counts against
 ``subscriber_queue_bytes``.
+
+Runs in: the bridge.
 """
 
 from __future__ import annotations

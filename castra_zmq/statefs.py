@@ -27,6 +27,8 @@ talk to. So:
 
 Directories are walked by descriptor (``openat``), so a check and the use that
 follows it see the same directory.
+
+Runs in: every process that opens a file under the state root.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ The table stays small whatever guests do: only an accepted handshake or session
 makes a record (a refused one only counts in ``refused_handshakes``), and at each
 session sync ``prune`` forgets VMs without an open session that were not seen for
 ``IDLE_RECORD_TTL_MS``, and the least recently seen beyond ``MAX_IDLE_RECORDS``.
+
+Runs in: the status role (the table) and ``castra status`` (its view).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ last snapshot file is read instead, and ``router.source`` says which was used.
 Status is four pieces: ``statustable`` the model (the table, how events fold into
 it, the view of it), ``status`` the role process that keeps it, this module the
 query (and ``client.query_status`` its socket), ``cli/status`` the rendering.
+
+Runs in: ``castra status`` (the CLI).
 """
 
 from __future__ import annotations

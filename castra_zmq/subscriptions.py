@@ -8,6 +8,9 @@ syntax serves the identities file's grants (``identity``), guest subscriptions
 ``castra bus tail --topic``.
 
 This module imports nothing heavy: host tools and the CLI use it.
+
+Runs in: the bridge (guests' subscriptions), host tools and ``castra bus tail``
+(patterns).
 """
 
 from __future__ import annotations

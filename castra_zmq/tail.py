@@ -18,6 +18,8 @@ the first line after the seq by bisecting the file that holds it (``replay``),
 reads the rotated copies before the log itself, and then follows by seq, not by
 byte offset, so every line after the seq comes once, in seq order, whatever was
 renamed meanwhile.
+
+Runs in: ``castra bus tail`` and host tools (``client.follow``).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Printed raw, an ``ESC [2J`` would clear the screen, an OSC sequence retitle the
 window, a ``\\r`` or ``\\n`` forge a line. So every human output (the ``castra
 status`` table, ``castra bus tail``, the router's log lines) shows guest strings
 through ``printable``, and the ``--json`` outputs go through ``json_for_terminal``.
+
+Runs in: the roles' logging and the CLI.
 """
 
 from __future__ import annotations

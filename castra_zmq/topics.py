@@ -15,6 +15,8 @@ XPUB sees the subscriptions), and the lines of each commit as ``log`` messages
 (at most ``bus_frame_bytes_max`` each) for the journal to file in the per-VM
 logs. Host tools' publishes and their results do not cross the proxy: they go
 over the bridge's own socket (``run/journal.sock``), one message per batch.
+
+Runs in: every role and host tool on the internal bus.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Payloads are ``msgspec.Raw``: the JSON bytes a guest sent pass through to the lo
 to subscribers without being decoded and re-encoded. The Structs made per message are
 ``gc=False``: they never hold a reference cycle, and untracked objects neither
 trigger nor lengthen the cyclic garbage collector's passes.
+
+Runs in: every process that speaks the bus: the bridge, the journal, host tools, the
+CLI.
 """
 
 from __future__ import annotations
