@@ -3,7 +3,9 @@
 ``castra bus publish``, ``castra status`` and ``castra bus tail`` each run as
 ``python -m castra_zmq.cli.main ...``; the example host tool runs as a script. The pure parts
 of ``castra_zmq.tail`` (formatting, torn lines, truncation) are tested first, on
-plain files, without processes.
+plain files, without processes. Tests that need no router of their own share the
+module's, each with its own VMs and reading only the seqs and log lines after the
+log's end at its start.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from castra_zmq.statustable import StatusTable, VmRecord, write_snapshot
 from castra_zmq.statusview import collect_status
 from castra_zmq.wire import decode_log_record
 
-from .conftest import wait_for
+from .conftest import Router, shared_router, wait_for
 from .guest import Guest, connect_bus
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -253,27 +255,53 @@ def test_tail_entries_gives_the_last_n_matching_oldest_first(tmp_path):
     assert list(tail.tail_entries(tmp_path / "none.log", count=3, notify=pytest.fail)) == []
 
 
+# -- one router for the module -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def router():
+    """One router for the tests that need none of their own (those that do use
+    ``router_factory``). Each uses its own VM names, and reads the seqs and log lines
+    after the log's end at its start (``log_end``, ``log_after``): what earlier
+    tests left is no concern of it."""
+    yield from shared_router()
+
+
+def log_end(router: Router) -> int:
+    """The seq of the last line of ``bus.log`` (0 while it has none)."""
+    lines = router.read_log()
+    return lines[-1]["seq"] if lines else 0
+
+
+def log_after(router: Router, seq: int) -> list[dict]:
+    """The lines of ``bus.log`` after ``seq``."""
+    return [line for line in router.read_log() if line["seq"] > seq]
+
+
 # -- castra bus publish -----------------------------------------------------------------
 
 
 def test_publish_prints_seq_and_the_line_is_in_the_bus_log(router):
     root = str(router.state_root)
+    start = log_end(router)
     result = castra("bus", "publish", "--state-root", root, "--topic", "vm:alpha", "--payload", '{"cmd":"reload"}')
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"seq=1 topic=vm:alpha log={router.logs / 'bus.log'}\n"
+    assert result.stdout == f"seq={start + 1} topic=vm:alpha log={router.logs / 'bus.log'}\n"
     result = castra("bus", "publish", "--state-root", root, "--payload", "[1, 2]", "--json")
-    assert json.loads(result.stdout) == {"seq": 2, "topic": "broadcast", "log": str(router.logs / "bus.log")}
-    first, second = router.read_log()
-    assert (first["seq"], first["vm"], first["topic"], first["payload"]) == (1, "host", "vm:alpha", {"cmd": "reload"})
-    assert (second["seq"], second["payload"]) == (2, [1, 2])
+    assert json.loads(result.stdout) == {"seq": start + 2, "topic": "broadcast", "log": str(router.logs / "bus.log")}
+    first, second = log_after(router, start)
+    assert (first["seq"], first["vm"], first["topic"], first["payload"]) == \
+        (start + 1, "host", "vm:alpha", {"cmd": "reload"})
+    assert (second["seq"], second["payload"]) == (start + 2, [1, 2])
 
 
 def test_publish_reads_the_payload_from_stdin(router):
+    start = log_end(router)
     result = castra("bus", "publish", "--state-root", str(router.state_root), "--topic", "builds",
                     "--payload", "-", input='{"build": 42,\n "ok": true}\n')
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("seq=1 ")
-    [line] = router.read_log()
+    assert result.stdout.startswith(f"seq={start + 1} ")
+    [line] = log_after(router, start)
     assert line["topic"] == "builds" and line["payload"] == {"build": 42, "ok": True}
 
 
@@ -283,10 +311,11 @@ def test_publish_reads_the_payload_from_stdin(router):
     ("-", "", "no payload on stdin"),
 ])
 def test_publish_refuses_a_payload_that_is_not_json(router, payload, stdin, message):
+    start = log_end(router)
     result = castra("bus", "publish", "--state-root", str(router.state_root), "--payload", payload, input=stdin)
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
-    assert router.read_log() == []
+    assert log_after(router, start) == []
 
 
 def test_publish_without_a_router_says_how_to_start_one(state_root):
@@ -338,6 +367,8 @@ def bus_subscribed(router, name: str) -> bool:
 
 
 def test_status_json_for_handshake_only_subscribed_and_disconnected_guests(router):
+    before = {vm.name for vm in collect_status(router.state_root).vms}  # earlier tests' VMs
+    assert before.isdisjoint({"legacy", "sub", "gone"})
     with Guest(router.port) as legacy:
         assert legacy.hello("legacy", capabilities=None) == "ok"
     with connect_bus(router.port, "sub") as subscribed:
@@ -353,7 +384,7 @@ def test_status_json_for_handshake_only_subscribed_and_disconnected_guests(route
                  what="legacy's handshake and sub's publish")
         status = status_json(router.state_root)
     vms = {vm["name"]: vm for vm in status["vms"]}
-    assert set(vms) == {"legacy", "sub", "gone"}
+    assert set(vms) - before == {"legacy", "sub", "gone"}
     for vm in vms.values():
         check_vm_schema(vm)
     legacy, sub, gone = vms["legacy"], vms["sub"], vms["gone"]
@@ -405,10 +436,11 @@ def test_status_without_router_exits_0_and_shows_a_stale_vm_from_the_snapshot(st
 
 
 def test_tail_shows_the_last_lines_filtered_by_topic(router):
-    with Guest(router.port) as alpha:  # a VM that connected gets a log
-        assert alpha.hello("alpha", capabilities=None) == "ok"
-    for n in range(12):
-        client.publish("vm:alpha" if n % 3 == 0 else "broadcast", {"n": n}, state_root=router.state_root)
+    # A VM of its own: other tests of the module publish to vm:alpha.
+    with Guest(router.port) as tailed:  # a VM that connected gets a log
+        assert tailed.hello("tailed", capabilities=None) == "ok"
+    seqs = [client.publish("vm:tailed" if n % 3 == 0 else "broadcast", {"n": n}, state_root=router.state_root)
+            for n in range(12)]
     root = str(router.state_root)
 
     result = castra("bus", "tail", "--state-root", root)
@@ -417,13 +449,13 @@ def test_tail_shows_the_last_lines_filtered_by_topic(router):
     assert len(lines) == 10
     assert lines[-1].split()[1:] == ["host", "broadcast", '{"n":11}']
 
-    result = castra("bus", "tail", "--state-root", root, "--topic", "vm:alpha", "-n", "3", "--json")
-    raw = [line for line in (router.logs / "bus.log").read_text().splitlines() if '"topic":"vm:alpha"' in line]
+    result = castra("bus", "tail", "--state-root", root, "--topic", "vm:tailed", "-n", "3", "--json")
+    raw = [line for line in (router.logs / "bus.log").read_text().splitlines() if '"topic":"vm:tailed"' in line]
     assert result.stdout.splitlines() == raw[-3:]  # the log's own lines, unchanged
     assert [json.loads(line)["payload"]["n"] for line in raw[-3:]] == [3, 6, 9]
 
-    result = castra("bus", "tail", "--state-root", root, "--vm", "alpha", "--json")
-    assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == [1, 4, 7, 10]
+    result = castra("bus", "tail", "--state-root", root, "--vm", "tailed", "--json")
+    assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == seqs[0::3]  # n = 0, 3, 6, 9
 
 
 def test_tail_skips_a_torn_last_line_and_prints_it_once_complete(state_root, follow):
@@ -442,9 +474,9 @@ def test_tail_skips_a_torn_last_line_and_prints_it_once_complete(state_root, fol
 
 
 def test_tail_follow_sees_a_new_line_within_200ms_of_the_ack(router, follow):
-    client.publish("broadcast", {"n": 0}, state_root=router.state_root)
+    first = client.publish("broadcast", {"n": 0}, state_root=router.state_root)
     following = follow(router.state_root, "-n", "1", "--json")
-    assert following.next_record()["seq"] == 1  # it has read the log and is following
+    assert following.next_record()["seq"] == first  # it has read the log and is following
     delays = []
     for n in range(1, 6):
         seq = client.publish("broadcast", {"n": n}, state_root=router.state_root)
@@ -524,9 +556,12 @@ def test_tail_follow_loses_no_line_at_rename_rotation(router, follow):
     last = published[-1]
     while seen[-1] < last:
         seen.append(following.next_record()["seq"])
-    assert seen == published == list(range(1, last + 1))
-    kept = [json.loads(line)["seq"] for name in ("bus.log.1", "bus.log.2", "bus.log.3", "bus.log")
-            for line in (router.logs / name).read_text().splitlines()]
+    assert seen == published == list(range(published[0], last + 1))
+    # bus.log.1 also holds what earlier tests of the module published: the lines
+    # from this test's first on.
+    kept = [seq for name in ("bus.log.1", "bus.log.2", "bus.log.3", "bus.log")
+            for line in (router.logs / name).read_text().splitlines()
+            if (seq := json.loads(line)["seq"]) >= published[0]]
     assert kept == seen  # every rotated file got lines after the rename was seen
 
 
@@ -691,15 +726,14 @@ def test_tail_shows_the_date_and_utc_on_request(state_root):
     assert re.fullmatch(r"2023-11-1[45]T\d\d:\d\d:\d\d\.001[+-]\d\d:\d\d", local)
 
 
-def test_status_check_exit_code_and_the_router_column(router_factory, state_root):
+def test_status_check_exit_code_and_the_router_column(router, state_root):
     """`--check`: 0 while the router runs, 3 when not (as `systemctl status`)."""
-    assert castra("status", "--check", "--state-root", str(state_root)).returncode == 3
-    router_factory()
-    result = castra("status", "--check", "--state-root", str(state_root))
+    assert castra("status", "--check", "--state-root", str(state_root)).returncode == 3  # no router there
+    result = castra("status", "--check", "--state-root", str(router.state_root))
     assert result.returncode == 0 and "router: running" in result.stdout
     header = next(line for line in result.stdout.splitlines() if line.startswith("VM "))
     assert header.split()[:2] == ["VM", "ROUTER"] and "BROKER" not in result.stdout
-    assert castra("status", "--check", "--json", "--state-root", str(state_root)).returncode == 0
+    assert castra("status", "--check", "--json", "--state-root", str(router.state_root)).returncode == 0
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
@@ -724,11 +758,14 @@ def test_status_watch_shows_it_again_until_ctrl_c(state_root, as_json):
 
 def test_publish_takes_topic_and_payload_as_arguments_or_short_flags(router):
     root = ("--state-root", str(router.state_root))
-    assert castra("bus", "publish", "vm:alpha", '{"cmd":"x"}', *root).stdout.startswith("seq=1 topic=vm:alpha ")
-    assert castra("bus", "publish", "-t", "builds", "-m", "[2]", *root).stdout.startswith("seq=2 topic=builds ")
-    assert castra("bus", "publish", "news", *root).stdout.startswith("seq=3 topic=news ")  # payload null
+    start = log_end(router)
+    assert castra("bus", "publish", "vm:alpha", '{"cmd":"x"}', *root).stdout.startswith(
+        f"seq={start + 1} topic=vm:alpha ")
+    assert castra("bus", "publish", "-t", "builds", "-m", "[2]", *root).stdout.startswith(
+        f"seq={start + 2} topic=builds ")
+    assert castra("bus", "publish", "news", *root).stdout.startswith(f"seq={start + 3} topic=news ")  # payload null
     assert castra("bus", "publish", "-m", "-", "logs", *root, input='"x"').returncode == 0
-    assert [(line["topic"], line["payload"]) for line in router.read_log()] == [
+    assert [(line["topic"], line["payload"]) for line in log_after(router, start)] == [
         ("vm:alpha", {"cmd": "x"}), ("builds", [2]), ("news", None), ("logs", "x")]
     twice = castra("bus", "publish", "-t", "a", "b", *root)
     assert twice.returncode == 2 and "give the topic once" in twice.stderr
@@ -739,6 +776,7 @@ def test_publish_takes_topic_and_payload_as_arguments_or_short_flags(router):
 
 def test_publish_to_a_vm_that_never_connected_says_so_and_succeeds(router):
     root = ("--state-root", str(router.state_root))
+    start = log_end(router)
     with connect_bus(router.port, "alpha"):
         wait_for(lambda: "alpha" in {vm.name for vm in collect_status(router.state_root).vms}, what="alpha in status")
         known = castra("bus", "publish", "vm:alpha", "1", *root)
@@ -750,30 +788,32 @@ def test_publish_to_a_vm_that_never_connected_says_so_and_succeeds(router):
         assert result.returncode == 0 and result.stdout.startswith("seq="), result.stderr
         assert result.stderr == (f"castra bus publish: note: no VM named {vm} has connected to this router "
                                  "(in the last 7 days); the message is in the bus log only\n")
-    assert [line["payload"] for line in router.read_log()] == [1, 2, 3, None]
+    assert [line["payload"] for line in log_after(router, start)] == [1, 2, 3, None]
 
 
 def test_publish_lines_publishes_each_stdin_line_and_tells_each_result(router):
     lines = ['{"n":1}', "", "2", "not json", '"three"']
+    start = log_end(router)
     result = castra("bus", "publish", "-l", "--json", "builds", "--state-root", str(router.state_root),
                     input="\n".join(lines))  # no newline after the last line: it counts too
     assert result.returncode == 1  # one line was not published
-    assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == [start + 1, start + 2, start + 3]
     assert result.stderr.splitlines() == [
         "castra bus publish: line 4: payload is not valid JSON: JSON is malformed: invalid character (byte 1)"]
-    assert [line["payload"] for line in router.read_log()] == [{"n": 1}, 2, "three"]
+    assert [line["payload"] for line in log_after(router, start)] == [{"n": 1}, 2, "three"]
 
     many = "".join(f'{{"n":{n}}}\n' for n in range(3000))
     result = castra("bus", "publish", "-l", "-t", "bulk", "--state-root", str(router.state_root), input=many)
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 3000 and result.stdout.splitlines()[-1].startswith("seq=3003 ")
-    assert [line["payload"]["n"] for line in router.read_log()[3:]] == list(range(3000))
+    assert len(result.stdout.splitlines()) == 3000 and result.stdout.splitlines()[-1].startswith(f"seq={start + 3003} ")
+    assert [line["payload"]["n"] for line in log_after(router, start)[3:]] == list(range(3000))
 
 
 def test_publish_batch_returns_a_result_per_message_in_order(router):
+    start = log_end(router)
     with client.Publisher(state_root=router.state_root) as publisher:
         results = publisher.publish_batch([("a", 1), ("*", 2), ("b", b"{oops"), ("c", "x" * 70_000), ("d", 3)])
-    assert [(r.corr, r.seq) for r in results] == [(0, 1), (1, None), (2, None), (3, None), (4, 2)]
+    assert [(r.corr, r.seq) for r in results] == [(0, start + 1), (1, None), (2, None), (3, None), (4, start + 2)]
     assert results[1].reason == "topic * is only for subscribe"
     assert results[2].reason.startswith("payload is not valid JSON") and results[3].reason == "message too large"
 

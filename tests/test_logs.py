@@ -1,7 +1,8 @@
 """The router's own log on stderr, as ``castra up`` writes it: level, JSON, colour.
 
 Real routers (``conftest.Router``: stderr to a file, so not a terminal), and one on
-a pseudo-terminal for colour.
+a pseudo-terminal for colour. The tests of a router at INFO share one (the module's
+``router``), each with its own VM.
 """
 
 from __future__ import annotations
@@ -21,11 +22,24 @@ import pytest
 
 from castra_zmq import client
 
-from .conftest import READY, wait_for
+from .conftest import READY, shared_router, wait_for
 from .guest import connect_bus
 
 ESC = "\x1b"
 ROLES = {"supervisor", "proxy", "journal", "status", "bridge"}
+
+
+@pytest.fixture(scope="module")
+def router():
+    """A router at INFO (whatever ``CASTRA_LOG_LEVEL`` says) for the tests that need
+    no options of their own."""
+    yield from shared_router("--log-level", "INFO")
+
+
+def logged(router, message: str, vm: str) -> list[str]:
+    """The lines of ``router``'s log (text or JSON) with ``message`` about ``vm``."""
+    return [line for line in router.log_text().splitlines()
+            if message in line and (f" vm={vm} " in line + " " or f'"vm":"{vm}"' in line)]
 
 
 def subscribe_and_publish(router, vm: str = "alpha") -> None:
@@ -34,7 +48,7 @@ def subscribe_and_publish(router, vm: str = "alpha") -> None:
         assert guest.subscribe("builds")["status"] == "ok"
         assert guest.publish({"n": 1}, topic="builds")["status"] == "ok"
     client.publish("builds", b'{"n":2}', state_root=router.state_root)
-    wait_for(lambda: "session closed" in router.log_text(), what="the session's close")
+    wait_for(lambda: logged(router, "session closed", vm), what="the session's close")
 
 
 def test_log_json_writes_one_object_a_line_with_the_bound_fields(router_factory):
@@ -67,14 +81,16 @@ def test_log_json_keeps_guest_text_inert(router_factory):
     assert refused["topic"] == topic and refused["reason"] == "forbidden topic"
 
 
-@pytest.mark.parametrize("level, logged", [("DEBUG", True), ("INFO", False)])
-def test_a_publish_is_logged_at_debug_only(router_factory, level, logged):
-    router = router_factory("--log-level", level)
-    subscribe_and_publish(router)
+@pytest.mark.parametrize("level, debug", [("DEBUG", True), ("INFO", False)])
+def test_a_publish_is_logged_at_debug_only(request, router_factory, level, debug):
+    # At INFO the module's router (no publish of any test is logged there); at DEBUG one of its own.
+    router = router_factory("--log-level", level) if debug else request.getfixturevalue("router")
+    vm = "alpha" if debug else "at-info"
+    subscribe_and_publish(router, vm)
     text = router.log_text()
-    assert "subscribed" in text  # INFO
+    assert logged(router, "subscribed", vm)  # INFO
     published = [line for line in text.splitlines() if " published " in line]
-    if logged:
+    if debug:
         assert any("sender=vm:alpha topic=builds seq=1" in line for line in published), text
         assert any("sender=host topic=builds seq=2" in line for line in published), text
         assert all(" DEBUG " in line for line in published)
