@@ -143,7 +143,8 @@ def parse_since(text: str, now_ms: int) -> Since:
     if _DURATION.fullmatch(text):
         return Since(ts_ms=now_ms - parse_duration(text))
     try:
-        when = datetime.datetime.fromisoformat(text)
+        # Python 3.10's fromisoformat takes no "Z" (3.11 does): the same instant as +00:00.
+        when = datetime.datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" and text else text)
     except ValueError:
         raise ValueError(f"{text!r} is not a seq (1200), a duration (90s, 15m, 2h, 1d) "
                          "or an ISO 8601 time (2026-12-01T09:30)") from None
