@@ -75,6 +75,9 @@ def run_load(router: Router, during) -> list[PublishingGuest]:
 
 
 def check_logs(router: Router, guests: list[PublishingGuest]) -> None:
+    # The journal may still be filing (a rebuild after the kill copies many lines
+    # at once): a reader racing a write in progress would see half of it.
+    router.wait_filed(timeout=15)
     for path in router.logs.iterdir():
         data = path.read_bytes()
         assert not data or data.endswith(b"\n"), f"torn last line in {path.name}"
