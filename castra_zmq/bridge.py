@@ -674,7 +674,6 @@ def raise_fd_limit() -> None:
 def main() -> None:
     runtime.setup_logging("bridge")
     runtime.die_with_parent()
-    runtime.wait_for_turn()
     raise_fd_limit()
     # uvloop: transports in C take about 40 % off the bridge's CPU per message.
     uvloop.run(run(settings_from_env()))

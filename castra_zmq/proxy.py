@@ -154,7 +154,6 @@ def run(settings: Settings) -> None:
 def main() -> None:
     runtime.setup_logging("proxy")
     runtime.die_with_parent()
-    runtime.wait_for_turn()
     run(settings_from_env())
     runtime.skip_final_collection()
 

@@ -1,9 +1,9 @@
 """What every role process does the same way: logging, readiness, parent watch.
 
-Roles run as ``python -m castra_zmq.<role>``; the supervisor passes the settings in
-``CASTRA_SETTINGS`` (the log settings among them, so every process logs alike) and a
-pipe in ``CASTRA_READY_FD`` on which the role writes one line once its sockets are up.
-At start-up it also passes ``CASTRA_START_FD``: see ``wait_for_turn``.
+Roles are forked from the supervisor (``roleprocess``) and run their module's
+``main()``; the supervisor passes the settings in ``CASTRA_SETTINGS`` (the log
+settings among them, so every process logs alike) and a pipe in
+``CASTRA_READY_FD`` on which the role writes one line once its sockets are up.
 
 Runs in: each role process (bridge, journal, status, proxy).
 """
@@ -24,7 +24,6 @@ from .config import Settings, settings_from_env
 from .terminal import json_for_terminal, printable
 
 READY_FD_ENV = "CASTRA_READY_FD"
-START_FD_ENV = "CASTRA_START_FD"
 _PR_SET_PDEATHSIG = 1
 
 # <level> colours the level name when colour is on; loguru drops the tag otherwise.
@@ -106,25 +105,6 @@ def die_with_parent() -> None:
         sys.exit(0)
 
 
-def wait_for_turn() -> None:
-    """Wait until the supervisor lets this role set up its sockets.
-
-    At start-up the supervisor starts every role at once, so that their
-    interpreters and imports (most of a role's start-up) overlap, and lets each go
-    on once the one before it is ready: the sockets come up in the same order as
-    when each role was started only then. A restarted role is not held back.
-    """
-    fd = os.environ.pop(START_FD_ENV, None)
-    if fd is None:
-        return
-    try:
-        told = os.read(int(fd), 16)
-    finally:
-        os.close(int(fd))
-    if not told:  # the supervisor closed it: its start-up failed, or it is gone
-        sys.exit(0)
-
-
 def skip_final_collection() -> None:
     """For a role that has stopped: the garbage collections of the interpreter's
     exit go over every object, about 40 ms, and the supervisor stops the roles one
@@ -149,7 +129,6 @@ def run_polling_role(name: str, create) -> None:
     and ``close()`` (which logs that it stopped)."""
     setup_logging(name)
     die_with_parent()
-    wait_for_turn()
     role = create(settings_from_env())
     stop_signals = stop_on_signals(role.stop)
     try:

@@ -5,9 +5,9 @@ it, see ``statefs``), take ``run/router.lock`` so one router owns it, bind the
 guest port (so a taken port is refused before anything starts, and a restarted
 bridge inherits the same listening socket without dropping queued connections),
 then start proxy, journal, status and bridge in that order, each waiting for its
-ready line (their interpreters start at once, but each sets up its sockets only
-once the one before is ready: see ``runtime.wait_for_turn``). A role that exits
-is restarted with back-off; on SIGINT/SIGTERM the roles stop in reverse order.
+ready line. Roles are forked from this process once it has imported them all
+(``roleprocess``): a start or restart costs a fork, not an interpreter. A role
+that exits is restarted with back-off; on SIGINT/SIGTERM the roles stop in reverse order.
 ``run/router.json`` tells ``castra status`` the listen address, uptime and each
 role's state.
 """
@@ -21,7 +21,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 
 import msgspec
@@ -33,7 +32,8 @@ from .events import now_ms
 from .identity import load_identities
 from .listener import LISTEN_FD_ENV, bind_listener
 from .owner import RoleState, RouterInfo, read_router_info, router_pid
-from .runtime import READY_FD_ENV, START_FD_ENV
+from .roleprocess import RoleProcess, is_role_process, preload
+from .runtime import READY_FD_ENV
 from .statefs import open_private, replace_file
 
 ROLES = ("proxy", "journal", "status", "bridge")
@@ -47,9 +47,8 @@ _CHECK_INTERVAL = 0.05  # seconds between looks at the roles
 class Role:
     def __init__(self, name: str):
         self.name = name
-        self.process: subprocess.Popen | None = None
+        self.process: RoleProcess | None = None
         self.ready_fd = -1
-        self.start_fd = -1  # while held back at start-up: written to let it go on
         self.state = RoleState(state="stopped")
         self.started = 0.0
         self.backoff = _BACKOFF_MIN
@@ -96,11 +95,10 @@ class Supervisor:
         if not is_loopback(self.settings.host):
             logger.warning("listening beyond loopback: any host that can reach this address can connect",
                            listen=self.listen)
-        for name in ROLES:
-            self.spawn(self.roles[name], held=True)
+        preload(ROLES)
         for name in ROLES:
             role = self.roles[name]
-            self.let_go(role)
+            self.spawn(role)
             if not self.wait_ready(role):
                 self.stop()
                 raise CastraError(f"the {name} process did not start; see the log lines above")
@@ -135,7 +133,7 @@ class Supervisor:
         if stale is None:
             return
         orphans = [state.pid for name, state in stale.processes.items()
-                   if state.pid and _is_role_process(state.pid, name)]
+                   if state.pid and is_role_process(state.pid, name)]
         deadline = time.monotonic() + _STOP_TIMEOUT
         for pid in orphans:
             while process_runs(pid) and time.monotonic() < deadline:
@@ -144,45 +142,23 @@ class Supervisor:
                 logger.bind(pid=pid, reason="left by a killed router").warning("killing orphaned role")
                 os.kill(pid, signal.SIGKILL)
 
-    def spawn(self, role: Role, held: bool = False) -> None:
-        """Start ``role``'s process; a ``held`` one sets nothing up until ``let_go``."""
+    def spawn(self, role: Role) -> None:
+        """Start ``role``'s process; ``wait_ready`` waits for its ready line."""
         read_end, write_end = os.pipe()
         env = dict(os.environ, **self.settings.to_env(), **{READY_FD_ENV: str(write_end)})
         fds = [write_end]
-        if held:
-            start_read, role.start_fd = os.pipe()
-            env[START_FD_ENV] = str(start_read)
-            fds.append(start_read)
         if role.name == "bridge":
             env[LISTEN_FD_ENV] = str(self.listener.fileno())
             fds.append(self.listener.fileno())
         try:
-            role.process = subprocess.Popen(
-                [sys.executable, "-m", f"castra_zmq.{role.name}"],
-                env=env,
-                pass_fds=fds,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches the supervisor only: it stops roles in order
-            )
+            role.process = RoleProcess.start(role.name, env, fds)
         finally:
             os.close(write_end)
-            if held:
-                os.close(start_read)
         role.started = time.monotonic()
         role.ready_fd = read_end
         role.restart_at = None
         role.state.state = "starting"
         role.state.pid = role.process.pid
-
-    def let_go(self, role: Role) -> None:
-        """Let a held role set up its sockets (closed unwritten, it exits)."""
-        try:
-            os.write(role.start_fd, b"go\n")
-        except BrokenPipeError:  # it died meanwhile: wait_ready tells
-            pass
-        finally:
-            os.close(role.start_fd)
-            role.start_fd = -1
 
     def wait_ready(self, role: Role) -> bool:
         """Wait for the role's ready line; False if it exits or times out first."""
@@ -251,9 +227,6 @@ class Supervisor:
         for name in reversed(ROLES):
             role = self.roles[name]
             process = role.process
-            if role.start_fd >= 0:  # held back by a start-up that failed: it exits
-                os.close(role.start_fd)
-                role.start_fd = -1
             if process is None or process.poll() is not None:
                 continue
             process.send_signal(signal.SIGTERM)
@@ -281,31 +254,21 @@ class Supervisor:
             self.lock_fd = None
 
 
-def exits_within(process: subprocess.Popen, timeout: float) -> bool:
+def exits_within(process: subprocess.Popen | RoleProcess, timeout: float) -> bool:
     """Whether ``process`` exits within ``timeout`` seconds; True as soon as it does
     (``Popen.wait`` looks with sleeps growing to 50 ms, for each role in turn)."""
     try:
         exit_fd = os.pidfd_open(process.pid)
-    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): Popen.wait's sleeps
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): look every 10 ms
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return process.poll() is not None
     try:
         select.select([exit_fd], [], [], timeout)
     finally:
         os.close(exit_fd)
     return process.poll() is not None
-
-
-def _is_role_process(pid: int, role: str) -> bool:
-    """Whether ``pid`` still runs ``castra_zmq.<role>`` (a pid may have been reused)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return f"castra_zmq.{role}".encode() in cmdline.read().split(b"\0")
-    except OSError:
-        return False
 
 
 def process_runs(pid: int) -> bool:
