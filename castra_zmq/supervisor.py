@@ -1,10 +1,11 @@
-"""The supervisor (``castra up``): owns the state root and the four role processes.
+"""The supervisor (``castra up``): owns the state root and the role processes.
 
 Start-up: prepare ``<state_root>`` (0700; refused when another user could change
 it, see ``statefs``), take ``run/router.lock`` so one router owns it, bind the
 guest port (so a taken port is refused before anything starts, and a restarted
 bridge inherits the same listening socket without dropping queued connections),
-then start proxy, journal, status and bridge in that order, each waiting for its
+then start proxy, journal, status, bridge (and with ``--uplink`` the uplink) in
+that order, each waiting for its
 ready line (their interpreters start at once, but each sets up its sockets only
 once the one before is ready: see ``runtime.wait_for_turn``). A role that exits
 is restarted with back-off; on SIGINT/SIGTERM the roles stop in reverse order.
@@ -37,6 +38,7 @@ from .runtime import READY_FD_ENV, START_FD_ENV
 from .statefs import open_private, replace_file
 
 ROLES = ("proxy", "journal", "status", "bridge")
+UPLINK = "uplink"  # with --uplink only: last, once the bridge commits (federation, issue 14)
 _READY_TIMEOUT = 15.0
 _STOP_TIMEOUT = 5.0
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
@@ -60,7 +62,8 @@ class Supervisor:
     def __init__(self, settings: Settings):
         self.settings = settings.validate()
         self.endpoints = settings.endpoints
-        self.roles = {name: Role(name) for name in ROLES}
+        self.role_names = ROLES + ((UPLINK,) if settings.uplink_servers is not None else ())
+        self.roles = {name: Role(name) for name in self.role_names}
         self.lock_fd: int | None = None
         self.listener = None
         self.stopping = False
@@ -96,9 +99,9 @@ class Supervisor:
         if not is_loopback(self.settings.host):
             logger.warning("listening beyond loopback: any host that can reach this address can connect",
                            listen=self.listen)
-        for name in ROLES:
+        for name in self.role_names:
             self.spawn(self.roles[name], held=True)
-        for name in ROLES:
+        for name in self.role_names:
             role = self.roles[name]
             self.let_go(role)
             if not self.wait_ready(role):
@@ -248,7 +251,7 @@ class Supervisor:
     # -- shutdown ---------------------------------------------------------------------
 
     def stop(self) -> None:
-        for name in reversed(ROLES):
+        for name in reversed(self.role_names):
             role = self.roles[name]
             process = role.process
             if role.start_fd >= 0:  # held back by a start-up that failed: it exits
