@@ -10,12 +10,14 @@ environment).
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal, get_args
 
 import msgspec
 
 from .endpoints import Endpoints, default_state_root
 from .errors import ConfigError
+from .federation import check_host_name
 from .wire import BUS_MESSAGE_MAX, PUBLISH_REQUEST_MAX
 
 SETTINGS_ENV = "CASTRA_SETTINGS"
@@ -74,6 +76,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: LogLevel = "INFO"
     log_json: bool = False
     log_color: bool = False
+    # Federation (issue 14): with NATS servers, the uplink role uploads this host's
+    # committed messages to JetStream under ``host_name``. None: no uplink.
+    uplink_servers: list[str] | None = None
+    host_name: str | None = None
 
     @property
     def endpoints(self) -> Endpoints:
@@ -109,10 +115,30 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in ("queue_bytes", "commit_bytes_max", "vm_logs_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.uplink_servers is not None:
+            check_uplink_servers(self.uplink_servers)
+            if self.host_name is None:
+                raise ConfigError("an uplink needs a host name")
+        if self.host_name is not None:
+            check_host_name(self.host_name)
         return self
 
     def to_env(self) -> dict[str, str]:
         return {SETTINGS_ENV: msgspec.json.encode(self).decode()}
+
+
+_NATS_URL = re.compile(r"nats://[^\s/,@]+:[0-9]{1,5}")
+
+
+def check_uplink_servers(servers: list[str]) -> list[str]:
+    """``servers`` if each is ``nats://<host>:<port>``. Credentials and TLS
+    (``tls://``) are for a later slice of issue 14: no user or password in a URL."""
+    if not servers:
+        raise ConfigError("--uplink needs at least one nats://<host>:<port>")
+    for url in servers:
+        if not _NATS_URL.fullmatch(url):
+            raise ConfigError(f"uplink server {url[:80]!r} is not nats://<host>:<port>")
+    return servers
 
 
 DEFAULTS = Settings(state_root="")  # what every option defaults to, for --help

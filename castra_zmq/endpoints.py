@@ -8,6 +8,7 @@
   state/status.json            the status role's last snapshot
   state/journal.json           how far the per-VM logs are known to be on disk
   state/bus.json               the seq a rotated bus.log goes on from
+  state/uplink.json            the uplink's epoch: which seq space its uploads are in
 ```
 
 Who may control these directories, and the directories above them, is
@@ -48,6 +49,7 @@ class Endpoints:
         self.snapshot = self.state_dir / "status.json"
         self.journal_checkpoint = self.state_dir / "journal.json"  # per-VM logs synced up to
         self.bus_seq_floor = self.state_dir / "bus.json"  # seq a rotated, empty bus.log goes on from
+        self.uplink_state = self.state_dir / "uplink.json"  # the uplink's epoch
         self.lock_file = self.run_dir / "router.lock"
         self.router_info = self.run_dir / "router.json"
         self.publish_socket = self.run_dir / "bus-in.sock"  # proxy XSUB: publishers connect

@@ -1,13 +1,14 @@
-"""The supervisor (``castra up``): owns the state root and the four role processes.
+"""The supervisor (``castra up``): owns the state root and the role processes.
 
 Start-up: prepare ``<state_root>`` (0700; refused when another user could change
 it, see ``statefs``), take ``run/router.lock`` so one router owns it, bind the
 guest port (so a taken port is refused before anything starts, and a restarted
 bridge inherits the same listening socket without dropping queued connections),
-then start proxy, journal, status and bridge in that order, each waiting for its
-ready line. Roles are forked from this process once it has imported them all
-(``roleprocess``): a start or restart costs a fork, not an interpreter. A role
-that exits is restarted with back-off; on SIGINT/SIGTERM the roles stop in reverse order.
+then start proxy, journal, status, bridge (and with ``--uplink`` the uplink) in
+that order, each waiting for its ready line. Roles are forked from this process
+once it has imported them all (``roleprocess``): a start or restart costs a fork,
+not an interpreter. A role that exits is restarted with back-off; on
+SIGINT/SIGTERM the roles stop in reverse order.
 ``run/router.json`` tells ``castra status`` the listen address, uptime and each
 role's state.
 """
@@ -37,6 +38,7 @@ from .runtime import READY_FD_ENV
 from .statefs import open_private, replace_file
 
 ROLES = ("proxy", "journal", "status", "bridge")
+UPLINK = "uplink"  # with --uplink only: last, once the bridge commits (federation, issue 14)
 _READY_TIMEOUT = 15.0
 _STOP_TIMEOUT = 5.0
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
@@ -59,7 +61,8 @@ class Supervisor:
     def __init__(self, settings: Settings):
         self.settings = settings.validate()
         self.endpoints = settings.endpoints
-        self.roles = {name: Role(name) for name in ROLES}
+        self.role_names = ROLES + ((UPLINK,) if settings.uplink_servers is not None else ())
+        self.roles = {name: Role(name) for name in self.role_names}
         self.lock_fd: int | None = None
         self.listener = None
         self.stopping = False
@@ -95,8 +98,8 @@ class Supervisor:
         if not is_loopback(self.settings.host):
             logger.warning("listening beyond loopback: any host that can reach this address can connect",
                            listen=self.listen)
-        preload(ROLES)
-        for name in ROLES:
+        preload(self.role_names)
+        for name in self.role_names:
             role = self.roles[name]
             self.spawn(role)
             if not self.wait_ready(role):
@@ -224,7 +227,7 @@ class Supervisor:
     # -- shutdown ---------------------------------------------------------------------
 
     def stop(self) -> None:
-        for name in reversed(ROLES):
+        for name in reversed(self.role_names):
             role = self.roles[name]
             process = role.process
             if process is None or process.poll() is not None:

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
 import click
 
-from castra_zmq.config import DEFAULTS, LOG_LEVELS, Settings
+from castra_zmq.config import DEFAULTS, LOG_LEVELS, Settings, check_uplink_servers
 from castra_zmq.errors import CastraError
 from castra_zmq.runtime import setup_logging
 from castra_zmq.supervisor import Supervisor
 from castra_zmq.terminal import wants_color
 
 from .options import state_root_option
+
+
+def split_servers(_ctx, _param, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    try:
+        return check_uplink_servers([url.strip() for url in value.split(",")])
+    except CastraError as exc:
+        raise click.BadParameter(exc.reason) from None
 
 
 @click.command()
@@ -67,6 +77,12 @@ from .options import state_root_option
                    "adds a line per publish.")
 @click.option("--log-json", is_flag=True,
               help="Log one JSON object a line (time, level, role, message and the fields), for log shippers.")
+@click.option("--uplink", "uplink_servers", metavar="nats://HOST:PORT[,...]", callback=split_servers,
+              help="Upload this host's committed messages to the NATS JetStream stream CASTRA through "
+                   "these servers (an uplink process; no credentials or TLS yet). Without it, no uplink.")
+@click.option("--host-name",
+              help="This host's name in the fleet, with --uplink: its uploads go under castra.v1.<name>. "
+                   "[default: this machine's host name]")
 def up(state_root: Path, identities_file: str | None, **options) -> None:
     """Start the router (proxy, journal, status, bridge) and supervise it.
 
@@ -81,7 +97,10 @@ def up(state_root: Path, identities_file: str | None, **options) -> None:
       castra up --log-level DEBUG                              # a line per publish too
       castra up --log-json 2>>router.jsonl                     # for a log shipper
       CASTRA_STATE_ROOT=/srv/castra castra up --host 0.0.0.0   # beyond loopback
+      castra up --uplink nats://10.0.0.1:4222,nats://10.0.0.2:4222,nats://10.0.0.3:4222
     """
+    if options["uplink_servers"] is not None and options["host_name"] is None:
+        options["host_name"] = socket.gethostname()
     # Option names are Settings field names: the rest pass straight through.
     settings = Settings(
         state_root=str(state_root),

@@ -1,0 +1,202 @@
+"""Federation on NATS JetStream, the pure part: subjects, message ids, headers and
+the stream's settings (issue 14). No sockets: the uplink role does the I/O.
+
+A message committed on host ``<origin>`` is published to JetStream as
+
+    castra.v1.<origin token>.<topic token>[.<topic token>...]
+
+The topic is cut at each ``.`` (``metrics.cpu`` -> ``metrics.cpu``: subject
+wildcards then work on topic prefixes), and each piece, like the host name, is made
+one NATS token by **token escaping**:
+
+* the printable ASCII characters other than ``%``, ``.``, ``*`` and ``>`` stand for
+  themselves (``vm:beta`` -> ``vm:beta``, ``broadcast`` -> ``broadcast``);
+* every other character (space and other whitespace, controls, DEL, ``%``, ``.``,
+  ``*``, ``>``, anything beyond ASCII) is its UTF-8 bytes as ``%XX``, uppercase hex
+  (``a b`` -> ``a%20b``, ``host.example`` -> ``host%2Eexample``, ``é`` -> ``%C3%A9``);
+* the empty string (a topic ``a..b`` has an empty piece) is a lone ``%``, which no
+  other name gives, since a ``%`` of a name is always ``%25``.
+
+So a token never holds ``.``, ``*``, ``>``, whitespace or a control, each name has
+exactly one token (decoding refuses any other spelling: a filter on one host's
+subjects catches all of its messages), and decoding gives the name back.
+
+Each message carries ``Nats-Msg-Id: <origin>:<epoch>:<seq>`` (JetStream drops a
+second message with the same id within the stream's duplicate window) and the
+origin headers below. ``seq`` is the seq of the line in the origin's ``bus.log``;
+``epoch`` names that seq space: it changes when a host's seqs start again from 1
+(a new state root), so an id is never reused.
+
+Runs in: the uplink role (``uplink.py``), and the tests.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from .errors import CastraError, ConfigError
+
+SUBJECT_ROOT = "castra.v1"
+STREAM_NAME = "CASTRA"
+STREAM_SUBJECTS = f"{SUBJECT_ROOT}.>"
+# Replicated on three servers: a message the stream acked survives the loss of any one.
+STREAM_REPLICAS = 3
+STREAM_MAX_AGE_S = 7 * 24 * 3600.0  # what a host that was away longer misses is gone
+STREAM_MAX_BYTES = 8 * 1024**3
+# The stream's duplicate window: a message resent within it (an uplink killed
+# between publish and ack, then restarted) is stored once.
+STREAM_DUPLICATE_WINDOW_S = 120.0
+
+HEADER_MSG_ID = "Nats-Msg-Id"
+HEADER_ORIGIN = "Castra-Origin"
+HEADER_ORIGIN_EPOCH = "Castra-Origin-Epoch"
+HEADER_ORIGIN_SEQ = "Castra-Origin-Seq"
+# nats-server 2.11+: the publish is refused (error 10071, "wrong last sequence")
+# unless the last message on the subjects matching the filter has this stream seq.
+HEADER_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last check
+
+MAX_HOST_NAME = 253  # a DNS name's length
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+_PLAIN = frozenset(map(chr, range(0x21, 0x7F))) - set("%.*>")  # printable ASCII but the space
+_EMPTY_TOKEN = "%"
+_ESCAPE = re.compile(r"%([0-9A-F]{2})")
+
+
+class FederationError(CastraError):
+    """A subject, message id or header set that castra did not make."""
+
+
+class SubjectParts(msgspec.Struct, frozen=True):
+    """What a message's subject says: the host it was committed on, and its topic."""
+
+    origin: str
+    topic: str
+
+
+class Origin(msgspec.Struct, frozen=True):
+    """Where a message in the stream comes from: its host, that host's seq space
+    (``epoch``) and its seq there."""
+
+    host: str
+    epoch: int
+    seq: int
+
+    @property
+    def message_id(self) -> str:
+        return f"{self.host}:{self.epoch}:{self.seq}"
+
+
+def escape_token(name: str) -> str:
+    """``name`` as one NATS subject token (see the module's docstring)."""
+    if not name:
+        return _EMPTY_TOKEN
+    if all(char in _PLAIN for char in name):
+        return name
+    return "".join(char if char in _PLAIN else "".join(f"%{byte:02X}" for byte in char.encode())
+                   for char in name)
+
+
+def unescape_token(token: str) -> str:
+    """The name ``escape_token`` made ``token`` from; ``FederationError`` for any
+    token it does not make (a stray ``%``, lowercase hex, an escaped plain
+    character, bytes that are not UTF-8)."""
+    if token == _EMPTY_TOKEN:
+        return ""
+    try:
+        name = _ESCAPE.sub(lambda match: chr(int(match.group(1), 16)), token).encode("latin-1").decode()
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise FederationError(f"not a castra subject token: {token!r}") from None
+    if escape_token(name) != token:
+        raise FederationError(f"not a castra subject token: {token!r}")
+    return name
+
+
+def message_subject(origin: str, topic: str) -> str:
+    """The subject of a message on ``topic`` committed on host ``origin``."""
+    return ".".join((SUBJECT_ROOT, escape_token(origin), *map(escape_token, topic.split("."))))
+
+
+def origin_filter(origin: str) -> str:
+    """The subject filter for every message committed on host ``origin``."""
+    return f"{SUBJECT_ROOT}.{escape_token(origin)}.>"
+
+
+def parse_subject(subject: str) -> SubjectParts:
+    """The origin and topic of a message subject (``message_subject`` reversed)."""
+    tokens = subject.split(".")
+    if len(tokens) < 4 or ".".join(tokens[:2]) != SUBJECT_ROOT:
+        raise FederationError(f"not a castra message subject: {subject[:80]!r}")
+    return SubjectParts(unescape_token(tokens[2]), ".".join(map(unescape_token, tokens[3:])))
+
+
+def stream_config() -> StreamConfig:
+    """The stream every host uploads to (created by the first uplink that finds none)."""
+    return StreamConfig(
+        name=STREAM_NAME,
+        subjects=[STREAM_SUBJECTS],
+        storage=StorageType.FILE,
+        num_replicas=STREAM_REPLICAS,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        max_age=STREAM_MAX_AGE_S,
+        max_bytes=STREAM_MAX_BYTES,
+        duplicate_window=STREAM_DUPLICATE_WINDOW_S,
+    )
+
+
+def check_host_name(name: str) -> str:
+    """``name`` if it may name a host in the fleet: 1 to 253 letters, digits, ``.``,
+    ``_`` or ``-``, starting with a letter or digit (a DNS name fits). It is the
+    first part of every message id, so it never holds the ``:`` that separates them."""
+    if len(name) > MAX_HOST_NAME or not _HOST_NAME.fullmatch(name):
+        raise ConfigError(f"host name {name[:80]!r} is not 1-{MAX_HOST_NAME} letters, digits, '.', '_' "
+                          "or '-' starting with a letter or digit: choose one with --host-name")
+    return name
+
+
+def upload_headers(origin: Origin, expected_last_subject_seq: int) -> dict[str, str]:
+    """The headers of an upload: its id, its origin, and the ordering check that
+    the last message from this host in the stream is the one at stream seq
+    ``expected_last_subject_seq`` (0: none yet)."""
+    return {
+        HEADER_MSG_ID: origin.message_id,
+        HEADER_ORIGIN: origin.host,
+        HEADER_ORIGIN_EPOCH: str(origin.epoch),
+        HEADER_ORIGIN_SEQ: str(origin.seq),
+        HEADER_EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_subject_seq),
+        HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: origin_filter(origin.host),
+    }
+
+
+def origin_of(headers: dict[str, str] | None) -> Origin:
+    """The origin a stored message's headers give; ``FederationError`` if they
+    do not give one, or disagree with its message id."""
+    headers = headers or {}
+    try:
+        origin = Origin(headers[HEADER_ORIGIN], int(headers[HEADER_ORIGIN_EPOCH]), int(headers[HEADER_ORIGIN_SEQ]))
+    except (KeyError, ValueError):
+        raise FederationError("message without castra origin headers") from None
+    if headers.get(HEADER_MSG_ID) != origin.message_id:
+        raise FederationError(f"message id {headers.get(HEADER_MSG_ID)!r} is not {origin.message_id!r}")
+    return origin
+
+
+def resume_after(last: Origin | None, epoch: int, committed_seq: int) -> int | None:
+    """The seq of this host's log after which to upload, given ``last``, the last
+    message of this host in the stream, and ``committed_seq``, the log's last.
+
+    0 when the stream has none, or only one of another epoch (a seq space this
+    host left: an earlier state root): the whole log goes up. ``last.seq`` when it
+    is of this epoch. None when that seq is past the log's end: the log started
+    again below what was uploaded (its files removed, ``state/uplink.json`` kept),
+    so its seqs need a new epoch, or their ids would be taken for the old ones.
+    """
+    if last is None or last.epoch != epoch:
+        return 0
+    return last.seq if last.seq <= committed_seq else None

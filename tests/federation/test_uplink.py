@@ -1,0 +1,175 @@
+"""The uplink role against a real 3-node NATS cluster: ``castra up --uplink``
+uploads every committed message of its host, in seq order, exactly once, through
+a kill -9 of the uplink, an outage of the whole cluster and the loss of a node.
+
+Real processes and sockets on 127.0.0.1; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import msgspec
+import nats
+import pytest
+
+from castra_zmq.federation import STREAM_NAME, message_subject, origin_of
+from castra_zmq.statusview import collect_status
+
+from ..conftest import host_publish, restarted, wait_for
+from ..guest import connect_bus
+
+pytestmark = pytest.mark.timeout(90)
+HOST = "hosta"
+
+
+class StoredMessage(msgspec.Struct):
+    stream_seq: int
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+
+
+def query(nats_cluster, body):
+    """``body(js)`` on a connection of its own, within 10 s."""
+
+    async def main():
+        connection = await nats.connect(servers=nats_cluster.urls, connect_timeout=2, max_reconnect_attempts=3)
+        try:
+            return await body(connection.jetstream(timeout=3))
+        finally:
+            await connection.close()
+
+    return asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def stored_messages(nats_cluster) -> list[StoredMessage]:
+    async def body(js):
+        state = (await js.stream_info(STREAM_NAME)).state
+        stored = []
+        for seq in range(state.first_seq, state.last_seq + 1 if state.messages else state.first_seq):
+            message = await js.get_msg(STREAM_NAME, seq)
+            stored.append(StoredMessage(message.seq, message.subject, message.headers or {}, message.data))
+        return stored
+
+    return query(nats_cluster, body)
+
+
+def stream_count(nats_cluster) -> int:
+    async def body(js):
+        try:
+            return (await js.stream_info(STREAM_NAME)).state.messages
+        except nats.js.errors.NotFoundError:
+            return 0
+
+    try:
+        return query(nats_cluster, body)
+    except (nats.errors.Error, OSError, asyncio.TimeoutError):  # a cluster still electing its leaders
+        return -1
+
+
+@pytest.fixture
+def fresh_stream(nats_cluster):
+    """No stream CASTRA when the test starts: each test's router creates it."""
+
+    async def body(js):
+        try:
+            await js.delete_stream(STREAM_NAME)
+        except nats.js.errors.NotFoundError:
+            pass
+
+    query(nats_cluster, body)
+    return nats_cluster
+
+
+@pytest.fixture
+def uplinked(fresh_stream, router_factory):
+    """A router uploading to the cluster as host ``hosta``."""
+    return router_factory("--uplink", fresh_stream.uplink_option, "--host-name", HOST)
+
+
+def wait_uploaded(router, nats_cluster, timeout: float = 20.0) -> list[StoredMessage]:
+    """Wait until the stream holds as many messages as ``bus.log`` has lines; then the stored ones."""
+    lines = len(router.read_log())
+    wait_for(lambda: stream_count(nats_cluster) >= lines, timeout=timeout, interval=0.1,
+             what=f"{lines} messages in the stream (has {stream_count(nats_cluster)})")
+    return stored_messages(nats_cluster)
+
+
+def check_stream_is_the_log(router, stored: list[StoredMessage]) -> None:
+    """The stream holds each line of ``bus.log`` once, in seq order, as it is, with
+    the subject, id and origin headers of its seq."""
+    epoch = json.loads((router.state_root / "state" / "uplink.json").read_text())["epoch"]
+    lines = (router.logs / "bus.log").read_bytes().splitlines()
+    assert [message.data for message in stored] == lines
+    for message, line in zip(stored, lines):
+        record = json.loads(line)
+        origin = origin_of(message.headers)
+        assert (origin.host, origin.epoch, origin.seq) == (HOST, epoch, record["seq"])
+        assert message.headers["Nats-Msg-Id"] == f"{HOST}:{epoch}:{record['seq']}"
+        assert message.subject == message_subject(HOST, record["topic"])
+
+
+def test_committed_messages_go_up_in_seq_order(uplinked, nats_cluster):
+    assert "uplink ready" in uplinked.log_text()  # this checkout's castra_zmq runs the roles
+    assert collect_status(uplinked.state_root).router.processes["uplink"].state == "running"
+    with connect_bus(uplinked.port, "alpha") as alpha, connect_bus(uplinked.port, "gamma") as gamma:
+        for n in range(10):
+            assert alpha.publish({"n": n}, topic="vm:beta")["status"] == "ok"
+            assert gamma.publish({"n": n})["status"] == "ok"
+    host_publish(uplinked, "metrics.cpu load", 30)
+    stored = wait_uploaded(uplinked, nats_cluster)
+    check_stream_is_the_log(uplinked, stored)
+    subjects = {message.subject for message in stored}
+    assert subjects == {"castra.v1.hosta.vm:beta", "castra.v1.hosta.broadcast", "castra.v1.hosta.metrics.cpu%20load"}
+
+
+def test_uplink_killed_mid_stream_no_gap_no_duplicate(uplinked, nats_cluster):
+    host_publish(uplinked, "before", 300)
+    wait_for(lambda: stream_count(nats_cluster) >= 20, timeout=10, what="uploads under way")
+    pid = uplinked.role_pid("uplink")
+    publishing = threading.Thread(target=host_publish, args=(uplinked, "during", 300))
+    publishing.start()
+    os.kill(pid, signal.SIGKILL)
+    at_kill = stream_count(nats_cluster)
+    publishing.join(20)
+    wait_for(lambda: restarted(uplinked, "uplink", pid), timeout=10, what="the uplink restarted")
+    check_stream_is_the_log(uplinked, wait_uploaded(uplinked, nats_cluster))
+    assert 20 <= at_kill < 600 == stream_count(nats_cluster)
+    resumed = re.findall(r"uplink +uploading after=(\d+)", uplinked.log_text())
+    assert len(resumed) == 2 and int(resumed[1]) >= at_kill  # the restarted one went on from the stream
+
+
+def test_all_nats_down_local_bus_acks_then_catches_up(uplinked, nats_cluster):
+    with connect_bus(uplinked.port, "alpha") as alpha:
+        assert alpha.publish({"n": 0})["status"] == "ok"
+        wait_uploaded(uplinked, nats_cluster)
+        nats_cluster.stop()
+        try:
+            for n in range(1, 21):
+                started = time.monotonic()
+                assert alpha.publish({"n": n}, topic="vm:beta")["status"] == "ok"
+                assert time.monotonic() - started < 1.0  # a local fsync, not a wait on NATS
+            host_publish(uplinked, "while-down", 20)
+        finally:
+            nats_cluster.start()
+    check_stream_is_the_log(uplinked, wait_uploaded(uplinked, nats_cluster, timeout=30))
+    assert "upload interrupted" in uplinked.log_text()
+
+
+def test_one_nats_node_down_uploads_go_on(uplinked, nats_cluster):
+    host_publish(uplinked, "before", 10)
+    wait_uploaded(uplinked, nats_cluster)
+    nats_cluster.kill_node(1)
+    try:
+        host_publish(uplinked, "one-down", 50)
+        check_stream_is_the_log(uplinked, wait_uploaded(uplinked, nats_cluster))
+    finally:
+        nats_cluster.restart_node(1)
+        nats_cluster.wait_ready()

