@@ -10,15 +10,15 @@ start or restart costs a fork. The child starts a session of its own, gets
 takes the environment it is given (its settings, ready and start pipes) and runs
 ``castra_zmq.<role>.main()``; it never returns into the supervisor's code.
 
-Its name in ``ps``/``top`` (``/proc/<pid>/comm``) is ``castra-<role>``, which is
-also how a later supervisor recognises a role left behind (``is_role_process``).
+Its name (``/proc/<pid>/comm``, what ``top`` and ``ps -o comm`` show) is
+``castra-<role>``, which is also how a later supervisor recognises a role left
+behind (``is_role_process``); ``ps aux`` shows ``castra-<role> (castra up ...)``.
 
 Runs in: the supervisor (``castra up``), and for a moment in each forked role.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 import signal
@@ -27,7 +27,8 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import NoReturn
 
-_PR_SET_NAME = 15
+import setproctitle
+
 _NAME_MAX = 15  # the kernel keeps 16 bytes of a thread's name, the NUL included
 
 
@@ -95,6 +96,9 @@ def _become_role(role: str, env: Mapping[str, str], pass_fds: Iterable[int]) -> 
     code = 1
     try:
         os.setsid()  # Ctrl-C reaches the supervisor only: it stops roles in order
+        # Before the environment changes: setproctitle moves it to make room.
+        setproctitle.setproctitle(f"{process_name(role)} (castra {' '.join(sys.argv[1:])})")
+        setproctitle.setthreadtitle(process_name(role))  # the title's first 15 bytes otherwise
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
@@ -103,12 +107,11 @@ def _become_role(role: str, env: Mapping[str, str], pass_fds: Iterable[int]) -> 
         _close_all_but({0, 1, 2, *pass_fds})
         os.environ.clear()
         os.environ.update(env)
-        _set_name(process_name(role))
         importlib.import_module(f"castra_zmq.{role}").main()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - whatever it is, the child must not return into the supervisor
         traceback.print_exc()
     finally:
         try:
@@ -126,9 +129,3 @@ def _close_all_but(keep: set[int]) -> None:
         start = fd + 1
     os.closerange(start, os.sysconf("SC_OPEN_MAX"))
 
-
-def _set_name(name: str) -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode(), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: ps shows the supervisor's name
-        pass

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -117,6 +118,69 @@ class Router:
             return self.process.returncode
         finally:
             self.log.close()
+
+
+class Lines:
+    """A child's output pipe, read line by line on a thread, so tests wait with
+    deadlines. ``next``, ``until`` and ``remaining`` take the lines in order (with
+    their time of arrival); ``count``, ``wait`` and ``json`` look at all so far."""
+
+    def __init__(self, pipe):
+        self.lines: list[str] = []
+        self.arrivals: list[float] = []
+        self.closed = False
+        self.taken = 0  # lines handed out by next/until/remaining
+        self._changed = threading.Condition()
+        threading.Thread(target=self._collect, args=(pipe,), daemon=True).start()
+
+    def _collect(self, pipe) -> None:
+        for raw in iter(pipe.readline, b""):
+            with self._changed:
+                self.arrivals.append(time.monotonic())
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    def next(self, timeout: float = 5.0) -> tuple[float, str]:
+        """The next line and when it arrived."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.lines) > self.taken or self.closed, timeout):
+                raise AssertionError(f"no line within {timeout}s (seen: {self.lines[:self.taken]})")
+            if len(self.lines) == self.taken:
+                raise AssertionError(f"stream closed (seen: {self.lines})")
+            self.taken += 1
+            return self.arrivals[self.taken - 1], self.lines[self.taken - 1]
+
+    def until(self, predicate, timeout: float = 5.0) -> str:
+        """The next line ``predicate`` accepts (the lines before it are taken too)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            _, line = self.next(max(0.0, deadline - time.monotonic()))
+            if predicate(line):
+                return line
+
+    def remaining(self, timeout: float = 5.0) -> list[str]:
+        """Every line still to come, up to the end of the stream."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.closed, timeout):
+                raise AssertionError(f"stream still open after {timeout}s (seen: {self.lines})")
+            rest, self.taken = self.lines[self.taken:], len(self.lines)
+            return rest
+
+    def count(self, text: str) -> int:
+        with self._changed:
+            return sum(text in line for line in self.lines)
+
+    def wait(self, text: str, times: int = 1, timeout: float = 10.0) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: sum(text in line for line in self.lines) >= times, timeout):
+                raise AssertionError(f"no {text!r} (x{times}) in {self.lines}")
+
+    def json(self) -> list[dict]:
+        with self._changed:
+            return [json.loads(line) for line in self.lines]
 
 
 def restarted(router: Router, role: str, old_pid: int) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
@@ -31,7 +30,7 @@ from castra_zmq.statustable import StatusTable, VmRecord, write_snapshot
 from castra_zmq.statusview import collect_status
 from castra_zmq.wire import decode_log_record
 
-from .conftest import Router, shared_router, wait_for
+from .conftest import Lines, Router, shared_router, wait_for
 from .guest import Guest, connect_bus
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -68,48 +67,6 @@ def castra(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
 _IGNORE_SIGINT_THEN_EXEC = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
                             "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 SIGINT_IGNORED = [sys.executable, "-c", _IGNORE_SIGINT_THEN_EXEC]
-
-
-class Lines:
-    """The lines of a pipe, read on a thread, each with its time of arrival."""
-
-    def __init__(self, pipe):
-        self.queue: queue.Queue[tuple[float, str | None]] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
-
-    def _read(self, pipe) -> None:
-        for line in iter(pipe.readline, b""):
-            self.queue.put((time.monotonic(), line.decode().rstrip("\n")))
-        self.queue.put((time.monotonic(), None))
-
-    def next(self, timeout: float = 5.0) -> tuple[float, str]:
-        """The next line and when it arrived."""
-        arrived, line = self._get(timeout)
-        if line is None:
-            raise AssertionError(f"stream closed (seen: {self.seen})")
-        self.seen.append(line)
-        return arrived, line
-
-    def remaining(self, timeout: float = 5.0) -> list[str]:
-        """Every line still to come, up to the end of the stream."""
-        lines = []
-        while (line := self._get(timeout)[1]) is not None:
-            lines.append(line)
-        return lines
-
-    def _get(self, timeout: float) -> tuple[float, str | None]:
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no line within {timeout}s (seen: {self.seen})") from None
-
-    def until(self, predicate, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            _, line = self.next(max(0.0, deadline - time.monotonic()))
-            if predicate(line):
-                return line
 
 
 class Follow:

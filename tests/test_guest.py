@@ -36,7 +36,7 @@ from castra_zmq.guest import (
     resolve_target,
 )
 
-from .conftest import shared_router, wait_for
+from .conftest import Lines, shared_router, wait_for
 from .guest import connect_bus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,30 +91,6 @@ def quiet_session_dropped(router) -> None:
     idle timeout went by, without sleeping for a guessed time."""
     with connect_bus(router.port, "quiet") as quiet:
         assert quiet.is_closed(timeout=5)
-
-
-class Lines:
-    """A child's output, collected line by line in a thread, so tests wait with deadlines."""
-
-    def __init__(self, pipe):
-        self.lines: list[str] = []
-        threading.Thread(target=self._collect, args=(pipe,), daemon=True).start()
-
-    def _collect(self, pipe) -> None:
-        for raw in pipe:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in self.lines)
-
-    def wait(self, text: str, times: int = 1, timeout: float = 10.0) -> None:
-        try:
-            wait_for(lambda: self.count(text) >= times, timeout, what=repr(text))
-        except AssertionError:
-            raise AssertionError(f"no {text!r} (x{times}) in {self.lines}") from None
-
-    def json(self) -> list[dict]:
-        return [json.loads(line) for line in list(self.lines)]
 
 
 class Child:
