@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -22,7 +23,7 @@ import nats
 import pytest
 import zmq
 
-from castra_zmq.federation import STREAM_NAME, consumer_name, origin_filter
+from castra_zmq.federation import STREAM_NAME, consumer_config, consumer_name, origin_filter
 
 from ..conftest import Router, host_publish, restarted, wait_for
 from ..guest import connect_bus
@@ -163,6 +164,31 @@ def test_uplink_killed_while_downloading_no_gap_no_duplicate(fleet):
     wait_received(fleet, timeout=30)
     assert 50 <= at_kill < 800  # it was killed mid-stream
     assert b.log_text().count("downloading consumer=castra-b") == 2  # the restarted one made it again
+
+
+def test_acks_lost_everything_redelivered_nothing_committed_twice(fleet, nats_cluster):
+    """As if B's uplink had died after each commit and before its ack: B stopped,
+    its consumer made again from the stream's start, B started again. Every
+    message comes again; its restarted bridge (marks rebuilt from the log) commits
+    none of them twice."""
+    b = fleet["b"]
+    wait_received(fleet)
+    remote_before = len(b.read_log()) - len(local_lines(b))
+    b.stop()
+
+    async def forget_acks(js):
+        await js.delete_consumer(STREAM_NAME, consumer_name("b"))
+        await js.add_consumer(STREAM_NAME, consumer_config("b", after_stream_seq=0))
+
+    query(nats_cluster, forget_acks)
+    b.start()
+    wait_for(lambda: "downloading consumer=castra-b after_stream_seq=0" in b.log_text(), timeout=10,
+             what="B downloading from the stream's start")
+    redelivered = re.compile(r"already in bus.log \(redelivered\).* count=(\d+)")
+    wait_for(lambda: sum(map(int, redelivered.findall(b.log_text()))) >= remote_before, timeout=20,
+             interval=0.1, what=f"{remote_before} messages redelivered to B")
+    wait_received(fleet)
+    assert len(b.read_log()) - len(local_lines(b)) == remote_before
 
 
 def test_a_resent_message_is_stored_once_and_committed_once(fleet, nats_cluster):
