@@ -44,9 +44,12 @@ from .framing import encode_frame
 from .handshake import HOST_SENDER, Hello, is_vm_name, sender_of
 from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
 from .listener import listener_socket
+from .origins import OriginMarks, rebuild
 from .session import CLOSE_LINGER, GuestConnection, Phase, ReadPause
 from .subscriptions import SubscriberIndex
 from .wire import (
+    COMMIT_TIMEOUT,
+    DUPLICATE,
     MAX_FRAME,
     MAX_TOPIC,
     MESSAGE_TOO_LARGE,
@@ -55,6 +58,7 @@ from .wire import (
     CommitResult,
     Delivery,
     MessageId,
+    Origin,
     Publish,
     PublishRequest,
     compact_payload,
@@ -73,6 +77,7 @@ _COUNT_ENTRY_BYTES = 24
 SLOW_CONSUMER = "slow_consumer"
 STAR_IS_FOR_SUBSCRIBE = "topic * is only for subscribe"
 TOO_MANY_SESSIONS = "too many sessions for this vm"  # hello past max_sessions_per_vm
+NO_UPLINK = "no uplink: messages of other hosts are refused"  # an origin without --uplink
 # Descriptors kept out of the connection cap: the bridge's own (about 25) and those
 # of closing connections, which give their slot back before their socket goes.
 FD_RESERVE = 64
@@ -87,10 +92,12 @@ class GuestPublish(msgspec.Struct, gc=False):
 
 
 class HostPublish(msgspec.Struct, gc=False):
-    """Whom a host tool's publish of this turn's commit is answered to."""
+    """Whom a host tool's publish of this turn's commit is answered to; ``origin``:
+    the message was committed on another host first (the uplink hands it in)."""
 
     peer: bytes  # its ROUTER identity
     corr: int
+    origin: Origin | None = None
 
 
 class Bridge:
@@ -118,6 +125,8 @@ class Bridge:
                           seq_floor=max(read_seq_floor(self.seq_floor_path),
                                         read_checkpoint(endpoints.journal_checkpoint) or 0))
         self.failure: str | None = None  # why the last commit failed, until one succeeds
+        # With an uplink: the other hosts' last messages in bus.log (rebuilt in serve).
+        self.origins: OriginMarks | None = None
         self.log_publishes = runtime.logs_at(settings, "DEBUG")  # a line per publish: checked once
         # This loop turn's publishes, committed together at its end (see commit).
         self.messages: list[Message] = []
@@ -280,10 +289,13 @@ class Bridge:
         self.host_bytes = self.taken_bytes = 0
         messages, self.messages = self.messages, []
         waiting, self.waiting = self.waiting, []
+        origins, moved = None, None
+        if self.origins is not None and messages:
+            messages, waiting, origins, moved = self.drop_duplicates(messages, waiting)
         if messages:
             ts_ms = time.time_ns() // 1_000_000
             try:
-                batch = self.log.commit(ts_ms, messages)
+                batch = self.log.commit(ts_ms, messages, origins)
             except LogWriteFailed as exc:
                 if exc.reason != self.failure:
                     logger.error("commit failed", reason=exc.reason, count=len(messages))
@@ -294,6 +306,8 @@ class Bridge:
                 if self.failure is not None:
                     logger.info("commits recovered", seq=self.log.seq)
                     self.failure = None
+                if moved:
+                    self.origins.advance(moved)
                 self.distribute(ts_ms, batch.first_seq, messages, waiting)
                 self.send_lines(batch.lines)
         self.send_host_results()
@@ -302,6 +316,25 @@ class Bridge:
         if self.published and now >= self.next_publish_event:
             self.next_publish_event = now + _PUBLISH_EVENT_INTERVAL
             self.announce_publishes()
+
+    def drop_duplicates(self, messages: list[Message], waiting: list[GuestPublish | HostPublish]):
+        """This commit less the messages of other hosts that ``bus.log`` holds
+        already (each answered ``DUPLICATE``): the messages, whom to answer, their
+        origins (None: all local) and the marks they move once written."""
+        origins = [waiter.origin if isinstance(waiter, HostPublish) else None for waiter in waiting]
+        if not any(origins):
+            return messages, waiting, None, None
+        keep, moved = self.origins.select(origins)
+        if all(keep):
+            return messages, waiting, origins, moved
+        dropped = [origin.message_id for origin, kept in zip(origins, keep) if not kept]
+        logger.bind(reason=DUPLICATE).info("messages of other hosts already in bus.log: not committed again",
+                                           count=len(dropped), first=dropped[0])
+        for waiter, kept in zip(waiting, keep):
+            if not kept:
+                self.answer(waiter, None, DUPLICATE)
+        return ([item for item, kept in zip(messages, keep) if kept], [item for item, kept in zip(waiting, keep) if kept],
+                [item for item, kept in zip(origins, keep) if kept], moved)
 
     def distribute(self, ts_ms: int, first_seq: int, messages: list[Message],
                    waiting: list[GuestPublish | HostPublish]) -> None:
@@ -319,7 +352,8 @@ class Bridge:
                     self.deliver(topic, sender, encode_frame(body))
                 if host_wants:
                     send([topics.bus(topic), sender.encode(), body])
-            self.published[vm] += 1
+            if not (isinstance(waiter, HostPublish) and waiter.origin is not None):
+                self.published[vm] += 1  # status counts this host's VMs' publishes, not the fleet's
 
     def answer(self, waiter: GuestPublish | HostPublish, seq: int | None, reason: str | None) -> None:
         if isinstance(waiter, GuestPublish):
@@ -393,7 +427,7 @@ class Bridge:
         for request in requests:
             reason = self.host_refusal(request, now, check_utf8, compact)
             if reason is None:
-                self.take(request.vm, request.topic, request.payload, HostPublish(peer, request.corr))
+                self.take(request.vm, request.topic, request.payload, HostPublish(peer, request.corr, request.origin))
             else:
                 self.host_results[peer].append(CommitResult(corr=request.corr, reason=reason))
                 if self.log_publishes:
@@ -404,13 +438,15 @@ class Bridge:
     def host_refusal(self, request: PublishRequest, now: float, check_utf8: bool, compact: bool) -> str | None:
         """Why ``request`` may not be committed, or None (its payload made compact)."""
         if now > request.deadline:
-            return "commit_timeout"
+            return COMMIT_TIMEOUT
         if not request.topic or len(request.topic) > MAX_TOPIC or "\0" in request.topic:
             return "invalid topic"
         if request.topic == SUBSCRIBE_ALL:
             return STAR_IS_FOR_SUBSCRIBE
         if request.vm != HOST_SENDER and not is_vm_name(request.vm):
             return "invalid vm name"
+        if request.origin is not None and self.origins is None:
+            return NO_UPLINK
         if check_utf8 or compact:
             try:
                 payload = bytes(request.payload)
@@ -542,6 +578,7 @@ class Bridge:
                 next_health = now + self.settings.health_interval
                 self.sync_sessions()
                 self.follow_rotation()
+                self.save_origins()
                 self.announce_health()
                 self.report_dropped_answers()
 
@@ -551,6 +588,23 @@ class Bridge:
         file has no line to go on from: its seq floor is written first."""
         if self.log.follow_rotation():
             self.write_seq_floor()
+
+    def save_origins(self) -> None:
+        """The other hosts' marks, so that a restart reads only the log after them."""
+        if self.origins is not None:
+            try:
+                self.origins.save(self.settings.endpoints.origins_checkpoint, self.log.seq, self.log.sync)
+            except OSError as exc:
+                logger.warning("origins checkpoint not written", reason=exc.strerror)
+
+    def load_origins(self) -> None:
+        """With an uplink: the other hosts' last messages in bus.log, from the
+        checkpoint and the lines after it (``origins.rebuild``)."""
+        started = time.monotonic()
+        endpoints = self.settings.endpoints
+        self.origins, read = rebuild(endpoints.origins_checkpoint, endpoints.logs_dir, self.log.seq)
+        logger.info("origins of remote messages rebuilt", hosts=len(self.origins.marks), lines_read=read,
+                    seconds=round(time.monotonic() - started, 3))
 
     def write_seq_floor(self) -> None:
         try:
@@ -607,6 +661,8 @@ class Bridge:
         except LogWriteFailed as exc:  # the first commit that can write opens it
             self.failure = exc.reason
             logger.error("log not writable yet", reason=self.failure)
+        if self.settings.uplink_servers is not None:
+            self.load_origins()
         self.take_bus_subscriptions()
         self.server = await loop.create_server(lambda: GuestConnection(self), sock=listener, backlog=1024)
         self.watch_socket(self.bus, self.read_subscriptions)
@@ -637,6 +693,7 @@ class Bridge:
         self.log.close()
         # Where seq goes on from, should bus.log be moved away while the router is down.
         self.write_seq_floor()
+        self.save_origins()
 
     async def shut_down(self) -> None:
         """Stop reading guests and tools, commit and answer what they had sent, then

@@ -56,7 +56,7 @@ from .logfiles import (
     vm_from_file_name,
 )
 from .statefs import open_regular, read_regular, replace_file
-from .wire import LogRecord, decode_log_record, json_encode
+from .wire import LOG_WRITE_FAILED, LogRecord, Origin, decode_log_record, json_encode
 
 _MAX_OPEN_FILES = 256
 _RESCAN_INTERVAL = 1.0  # seconds between listings of the directory while at vm_logs_max
@@ -68,12 +68,17 @@ payload (compact JSON: no newline)."""
 # -- lines ------------------------------------------------------------------------------
 
 
-def encode_lines(ts_ms: int, first_seq: int, messages: Sequence[Message]) -> list[bytes]:
+def encode_lines(ts_ms: int, first_seq: int, messages: Sequence[Message],
+                 origins: Sequence[Origin | None] | None = None) -> list[bytes]:
     """The log lines of ``messages`` committed at ``ts_ms``, the first with
-    ``first_seq``; each ends with its newline."""
+    ``first_seq``; each ends with its newline. ``origins[i]``: where
+    ``messages[i]`` comes from when another host committed it first."""
     timestamp = ts_ms / 1000
-    return [json_encode(LogRecord(timestamp, ts_ms, seq, vm, topic, payload)) + b"\n"
-            for seq, (vm, topic, payload) in enumerate(messages, first_seq)]
+    if origins is None:
+        return [json_encode(LogRecord(timestamp, ts_ms, seq, vm, topic, payload)) + b"\n"
+                for seq, (vm, topic, payload) in enumerate(messages, first_seq)]
+    return [json_encode(LogRecord(timestamp, ts_ms, seq, vm, topic, payload, origin)) + b"\n"
+            for seq, (vm, topic, payload), origin in zip(itertools.count(first_seq), messages, origins)]
 
 
 def seq_of(line: bytes, path: Path) -> int:
@@ -96,7 +101,7 @@ def last_seq_in(handle: AppendFile) -> int:
 
 
 def write_failed(exc: OSError) -> LogWriteFailed:
-    return LogWriteFailed(f"log_write_failed: {exc.strerror or exc}")
+    return LogWriteFailed(f"{LOG_WRITE_FAILED}: {exc.strerror or exc}")
 
 
 # -- bus.log ----------------------------------------------------------------------------
@@ -140,12 +145,14 @@ class BusLog:
         # stay, and their seqs are never given again.
         self.seq = max(self.seq, last_seq_in(self.file))
 
-    def commit(self, ts_ms: int, messages: Sequence[Message]) -> LogBatch:
-        """Append ``messages`` under the next seqs, all in one write, then fdatasync
-        (with ``sync``). All or nothing: on failure the file is cut back to its
-        size before, and ``LogWriteFailed`` is raised."""
+    def commit(self, ts_ms: int, messages: Sequence[Message],
+               origins: Sequence[Origin | None] | None = None) -> LogBatch:
+        """Append ``messages`` (from ``origins``, see ``encode_lines``) under the
+        next seqs, all in one write, then fdatasync (with ``sync``). All or
+        nothing: on failure the file is cut back to its size before, and
+        ``LogWriteFailed`` is raised."""
         self.open()  # first: reopening may move seq on
-        batch = LogBatch(self.seq + 1, encode_lines(ts_ms, self.seq + 1, messages))
+        batch = LogBatch(self.seq + 1, encode_lines(ts_ms, self.seq + 1, messages, origins))
         data = b"".join(batch.lines)
         if data.count(b"\n") != len(batch.lines):
             raise ValueError("a message's payload has a newline: it would break its log line")

@@ -17,8 +17,7 @@ import msgspec
 
 from .endpoints import Endpoints, default_state_root
 from .errors import ConfigError
-from .federation import check_host_name
-from .wire import BUS_MESSAGE_MAX, PUBLISH_REQUEST_MAX
+from .wire import BUS_MESSAGE_MAX, PUBLISH_REQUEST_MAX, check_host_name
 
 SETTINGS_ENV = "CASTRA_SETTINGS"
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]

@@ -9,6 +9,7 @@
   state/journal.json           how far the per-VM logs are known to be on disk
   state/bus.json               the seq a rotated bus.log goes on from
   state/uplink.json            the uplink's epoch: which seq space its uploads are in
+  state/origins.json           per other host, its last message in bus.log, and the seq that covers
 ```
 
 Who may control these directories, and the directories above them, is
@@ -50,6 +51,7 @@ class Endpoints:
         self.journal_checkpoint = self.state_dir / "journal.json"  # per-VM logs synced up to
         self.bus_seq_floor = self.state_dir / "bus.json"  # seq a rotated, empty bus.log goes on from
         self.uplink_state = self.state_dir / "uplink.json"  # the uplink's epoch
+        self.origins_checkpoint = self.state_dir / "origins.json"  # other hosts' last messages in bus.log
         self.lock_file = self.run_dir / "router.lock"
         self.router_info = self.run_dir / "router.json"
         self.publish_socket = self.run_dir / "bus-in.sock"  # proxy XSUB: publishers connect

@@ -32,15 +32,22 @@ Runs in: the uplink role (``uplink.py``), and the tests.
 
 from __future__ import annotations
 
+import datetime
 import re
-from typing import TYPE_CHECKING
 
 import msgspec
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 
-from .errors import CastraError, ConfigError
-
-if TYPE_CHECKING:
-    import nats.js.api
+from .errors import CastraError
+from .wire import Origin, decode_log_record
 
 SUBJECT_ROOT = "castra.v1"
 STREAM_NAME = "CASTRA"
@@ -57,14 +64,16 @@ HEADER_MSG_ID = "Nats-Msg-Id"
 HEADER_ORIGIN = "Castra-Origin"
 HEADER_ORIGIN_EPOCH = "Castra-Origin-Epoch"
 HEADER_ORIGIN_SEQ = "Castra-Origin-Seq"
+# A message handed to a host's bridge is acked (with every one before it: AckPolicy.ALL)
+# once committed; it comes again only after this, or when the consumer is made again.
+CONSUMER_ACK_WAIT_S = 60.0
+CONSUMER_MAX_ACK_PENDING = 1024
 # nats-server 2.11+: the publish is refused (error 10071, "wrong last sequence")
 # unless the last message on the subjects matching the filter has this stream seq.
 HEADER_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last check
 
-MAX_HOST_NAME = 253  # a DNS name's length
-_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 _PLAIN = frozenset(map(chr, range(0x21, 0x7F))) - set("%.*>")  # printable ASCII but the space
 _EMPTY_TOKEN = "%"
@@ -80,19 +89,6 @@ class SubjectParts(msgspec.Struct, frozen=True):
 
     origin: str
     topic: str
-
-
-class Origin(msgspec.Struct, frozen=True):
-    """Where a message in the stream comes from: its host, that host's seq space
-    (``epoch``) and its seq there."""
-
-    host: str
-    epoch: int
-    seq: int
-
-    @property
-    def message_id(self) -> str:
-        return f"{self.host}:{self.epoch}:{self.seq}"
 
 
 def escape_token(name: str) -> str:
@@ -138,12 +134,59 @@ def parse_subject(subject: str) -> SubjectParts:
     return SubjectParts(unescape_token(tokens[2]), ".".join(map(unescape_token, tokens[3:])))
 
 
-def stream_config() -> nats.js.api.StreamConfig:
-    """The stream every host uploads to (created by the first uplink that finds none)."""
-    # Imported here: nats-py takes 0.13 s to import, and every CLI command and role
-    # imports this module (through config) while only the uplink talks to NATS.
-    from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+def consumer_name(host: str) -> str:
+    """The durable consumer through which host ``host`` gets the others' messages:
+    one per host, named after it (a host name's ``.`` is not allowed in a
+    consumer name, so it is the host's token)."""
+    return f"castra-{escape_token(host)}"
 
+
+def consumer_config(host: str, *, after_stream_seq: int | None = None, start_ms: int = 0) -> ConsumerConfig:
+    """Host ``host``'s durable consumer: every message of the stream (its own are
+    skipped by the uplink: a subject filter cannot leave one host out), in stream
+    order, acked a batch at a time. It starts after ``after_stream_seq`` (its ack
+    floor when it is made again), or, made the first time, at ``start_ms``: the
+    messages committed since the host joined (its epoch), not the stream's days
+    of history."""
+    if after_stream_seq is not None:
+        start = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after_stream_seq + 1}
+    else:
+        start = {"deliver_policy": DeliverPolicy.BY_START_TIME,
+                 "opt_start_time": datetime.datetime.fromtimestamp(start_ms / 1000, datetime.timezone.utc)}
+    return ConsumerConfig(durable_name=consumer_name(host), filter_subject=STREAM_SUBJECTS, ack_policy=AckPolicy.ALL,
+                          ack_wait=CONSUMER_ACK_WAIT_S, max_ack_pending=CONSUMER_MAX_ACK_PENDING, max_deliver=-1,
+                          **start)
+
+
+class RemoteMessage(msgspec.Struct, frozen=True):
+    """A message another host committed, as its bridge commits it here."""
+
+    origin: Origin
+    vm: str  # the sender's bare name on its host, or ``host``
+    topic: str
+    payload: msgspec.Raw
+
+
+def remote_message(subject: str, headers: dict[str, str] | None, data: bytes) -> RemoteMessage:
+    """What a message of the stream says; ``FederationError`` if castra did not
+    make it: its origin headers, its subject and its body (the origin's log line)
+    must agree, and the line must be that host's own (a line with an origin was
+    delivered to it, and uploading it would be a loop)."""
+    origin = origin_of(headers)
+    parts = parse_subject(subject)
+    try:
+        record = decode_log_record(data + b"\n")
+    except msgspec.DecodeError as exc:
+        raise FederationError(f"{origin.message_id}: not a bus log line: {exc}") from None
+    if (parts.origin, parts.topic, record.seq) != (origin.host, record.topic, origin.seq):
+        raise FederationError(f"{origin.message_id}: its subject {subject[:80]!r} or line is not of its origin")
+    if record.origin is not None:
+        raise FederationError(f"{origin.message_id}: a message of {record.origin.host} uploaded again")
+    return RemoteMessage(origin, record.vm, record.topic, record.payload)
+
+
+def stream_config() -> StreamConfig:
+    """The stream every host uploads to (created by the first uplink that finds none)."""
     return StreamConfig(
         name=STREAM_NAME,
         subjects=[STREAM_SUBJECTS],
@@ -155,16 +198,6 @@ def stream_config() -> nats.js.api.StreamConfig:
         max_bytes=STREAM_MAX_BYTES,
         duplicate_window=STREAM_DUPLICATE_WINDOW_S,
     )
-
-
-def check_host_name(name: str) -> str:
-    """``name`` if it may name a host in the fleet: 1 to 253 letters, digits, ``.``,
-    ``_`` or ``-``, starting with a letter or digit (a DNS name fits). It is the
-    first part of every message id, so it never holds the ``:`` that separates them."""
-    if len(name) > MAX_HOST_NAME or not _HOST_NAME.fullmatch(name):
-        raise ConfigError(f"host name {name[:80]!r} is not 1-{MAX_HOST_NAME} letters, digits, '.', '_' "
-                          "or '-' starting with a letter or digit: choose one with --host-name")
-    return name
 
 
 def upload_headers(origin: Origin, expected_last_subject_seq: int) -> dict[str, str]:
@@ -186,7 +219,10 @@ def origin_of(headers: dict[str, str] | None) -> Origin:
     do not give one, or disagree with its message id."""
     headers = headers or {}
     try:
-        origin = Origin(headers[HEADER_ORIGIN], int(headers[HEADER_ORIGIN_EPOCH]), int(headers[HEADER_ORIGIN_SEQ]))
+        origin = msgspec.convert({"host": headers[HEADER_ORIGIN], "epoch": int(headers[HEADER_ORIGIN_EPOCH]),
+                                  "seq": int(headers[HEADER_ORIGIN_SEQ])}, Origin)
+    except msgspec.ValidationError as exc:  # a ValueError too: first
+        raise FederationError(f"invalid castra origin headers: {exc}") from None
     except (KeyError, ValueError):
         raise FederationError("message without castra origin headers") from None
     if headers.get(HEADER_MSG_ID) != origin.message_id:

@@ -18,6 +18,7 @@ tail --since``).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,9 @@ COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".Z", ".zip")
 # PROTOCOL.md 7.2 fixes the keys' order: "timestamp", "ts_ms", "seq", ...
 _SEQ_KEY = b',"seq":'
 _TS_MS_KEY = b',"ts_ms":'
+# The key a line of a message from another host ends with (7.2): a host name and two counts.
+ORIGIN_KEY = b',"origin":{"host":"'
+_ORIGIN_REST = re.compile(rb'[A-Za-z0-9._-]+","epoch":[0-9]+,"seq":[0-9]+\}\}\n?')
 _HEAD_BYTES = 96  # a line's bytes up to its seq, and more: {"timestamp":<float>,"ts_ms":<int>,"seq":<int>,
 _SCAN_CHUNK = 4096
 READ_CHUNK = 256 * 1024  # bytes of lines a cursor reads at once (more for one longer line)
@@ -57,6 +61,18 @@ def seq_of_line(head: bytes) -> int:
 def ts_ms_of_line(head: bytes) -> int:
     """The commit time (Unix ms) of a log line, from its first bytes."""
     return _int_field(head, _TS_MS_KEY)
+
+
+def origin_start(line: bytes) -> int | None:
+    """Where a log line's ``origin`` key starts (a message from another host), or
+    None (a local line). The key comes last and holds a host name and two numbers,
+    so it is the last ``,"origin":{"host":"`` of the line and the rest is exactly
+    its value and the line's ``}``: a payload cannot end like that (its own
+    ``origin`` object would be followed by the ``}`` that closes it)."""
+    start = line.rfind(ORIGIN_KEY)
+    if start < 0 or _ORIGIN_REST.fullmatch(line, start + len(ORIGIN_KEY)) is None:
+        return None
+    return start
 
 
 def line_start_from(fd: int, offset: int, size: int) -> int:

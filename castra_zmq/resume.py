@@ -33,7 +33,7 @@ import msgspec
 
 from .framing import encode_frame
 from .handshake import HOST_SENDER, VM_TOPIC_PREFIX
-from .replay import Cursor, Expired, segments
+from .replay import Cursor, Expired, origin_start, segments
 from .subscriptions import pattern_prefix
 from .wire import json_encode
 
@@ -185,7 +185,9 @@ def line_fields(line: bytes) -> LineFields:
     vm = line.index(b',"vm":"', seq) + 7
     vm_end = line.index(b'","topic":"', vm)
     payload = line.index(b'","payload":', vm_end + 11) + 12
-    return LineFields(line[ts_ms:seq - 7], line[seq:vm - 7], line[vm:vm_end], line[payload:-2])
+    origin = origin_start(line)  # a message from another host: its origin after the payload
+    return LineFields(line[ts_ms:seq - 7], line[seq:vm - 7], line[vm:vm_end],
+                      line[payload:-2] if origin is None else line[payload:origin])
 
 
 def decode_raw_string(raw: bytes) -> str:

@@ -1,7 +1,12 @@
-"""The uplink role: uploads this host's committed messages to NATS JetStream.
+"""The uplink role: this host's committed messages to NATS JetStream, and the
+other hosts' from it into this host's ``bus.log``.
 
-Started by ``castra up --uplink nats://...`` only (issue 14, its upload half). It
-reads ``bus.log`` in seq order (``replay.Cursor``) and publishes each line, as it
+Started by ``castra up --uplink nats://...`` only (issue 14). Two halves, each a
+loop of sessions with its own back-off, on one NATS connection: the upload, here,
+and the download (``downlink``: a durable consumer per host, each message
+committed by the bridge with its origin, exactly once, then acked).
+
+The upload reads ``bus.log`` in seq order (``replay.Cursor``) and publishes each line, as it
 is, to the stream ``CASTRA`` under ``castra.v1.<host>.<topic tokens>``
 (``federation``), one at a time, each acked by JetStream before the next:
 
@@ -26,9 +31,8 @@ is, to the stream ``CASTRA`` under ``castra.v1.<host>.<topic tokens>``
   upload session: one log line with the reason, a back-off (doubling up to 5 s),
   and a new session that resumes from the stream.
 
-Every line of ``bus.log`` is this host's today. Remote ingestion (a later slice of
-issue 14) will commit other hosts' messages into it with their origin: they must
-then be skipped where ``upload`` picks the lines, so that nothing loops.
+Only lines without an origin are uploaded: the download commits other hosts'
+messages with theirs, and ``upload`` passes over those lines, so nothing loops.
 
 Credentials and TLS for the NATS connection are a later slice: ``nats://`` URLs only.
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import nats
@@ -50,6 +55,7 @@ from loguru import logger
 
 from . import runtime, topics
 from .config import Settings, settings_from_env
+from .downlink import DeliveryFailed, Downlink
 from .errors import CastraError
 from .events import EventKind, JournalEvent, decode_event, now_ms
 from .federation import (
@@ -141,10 +147,12 @@ class Uplink:
         self.servers = settings.uplink_servers
         self.epoch = self.load_epoch()
         self.commits = CommitWatch(settings)
+        self.downlink = Downlink(settings)
         self.connection: nats.NATS | None = None
+        self.connecting = asyncio.Lock()  # both halves connect at first: one connection
         self.stopping = asyncio.Event()
         self.uploaded = 0  # the origin seq of the last line the stream acked
-        self.backoff = _BACKOFF_MIN
+        self.uploads = 0  # lines the stream acked since the role started
         self.reachable = True  # until nats-py reports a failed attempt
 
     # -- the epoch ----------------------------------------------------------------------
@@ -169,43 +177,56 @@ class Uplink:
         watch = asyncio.create_task(self.commits.watch())
         logger.info("uplink ready", host=self.host, epoch=self.epoch, servers=",".join(self.servers))
         runtime.notify_ready()
+        halves = [asyncio.create_task(self.keep_going("upload", self.upload_session, lambda: self.uploads)),
+                  asyncio.create_task(self.keep_going("download", self.download_session,
+                                                      lambda: self.downlink.batches))]
         stop = asyncio.create_task(self.stopping.wait())
         try:
-            while True:
-                session = asyncio.create_task(self.upload_session())
-                await asyncio.wait([session, stop, watch], return_when=asyncio.FIRST_COMPLETED)
-                if not session.done():  # stopping, or the bus watch failed
-                    session.cancel()
-                    await asyncio.gather(session, return_exceptions=True)
-                    if watch.done():
-                        raise RuntimeError("the bus watch ended") from watch.exception()
-                    return
-                failure = session.exception()  # a session only ends by failing
-                if not isinstance(failure, (*NATS_FAILURES, UploadRefused, FederationError)):
-                    raise failure
-                logger.bind(reason=describe(failure), uploaded=self.uploaded).warning(
-                    f"upload interrupted; again in {self.backoff:.1f}s")
-                await asyncio.wait([stop], timeout=self.backoff)
-                self.backoff = min(self.backoff * 2, _BACKOFF_MAX)
+            await asyncio.wait([stop, watch, *halves], return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                raise RuntimeError("the bus watch ended") from watch.exception()
+            for half in halves:
+                if half.done():
+                    half.result()  # what ended it: a bug, which the supervisor's restart answers
         finally:
-            stop.cancel()
-            watch.cancel()
-            await asyncio.gather(stop, watch, return_exceptions=True)
+            for task in (stop, watch, *halves):
+                task.cancel()
+            await asyncio.gather(stop, watch, *halves, return_exceptions=True)
             if self.connection is not None:
                 await self.connection.close()
             self.commits.close()
+            self.downlink.close()
+
+    async def keep_going(self, half: str, session: Callable[[], Awaitable[None]], progress: Callable[[], int]) -> None:
+        """Run ``session`` again each time it fails on NATS, the stream or the
+        bridge: one line with the reason, then a back-off, 0.1 s doubling up to
+        5 s, from 0.1 s again after a session that got something done."""
+        backoff = _BACKOFF_MIN
+        while True:
+            done_before = progress()
+            try:
+                await session()  # ends only by failing
+            except (*NATS_FAILURES, UploadRefused, FederationError, DeliveryFailed) as failure:
+                reason = describe(failure)
+            if progress() != done_before:
+                backoff = _BACKOFF_MIN
+            logger.bind(reason=reason, uploaded=self.uploaded, downloaded=self.downlink.committed).warning(
+                f"{half} interrupted; again in {backoff:.1f}s")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
 
     async def connect(self) -> nats.NATS:
         """The connection, made at the first session and kept: nats-py connects and
         reconnects it by itself, forever, going round the servers."""
-        if self.connection is None or self.connection.is_closed:
-            self.connection = await nats.connect(
-                servers=self.servers, name=f"castra-uplink {self.host}",
-                connect_timeout=_CONNECT_TIMEOUT, reconnect_time_wait=0.5, max_reconnect_attempts=-1,
-                error_cb=self.handle_nats_error, disconnected_cb=self.handle_disconnected,
-                reconnected_cb=self.handle_connected,
-            )
-            await self.handle_connected()
+        async with self.connecting:
+            if self.connection is None or self.connection.is_closed:
+                self.connection = await nats.connect(
+                    servers=self.servers, name=f"castra-uplink {self.host}",
+                    connect_timeout=_CONNECT_TIMEOUT, reconnect_time_wait=0.5, max_reconnect_attempts=-1,
+                    error_cb=self.handle_nats_error, disconnected_cb=self.handle_disconnected,
+                    reconnected_cb=self.handle_connected,
+                )
+                await self.handle_connected()
         return self.connection
 
     async def handle_nats_error(self, error: Exception) -> None:
@@ -256,8 +277,11 @@ class Uplink:
             await asyncio.sleep(0)  # a long backlog shares the loop with the bus watch
 
     async def upload(self, js, line: bytes, last_stream_seq: int) -> int:
-        """Publish one log line; the stream seq it is stored at."""
+        """Publish one log line; the stream seq it is stored at (or of the last
+        one uploaded, for a line of another host's message: not uploaded again)."""
         record = decode_log_record(line)
+        if record.origin is not None:
+            return last_stream_seq
         origin = Origin(self.host, self.epoch, record.seq)
         try:
             ack = await js.publish(message_subject(self.host, record.topic), line[:-1],
@@ -270,8 +294,16 @@ class Uplink:
         if ack.duplicate:
             logger.bind(seq=record.seq, stream_seq=ack.seq).info("already in the stream (a resend)")
         self.uploaded = record.seq
-        self.backoff = _BACKOFF_MIN
+        self.uploads += 1
         return ack.seq
+
+    async def download_session(self) -> None:
+        """Connect, make sure of the stream, then deliver other hosts' messages
+        (``Downlink.session``) from the consumer's ack floor, or from this host's
+        epoch the first time."""
+        js = (await self.connect()).jetstream(timeout=_REQUEST_TIMEOUT)
+        await self.ensure_stream(js)
+        await self.downlink.session(js, start_ms=self.epoch)
 
     async def ensure_stream(self, js) -> None:
         try:

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from .errors import FrameError, FrameRejected
+from .errors import ConfigError, FrameError, FrameRejected
 from .handshake import MAX_NAME
 
 MAX_FRAME = 65536
@@ -166,9 +166,40 @@ class Delivery(Reply, tag="message"):
 
 # -- bus log -----------------------------------------------------------------------
 
+MAX_HOST_NAME = 253  # a DNS name's length
+# msgspec searches the pattern: \Z, since $ would also match before a final newline.
+HostName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_HOST_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")]
 
-class LogRecord(msgspec.Struct, gc=False):
-    """One line of ``logs/bus/*.log``."""
+
+def check_host_name(name: str) -> str:
+    """``name`` if it may name a host in the fleet: 1 to 253 letters, digits, ``.``,
+    ``_`` or ``-``, starting with a letter or digit (a DNS name fits). It is the
+    first part of every message id, so it never holds the ``:`` that separates them."""
+    try:
+        return msgspec.convert(name, HostName)
+    except msgspec.ValidationError:
+        raise ConfigError(f"host name {name[:80]!r} is not 1-{MAX_HOST_NAME} letters, digits, '.', '_' "
+                          "or '-' starting with a letter or digit: choose one with --host-name") from None
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class Origin(msgspec.Struct, frozen=True, gc=False):
+    """Where a message committed on another host of the fleet comes from (issue
+    14): that host, its seq space (``epoch``) and the message's seq there."""
+
+    host: HostName
+    epoch: Count
+    seq: Count
+
+    @property
+    def message_id(self) -> str:
+        """Its ``Nats-Msg-Id`` in the federation's stream."""
+        return f"{self.host}:{self.epoch}:{self.seq}"
+
+
+class LogRecord(msgspec.Struct, omit_defaults=True, gc=False):
+    """One line of ``logs/bus/*.log``. ``origin`` only in a line of a message from
+    another host (PROTOCOL.md 7.2): a local line's bytes are as they always were."""
 
     timestamp: float
     ts_ms: int
@@ -176,17 +207,20 @@ class LogRecord(msgspec.Struct, gc=False):
     vm: str
     topic: str
     payload: msgspec.Raw
+    origin: Origin | None = None
 
 
 # -- internal bus bodies -----------------------------------------------------------
 
 
-class PublishRequest(msgspec.Struct, gc=False):
+class PublishRequest(msgspec.Struct, omit_defaults=True, gc=False):
     """One publish of a host tool to the bridge's host socket (``run/journal.sock``,
     PROTOCOL.md 8.2), alone or in an array of them: the whole batch is one frame.
 
     ``deadline`` is a ``time.monotonic()`` value: CLOCK_MONOTONIC is one clock for
     every process of the host, so the bridge can refuse work its sender gave up on.
+    ``origin``: a message of another host, which the uplink hands in; it is
+    committed once per origin (a second time it gets ``DUPLICATE``).
     """
 
     corr: int
@@ -194,14 +228,17 @@ class PublishRequest(msgspec.Struct, gc=False):
     topic: str
     deadline: float
     payload: msgspec.Raw
+    origin: Origin | None = None
 
 
 # A JSON string of a name or topic takes at most 6 bytes per character (``\u001f``).
 _JSON_BYTES_PER_CHAR = 6
 _REQUEST_OVERHEAD = 128  # "corr", "deadline", the keys and the punctuation, at their widest
-PUBLISH_REQUEST_MAX = _REQUEST_OVERHEAD + _JSON_BYTES_PER_CHAR * (MAX_NAME + MAX_TOPIC) + MAX_FRAME
-"""The largest useful PublishRequest: a guest frame's payload, and the sender and
-topic encoded at their widest (a batch must take one)."""
+_ORIGIN_OVERHEAD = 96  # "origin", its keys, two 19-digit counts and the punctuation
+PUBLISH_REQUEST_MAX = (_REQUEST_OVERHEAD + _JSON_BYTES_PER_CHAR * (MAX_NAME + MAX_TOPIC) + MAX_FRAME
+                       + _ORIGIN_OVERHEAD + MAX_HOST_NAME)
+"""The largest useful PublishRequest: a guest frame's payload, the sender and
+topic encoded at their widest and an origin (a batch must take one)."""
 
 
 _TS_MS_WIDEST = 10**13 - 1  # unix ms have 13 digits until the year 2286
@@ -222,6 +259,16 @@ def delivery_bytes(topic: str, sender: str, payload_bytes: int, seq: int) -> int
 
 MESSAGE_TOO_LARGE = "message too large"
 """The reason a publish is refused when its delivery would not fit in a guest frame."""
+
+COMMIT_TIMEOUT = "commit_timeout"
+"""A host tool's publish read after its deadline: not committed, may be sent again."""
+
+LOG_WRITE_FAILED = "log_write_failed"
+"""How the reason of a commit that could not be written starts (``log_write_failed: <why>``)."""
+
+DUPLICATE = "duplicate"
+"""The result of a message from another host that ``bus.log`` already holds (its
+origin at or below the last one committed from that host): not committed again."""
 
 BUS_MESSAGE_MAX = MAX_FRAME + 4 * (MAX_TOPIC + MAX_NAME) + 16
 """The largest message the bridge puts on the bus: a Delivery, its topic frame and

@@ -13,7 +13,6 @@ from castra_zmq.errors import ConfigError
 from castra_zmq.federation import (
     FederationError,
     Origin,
-    check_host_name,
     escape_token,
     message_subject,
     origin_filter,
@@ -23,7 +22,7 @@ from castra_zmq.federation import (
     unescape_token,
     upload_headers,
 )
-from castra_zmq.wire import MAX_TOPIC
+from castra_zmq.wire import MAX_TOPIC, check_host_name
 
 FORBIDDEN_IN_TOKEN = set(".*> \t\r\n\x0b\x0c") | set(map(chr, range(0x20))) | {"\x7f"}
 
@@ -122,7 +121,7 @@ def test_host_names_accepted(name):
     assert check_host_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", ".a", "-a", "a b", "a:b", "a*", "a>", "é", "h" * 254])
+@pytest.mark.parametrize("name", ["", ".a", "-a", "a b", "a:b", "a*", "a>", "é", "h" * 254, "a\n"])
 def test_host_names_refused(name):
     with pytest.raises(ConfigError):
         check_host_name(name)

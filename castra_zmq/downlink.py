@@ -1,0 +1,182 @@
+"""The uplink's download half: other hosts' messages from JetStream into this
+host's ``bus.log`` (issue 14, delivery into each host).
+
+Through one durable pull consumer per host (``federation.consumer_config``: named
+after the host, every subject, stream order, AckPolicy.ALL), a batch at a time:
+
+1. **Fetch** up to ``_FETCH_BATCH`` messages. This host's own are skipped by their
+   subject (``castra.v1.<host>.``): only lines without an origin are ever uploaded,
+   so nothing loops. A message castra did not make is skipped with a warning.
+2. **Commit**: the others go to the bridge as one batch of host publishes on
+   ``run/journal.sock`` (``PublishRequest`` with ``origin``): the sender is the
+   original one (``vm`` of the origin's line), the bridge commits them with their
+   origin in the line, acks nothing to a guest (nobody here sent them) and delivers
+   them as any message. It answers ``DUPLICATE`` for a message ``bus.log`` already
+   holds (``origins``): that is a redelivery, done before.
+3. **Ack** the last message of the batch, which acks the batch (AckPolicy.ALL), once
+   each of its messages is committed, a duplicate, or refused for good (too large
+   here, say: logged as an error and passed over, or it would hold up the rest).
+   A commit that failed (``log_write_failed``, ``commit_timeout``, no answer) ends
+   the session before the ack: the batch comes again.
+
+Each session (re)makes the consumer to start right after its ack floor: a batch
+committed but not acked (the uplink killed between the two) then comes again at
+once and in stream order. Left pending it would come back only after the ack wait,
+behind later messages of its origins, which the bridge would then have dropped as
+duplicates.
+
+Runs in: the uplink role.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from .config import Settings
+from .errors import CastraError
+from .federation import (
+    STREAM_NAME,
+    FederationError,
+    RemoteMessage,
+    consumer_config,
+    consumer_name,
+    origin_filter,
+    remote_message,
+)
+from .wire import (
+    COMMIT_TIMEOUT,
+    DUPLICATE,
+    LOG_WRITE_FAILED,
+    CommitResult,
+    PublishRequest,
+    decode_commit_batch,
+    json_encode,
+)
+
+_FETCH_BATCH = 256  # messages a fetch asks for; one commit, one ack
+_FETCH_WAIT = 1.0  # seconds a fetch waits for a first message before asking again
+_COMMIT_WAIT = 5.0  # seconds the bridge has to commit a batch (its deadline); answers wait 0.5 s more
+
+
+class DeliveryFailed(CastraError):
+    """The bridge did not commit a batch (a write failed, or no answer in time)."""
+
+
+class BridgeLink:
+    """Publishes batches of remote messages to the bridge (``run/journal.sock``,
+    PROTOCOL.md 8.2) and waits for their results."""
+
+    def __init__(self, settings: Settings):
+        self.context = zmq.asyncio.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(settings.endpoints.journal)
+        self.corr = 0
+
+    async def commit(self, messages: list[RemoteMessage]) -> list[CommitResult]:
+        """Each message's result, in order; ``DeliveryFailed`` when the bridge does
+        not answer them all in time (it may have committed some)."""
+        deadline = time.monotonic() + _COMMIT_WAIT
+        requests = []
+        for message in messages:
+            self.corr += 1
+            requests.append(PublishRequest(self.corr, message.vm, message.topic, deadline, message.payload,
+                                           message.origin))
+        await self.sock.send_multipart([b"", json_encode(requests)])
+        results: dict[int, CommitResult] = {}
+        wanted = {request.corr for request in requests}
+        # One answer per commit: a batch the bridge split over commits has several.
+        while not wanted <= results.keys():
+            remaining = deadline + 0.5 - time.monotonic()
+            if remaining <= 0 or not await self.sock.poll(remaining * 1000):
+                raise DeliveryFailed(f"no answer from the bridge for {len(wanted - results.keys())} messages")
+            parts = await self.sock.recv_multipart()
+            try:
+                batch = decode_commit_batch(parts[-1])
+            except msgspec.DecodeError as exc:
+                raise DeliveryFailed(f"malformed answer from the bridge: {exc}") from None
+            results.update((result.corr, result) for result in batch.results if result.corr in wanted)
+        return [results[request.corr] for request in requests]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.context.term()
+
+
+class Downlink:
+    def __init__(self, settings: Settings):
+        self.host = settings.host_name
+        self.durable = consumer_name(self.host)
+        self.own_subjects = origin_filter(self.host)[:-1]  # "castra.v1.<host>."
+        self.bridge = BridgeLink(settings)
+        self.committed = 0  # other hosts' messages this role committed, since it started
+        self.batches = 0  # fetched batches done and acked
+
+    async def session(self, js, start_ms: int) -> None:
+        """Make the consumer start after its ack floor, then deliver until
+        something fails (raised) or the role stops (cancelled)."""
+        after = await self.reset_consumer(js, start_ms)
+        subscription = await js.pull_subscribe_bind(durable=self.durable, stream=STREAM_NAME)
+        logger.info("downloading", consumer=self.durable, after_stream_seq=after)
+        try:
+            while True:
+                try:
+                    batch = await subscription.fetch(_FETCH_BATCH, timeout=_FETCH_WAIT)
+                except nats.errors.TimeoutError:
+                    continue
+                await self.deliver(batch)
+        finally:
+            await subscription.unsubscribe()
+
+    async def reset_consumer(self, js, start_ms: int) -> int | None:
+        """Make this host's consumer again, after its ack floor (None: it was new,
+        made to start at ``start_ms``). Its ack floor is all it keeps between
+        sessions: what it had delivered past it comes again, now."""
+        try:
+            info = await js.consumer_info(STREAM_NAME, self.durable)
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer(STREAM_NAME, consumer_config(self.host, start_ms=start_ms))
+            return None
+        after = info.ack_floor.stream_seq
+        await js.delete_consumer(STREAM_NAME, self.durable)
+        await js.add_consumer(STREAM_NAME, consumer_config(self.host, after_stream_seq=after))
+        return after
+
+    async def deliver(self, batch: list) -> None:
+        """Commit a fetched batch's other hosts' messages, then ack the batch."""
+        remote: list[RemoteMessage] = []
+        for message in batch:
+            if message.subject.startswith(self.own_subjects):
+                continue
+            try:
+                remote.append(remote_message(message.subject, message.headers, message.data))
+            except FederationError as exc:
+                logger.bind(reason=exc.reason).warning("skipped a message castra did not make",
+                                                       stream_seq=message.metadata.sequence.stream)
+        duplicates = []
+        for message, result in zip(remote, await self.bridge.commit(remote) if remote else []):
+            if result.seq is not None:
+                self.committed += 1
+            elif result.reason == DUPLICATE:
+                duplicates.append(message.origin.message_id)
+            elif result.reason == COMMIT_TIMEOUT or result.reason.startswith(LOG_WRITE_FAILED):
+                raise DeliveryFailed(f"{message.origin.message_id}: {result.reason}")
+            else:  # it can never be committed here (too large under this log's seq, say)
+                logger.bind(reason=result.reason, vm=message.vm).error(
+                    "message of another host refused: passed over", origin=message.origin.message_id,
+                    topic=message.topic)
+        if duplicates:
+            logger.bind(reason=DUPLICATE).info("already in bus.log (redelivered)", count=len(duplicates),
+                                               first=duplicates[0])
+        await batch[-1].ack()
+        self.batches += 1
+
+    def close(self) -> None:
+        self.bridge.close()
