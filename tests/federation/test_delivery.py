@@ -163,7 +163,7 @@ def test_uplink_killed_while_downloading_no_gap_no_duplicate(fleet):
     wait_for(lambda: restarted(b, "uplink", pid), timeout=10, what="B's uplink restarted")
     wait_received(fleet, timeout=30)
     assert 50 <= at_kill < 800  # it was killed mid-stream
-    assert b.log_text().count("downloading consumer=castra-b") == 2  # the restarted one made it again
+    assert b.log_text().count("downloading consumer=castra-b") >= 2  # the restarted one made it again
 
 
 def test_acks_lost_everything_redelivered_nothing_committed_twice(fleet, nats_cluster):
