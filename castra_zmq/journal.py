@@ -39,6 +39,8 @@ from .handshake import is_vm_name
 from .identity import load_identities
 from .wire import decode_log_record
 
+_MESSAGES_PER_TURN = 10_000  # then the stop signal and the checkpoint tick get their turn
+
 
 def listed_vms(identities_file: str | None) -> frozenset[str]:
     """The VM names of the identities file (none without one)."""
@@ -95,11 +97,7 @@ class Journal:
                 self.vm_logs.checkpoint()
 
     def read_bus(self) -> None:
-        while True:
-            try:
-                parts = self.bus.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for parts in runtime.ready_messages(self.bus, _MESSAGES_PER_TURN):
             if len(parts) != 2:
                 logger.warning("dropped malformed bus message", reason=f"{len(parts)} frames")
             elif parts[0] == topics.LOG:

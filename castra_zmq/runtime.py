@@ -16,8 +16,10 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
 
 import msgspec
+import zmq
 from loguru import logger
 
 from .config import Settings, settings_from_env
@@ -136,6 +138,16 @@ def run_polling_role(name: str, create) -> None:
     finally:
         role.close()
     skip_final_collection()
+
+
+def ready_messages(sock: zmq.Socket, limit: int) -> Iterator[list[bytes]]:
+    """The messages ``sock`` has ready now, at most ``limit`` of them: a polling role
+    takes a bounded share of one socket per turn, then serves the others."""
+    for _ in range(limit):
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def bind_owner_only(*bindings) -> None:

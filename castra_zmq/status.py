@@ -73,11 +73,7 @@ class StatusService:
                     logger.warning("snapshot not written", reason=exc.strerror)
 
     def handle_events(self) -> None:
-        for _ in range(10_000):
-            try:
-                parts = self.events.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for parts in runtime.ready_messages(self.events, 10_000):
             try:
                 event = decode_event(parts[1])
             except (msgspec.DecodeError, IndexError) as exc:
@@ -88,11 +84,7 @@ class StatusService:
 
     def handle_queries(self) -> None:
         """Request: ``[identity, b"", b"status"]``; reply: the ``StatusView`` JSON."""
-        for _ in range(1000):
-            try:
-                parts = self.queries.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for parts in runtime.ready_messages(self.queries, 1000):
             identity, body = parts[0], parts[-1]
             if body != QUERY:
                 self.queries.send_multipart([identity, b"", json_encode({"error": "unknown query"})])
