@@ -306,7 +306,12 @@ def test_heartbeat_timeout_closes_session_and_clears_subscriptions(hb_router):
         quiet.subscribe("t")
         assert quiet.is_closed(timeout=4)
     wait_for(lambda: logged_line(router, offset, "vm=quiet", "reason=heartbeat_timeout"), what="timeout log line")
-    [vm] = [vm for vm in collect_status(router.state_root).vms if vm.name not in known]
+
+    def new_vms():
+        return [vm for vm in collect_status(router.state_root).vms if vm.name not in known]
+    # The bridge logs the close, then its event reaches the status process: a moment later.
+    wait_for(lambda: [vm.bus_subscribed for vm in new_vms()] == [False], what="status: the session closed")
+    [vm] = new_vms()
     assert vm.name == "quiet" and not vm.bus_subscribed and vm.subscribed_topics == []
     assert vm.last_reason == "heartbeat_timeout"
 
