@@ -199,8 +199,12 @@ def test_subscriber_that_stops_reading_is_dropped_as_slow_consumer(router_factor
         assert flooder.publish(1)["status"] == "ok"
     assert stalled.is_closed(timeout=5)
     stalled.close()
-    wait_for(lambda: "stalled" in {vm.name for vm in collect_status(router.state_root).vms}, what="status row")
-    [vm] = [vm for vm in collect_status(router.state_root).vms if vm.name == "stalled"]
+
+    def stalled_rows():
+        return [vm for vm in collect_status(router.state_root).vms if vm.name == "stalled"]
+    # The row is there since its handshake; the close reaches the status process a moment after.
+    wait_for(lambda: [vm.last_reason for vm in stalled_rows()] == ["slow_consumer"], what="status row closed")
+    [vm] = stalled_rows()
     assert not vm.bus_subscribed and vm.last_reason == "slow_consumer"
 
 
