@@ -212,7 +212,9 @@ def test_frame_storm_from_one_guest_does_not_delay_another(router, body):
                          what="the bridge done with the storm")
     assert storming and sent_during >= 20_000, "the storm was over before the measurement"
     assert len(during) == 100
-    assert p99(during) < p99(baseline) + 0.050, (
+    # What it guards against cost seconds; the margin is for a busy machine (the
+    # suite runs in parallel), not a latency target (that is the bench's).
+    assert p99(during) < p99(baseline) + 0.250, (
         f"p99 {p99(during) * 1000:.1f} ms during the storm, {p99(baseline) * 1000:.1f} ms before")
 
 

@@ -459,7 +459,9 @@ def test_e_host_tool_that_never_reads_its_replies_during_guest_publishes(bench):
                 assert load.wait_answered(15)
             acked = load.total_acks()
             flood.note = f"{acked:,} guest publishes of 60 KB"
-            assert acked >= 300, f"only {acked} guest publishes in 5 s"
+            # A floor that says the guests went on being served, not a speed (the
+            # suite runs in parallel: the machine is busy).
+            assert acked >= 100, f"only {acked} guest publishes in 5 s"
             flood.check()
     finally:
         deaf.close()
