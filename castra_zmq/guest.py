@@ -1207,10 +1207,20 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_stop_signalled = []  # the first stop signal's number, once it came
+
+
 def handle_stop_signal(signum, frame) -> None:
     """Interrupt the main thread once. Later stop signals are ignored: ``timeout``
     sends its SIGTERM to the command and again to its process group, and a second
-    Ctrl-C must not break into the shutdown the first one began (it is bounded)."""
+    Ctrl-C must not break into the shutdown the first one began (it is bounded).
+
+    A second signal that arrived before SIG_IGN was set still runs this handler,
+    wherever the main thread then is (a finaliser, the shutdown): hence the note
+    of the first, so that it raises nothing there."""
+    if _stop_signalled:
+        return
+    _stop_signalled.append(signum)
     for each in STOP_SIGNALS:
         signal.signal(each, signal.SIG_IGN)
     raise Interrupted(signum)
