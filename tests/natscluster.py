@@ -37,9 +37,10 @@ def free_port() -> int:
 
 
 class NatsNode:
-    def __init__(self, name: str, directory: Path):
+    def __init__(self, name: str, directory: Path, authorization: str = ""):
         self.name = name
         self.directory = directory
+        self.authorization = authorization
         self.client_port = free_port()
         self.cluster_port = free_port()
         self.monitor_port = free_port()
@@ -60,6 +61,7 @@ class NatsNode:
             f"http: 127.0.0.1:{self.monitor_port}\n"
             f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, max_file_store: 16GB }}\n'
             f'cluster {{ name: "{CLUSTER_NAME}", listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}\n'
+            f"{self.authorization}\n"
         )
         return config
 
@@ -90,11 +92,25 @@ class NatsNode:
             self.process.wait(_STOP_TIMEOUT)
 
 
-class NatsCluster:
-    """Three nodes; ``stop``/``kill``/``restart`` one of them by index."""
+def authorization(users: dict[str, tuple[str, dict | None]]) -> str:
+    """An ``authorization`` block: user -> (password, permissions or None for all)."""
+    entries = []
+    for user, (password, permissions) in users.items():
+        entry = {"user": user, "password": password}
+        if permissions is not None:
+            entry["permissions"] = {verb: {"allow": subjects} for verb, subjects in permissions.items()}
+        entries.append(json.dumps(entry))  # quoted: "$JS..." is not a config variable
+    return f"authorization {{ users: [{', '.join(entries)}] }}"
 
-    def __init__(self, directory: Path, size: int = 3):
-        self.nodes = [NatsNode(f"n{index + 1}", directory) for index in range(size)]
+
+class NatsCluster:
+    """Three nodes; ``stop``/``kill``/``restart`` one of them by index. With
+    ``authorization`` (a config block), clients use ``client_options``."""
+
+    def __init__(self, directory: Path, size: int = 3, authorization: str = "",
+                 client_options: dict | None = None):
+        self.client_options = client_options or {}
+        self.nodes = [NatsNode(f"n{index + 1}", directory, authorization) for index in range(size)]
         self.configs = [node.write_config([peer for peer in self.nodes if peer is not node]) for node in self.nodes]
 
     @property
