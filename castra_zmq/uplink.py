@@ -159,7 +159,7 @@ class Uplink:
         self.uploaded = 0  # the seq of bus.log's last line the upload is done with (acked, or another host's)
         self.uploads = 0  # lines the stream acked since the role started
         self.reachable = True  # until nats-py reports a failed attempt
-        self.failure: str | None = None  # the last failure on NATS, until connected again
+        self.failure: str | None = None  # why NATS is out of reach: the outage's first error, until connected
 
     # -- the epoch ----------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ class Uplink:
             try:
                 await session()  # ends only by failing
             except (*NATS_FAILURES, UploadRefused, FederationError, DeliveryFailed) as failure:
-                reason = self.failure = describe(failure)
+                reason = describe(failure)
             if progress() != done_before:
                 backoff = _BACKOFF_MIN
             logger.bind(reason=reason, uploaded=self.uploaded, downloaded=self.downlink.committed).warning(
@@ -241,18 +241,20 @@ class Uplink:
         """nats-py reports each failed attempt while no server answers: one line an
         outage, the rest at DEBUG. Refused credentials are an error: they do not
         mend by waiting."""
-        self.failure = describe(error)
-        log = logger.bind(reason=self.failure)
+        log = logger.bind(reason=describe(error))
         if not self.reachable:
             log.debug("NATS still unreachable")
-        elif isinstance(error, nats.errors.AuthorizationError):
+        elif credentials_refused(error):
             log.bind(user=self.settings.uplink_user or self.settings.uplink_creds).error(
                 "NATS refused the uplink's credentials; retrying")
         else:
             log.warning("NATS unreachable; retrying")
+        if self.reachable:  # the first error says why; the next ones follow from it
+            self.failure = describe(error)
         self.reachable = False
 
     async def handle_disconnected(self) -> None:
+        self.failure = self.failure or "connection lost"
         logger.bind(reason="connection lost").warning("disconnected from NATS; reconnecting")
 
     async def handle_connected(self) -> None:
@@ -358,6 +360,15 @@ class Uplink:
 class UploadRefused(CastraError):
     """JetStream refused an upload on its order check: the stream's last message of
     this host is not the one the uplink sent last."""
+
+
+def credentials_refused(error: Exception) -> bool:
+    """Whether NATS refused the uplink's credentials: nats-py says so with its own
+    class after the connection is made, but only in the text of a plain error
+    while it connects (``-ERR 'Authorization Violation'``, ``'User Authentication
+    Expired'``...)."""
+    text = str(error).lower()
+    return isinstance(error, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text
 
 
 def describe(failure: BaseException) -> str:

@@ -147,7 +147,7 @@ def test_committed_messages_go_up_in_seq_order(uplinked, nats_cluster):
     assert (status.host, status.upload_lag_ms, status.reason) == (HOST, 0, None)
     assert status.uploaded_seq == status.committed_seq == uplinked.read_log()[-1]["seq"]
     shown = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "status", "--state-root",
-                            str(uplinked.state_root)], capture_output=True, text=True, timeout=10).stdout
+                            str(uplinked.state_root)], check=True, capture_output=True, text=True, timeout=10).stdout
     assert f"uplink {HOST}: connected to {status.server}; upload lag 0 messages;" in shown
     assert "remote hosts: none seen" in shown
 
