@@ -242,6 +242,9 @@ class Uplink:
         outage, the rest at DEBUG. Refused credentials are an error: they do not
         mend by waiting."""
         log = logger.bind(reason=describe(error))
+        if "permissions violation" in str(error).lower():  # the connection stays; that one request fails
+            log.error("NATS refused the uplink a permission: see README 'per-host permissions'")
+            return
         if not self.reachable:
             log.debug("NATS still unreachable")
         elif credentials_refused(error):
