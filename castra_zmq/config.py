@@ -79,6 +79,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # committed messages to JetStream under ``host_name``. None: no uplink.
     uplink_servers: list[str] | None = None
     host_name: str | None = None
+    # The uplink's credentials and TLS (``uplinkconnect``): absolute paths, a user name.
+    # A password is never a setting: it stays in CASTRA_UPLINK_PASSWORD.
+    uplink_creds: str | None = None
+    uplink_user: str | None = None
+    uplink_tls_ca: str | None = None
+    uplink_tls_cert: str | None = None
+    uplink_tls_key: str | None = None
 
     @property
     def endpoints(self) -> Endpoints:
@@ -118,20 +125,35 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             check_uplink_servers(self.uplink_servers)
             if self.host_name is None:
                 raise ConfigError("an uplink needs a host name")
+        self.check_uplink_security()
         if self.host_name is not None:
             check_host_name(self.host_name)
         return self
+
+    def check_uplink_security(self) -> None:
+        """The credential and TLS options make sense together (their files are
+        checked by ``uplinkconnect.connect_options``)."""
+        given = [f"--{name.replace('_', '-')}" for name in UPLINK_SECURITY if getattr(self, name) is not None]
+        if given and self.uplink_servers is None:
+            raise ConfigError(f"{' '.join(given)} without --uplink: there is no NATS connection to use it")
+        if self.uplink_creds is not None and self.uplink_user is not None:
+            raise ConfigError("--uplink-creds and --uplink-user exclude each other: a .creds file or nkey seed "
+                              "names its user itself")
+        if (self.uplink_tls_cert is None) != (self.uplink_tls_key is None):
+            raise ConfigError("--uplink-tls-cert and --uplink-tls-key go together: a client certificate and its key")
 
     def to_env(self) -> dict[str, str]:
         return {SETTINGS_ENV: msgspec.json.encode(self).decode()}
 
 
+UPLINK_SECURITY = ("uplink_creds", "uplink_user", "uplink_tls_ca", "uplink_tls_cert", "uplink_tls_key")
 _NATS_URL = re.compile(r"nats://[^\s/,@]+:[0-9]{1,5}")
 
 
 def check_uplink_servers(servers: list[str]) -> list[str]:
-    """``servers`` if each is ``nats://<host>:<port>``. Credentials and TLS
-    (``tls://``) are for a later slice of issue 14: no user or password in a URL."""
+    """``servers`` if each is ``nats://<host>:<port>``: no user or password in a URL
+    (the command line is readable by every local user); credentials and TLS have
+    options of their own (``uplinkconnect``)."""
     if not servers:
         raise ConfigError("--uplink needs at least one nats://<host>:<port>")
     for url in servers:

@@ -50,6 +50,7 @@ from .federation import (
     origin_filter,
     remote_message,
 )
+from .uplinkhealth import RemoteHosts
 from .wire import (
     COMMIT_TIMEOUT,
     DUPLICATE,
@@ -118,11 +119,15 @@ class Downlink:
         self.bridge = BridgeLink(settings)
         self.committed = 0  # other hosts' messages this role committed, since it started
         self.batches = 0  # fetched batches done and acked
+        self.acked_stream_seq: int | None = None  # of the last batch acked, since the role started
+        self.pending: int | None = None  # messages in the stream after it, as of its fetch
+        self.remote_hosts = RemoteHosts()
 
     async def session(self, js, start_ms: int) -> None:
         """Make the consumer start after its ack floor, then deliver until
         something fails (raised) or the role stops (cancelled)."""
         after = await self.reset_consumer(js, start_ms)
+        self.acked_stream_seq = after
         subscription = await js.pull_subscribe_bind(durable=self.durable, stream=STREAM_NAME)
         logger.info("downloading", consumer=self.durable, after_stream_seq=after)
         try:
@@ -177,6 +182,8 @@ class Downlink:
                                                first=duplicates[0])
         await batch[-1].ack()
         self.batches += 1
+        self.acked_stream_seq, self.pending = batch[-1].metadata.sequence.stream, batch[-1].metadata.num_pending
+        self.remote_hosts.note([message.origin for message in remote])
 
     def close(self) -> None:
         self.bridge.close()

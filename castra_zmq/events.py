@@ -29,6 +29,7 @@ class EventKind(str, enum.Enum):
     SESSIONS = "sessions"  # sessions, sync_round, sync_parts: one part of the bridge's periodic session sync
     JOURNAL = "journal"  # outcome (ok|error), reason, seq: the bridge's periodic health of bus.log
     PEER = "peer"  # peer, action (disconnect), reason: a subscriber the proxy disconnected
+    UPLINK = "uplink"  # reason, host, server, upload and download positions, remote_hosts: the uplink's health
 
 
 class SessionInfo(msgspec.Struct, array_like=True):
@@ -113,17 +114,44 @@ class PeerEvent(Event, tag=EventKind.PEER.value, kw_only=True):
     peer: str  # a subscriber the proxy disconnected: pid:<n>
 
 
+class RemoteHost(msgspec.Struct, array_like=True):
+    """Another host whose messages the uplink downloaded: the origin of the last one."""
+
+    host: str
+    epoch: int
+    seq: int
+    seen_ms: int  # when the uplink handed it to the bridge (unix ms)
+
+
+class UplinkEvent(Event, tag=EventKind.UPLINK.value, kw_only=True):
+    """The uplink's health, every ``health_interval`` (``castra up --uplink`` only)."""
+
+    reason: str | None = None  # the last failure on NATS (kept while not connected)
+    host: str  # this host's name in the fleet
+    server: str | None = None  # host:port of the NATS server it is connected to; None: not connected
+    committed_seq: int | None = None  # bus.log's last committed seq, as the uplink knows it
+    uploaded_seq: int = 0  # bus.log's seq the upload has gone through (other hosts' lines are passed over)
+    oldest_pending_ms: int | None = None  # ts_ms of the oldest line not uploaded yet; None: none
+    downloaded_stream_seq: int | None = None  # the stream seq of the last message downloaded and acked
+    download_pending: int | None = None  # messages in the stream after it (as of that fetch)
+    remote_hosts: list[RemoteHost] = []  # the most recently seen, at most REMOTE_HOSTS_MAX
+
+
 AnyEvent = (HandshakeEvent | SessionOpenEvent | SessionCloseEvent | SubscribeEvent | UnsubscribeEvent
-            | HeartbeatEvent | PublishEvent | BackpressureEvent | SessionsEvent | JournalEvent | PeerEvent)
+            | HeartbeatEvent | PublishEvent | BackpressureEvent | SessionsEvent | JournalEvent | PeerEvent
+            | UplinkEvent)
 EVENT_TYPES: dict[EventKind, type[Event]] = {
     EventKind(cls.__struct_config__.tag): cls for cls in AnyEvent.__args__  # type: ignore[attr-defined]
 }
 
 
 # No event is larger: a subscribe event lists at most 16 topics of 256 characters
-# (6 bytes each at worst in JSON, about 25 KB), and the session sync is split to fit.
+# (6 bytes each at worst in JSON, about 25 KB), the session sync is split to fit,
+# and an uplink event lists at most REMOTE_HOSTS_MAX hosts (names of at most 253
+# characters that JSON never escapes, about 19 KB).
 # Event sockets' high-water marks are sized from it (``Settings.hwm_for``).
 EVENT_BYTES_MAX = 32 * 1024
+REMOTE_HOSTS_MAX = 64
 
 
 def split_sessions(sessions: list[SessionInfo], part_bytes: int) -> list[list[SessionInfo]]:

@@ -158,6 +158,27 @@ def consumer_config(host: str, *, after_stream_seq: int | None = None, start_ms:
                           **start)
 
 
+def uplink_permissions(host: str) -> dict[str, list[str]]:
+    """What host ``host``'s uplink must be allowed on NATS, and nothing more: publish
+    under its own subjects only, the JetStream API calls it makes (the stream's
+    info, creation, a last-message lookup; its own consumer's info, deletion,
+    creation, fetches and acks) and replies on its inboxes. For a server's
+    ``permissions`` block (README "Many hosts"); checked against nats-server in
+    tests/federation/test_security.py."""
+    consumer = consumer_name(host)
+    api = "$JS.API"
+    return {
+        "publish": [origin_filter(host),
+                    f"{api}.STREAM.INFO.{STREAM_NAME}", f"{api}.STREAM.CREATE.{STREAM_NAME}",
+                    f"{api}.STREAM.MSG.GET.{STREAM_NAME}",
+                    f"{api}.CONSUMER.INFO.{STREAM_NAME}.{consumer}", f"{api}.CONSUMER.DELETE.{STREAM_NAME}.{consumer}",
+                    f"{api}.CONSUMER.DURABLE.CREATE.{STREAM_NAME}.{consumer}",
+                    f"{api}.CONSUMER.MSG.NEXT.{STREAM_NAME}.{consumer}",
+                    f"$JS.ACK.{STREAM_NAME}.{consumer}.>"],
+        "subscribe": ["_INBOX.>"],
+    }
+
+
 class RemoteMessage(msgspec.Struct, frozen=True):
     """A message another host committed, as its bridge commits it here."""
 

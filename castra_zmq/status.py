@@ -33,6 +33,8 @@ class StatusService:
         self.table = load_snapshot(self.endpoints) or StatusTable()
         self.table.handshake_fresh_ms = int(settings.handshake_fresh * 1000)
         self.table.stale_after_ms = max(2000, int(settings.health_interval * 4000))
+        if settings.uplink_servers is None:
+            self.table.uplink = None  # a snapshot's, from a router that ran with --uplink
         self.dirty = True
         self.running = True
         self.context = zmq.Context()

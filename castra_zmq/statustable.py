@@ -23,17 +23,20 @@ import msgspec
 
 from .endpoints import Endpoints
 from .events import (
+    REMOTE_HOSTS_MAX,
     BackpressureEvent,
     Event,
     HandshakeEvent,
     HeartbeatEvent,
     JournalEvent,
     PublishEvent,
+    RemoteHost,
     SessionCloseEvent,
     SessionOpenEvent,
     SessionsEvent,
     SubscribeEvent,
     UnsubscribeEvent,
+    UplinkEvent,
     now_ms,
 )
 from .owner import RoleState
@@ -88,6 +91,9 @@ class StatusTable(msgspec.Struct, kw_only=True):
     sync_round: int = 0  # the bridge's session sync being received
     sync_parts_seen: int = 0  # of it
     written_ms: int | None = None
+    # The uplink's last health event (``castra up --uplink`` only), its remote hosts
+    # merged with those of the events before it: an uplink restarted forgets them.
+    uplink: UplinkEvent | None = None
 
 
 # -- what `castra status --json` prints ---------------------------------------------
@@ -126,11 +132,34 @@ class RouterStatus(msgspec.Struct):
     processes: dict[str, RoleState] = {}
 
 
+class RemoteHostStatus(msgspec.Struct):
+    host: str
+    last_seq: int  # the origin seq of its last message downloaded here
+    last_seen_age_ms: int
+
+
+class UplinkStatus(msgspec.Struct):
+    state: str  # connected | disconnected | down (the uplink has not reported for stale_after_ms)
+    host: str
+    server: str | None  # host:port of the NATS server, while connected
+    reason: str | None  # the last failure on NATS, while not connected
+    committed_seq: int | None
+    uploaded_seq: int
+    upload_lag_messages: int | None  # committed_seq - uploaded_seq (other hosts' lines counted)
+    upload_lag_ms: int | None  # age of the oldest line not uploaded; 0 when none
+    downloaded_stream_seq: int | None
+    download_pending: int | None
+    remote_hosts: list[RemoteHostStatus]
+
+
 class StatusView(msgspec.Struct):
     vms: list[VmStatus]
     router: RouterStatus | None = None  # None from the status role: the CLI fills it in
     journal: JournalStatus | None = None
     refused_handshakes: int = 0
+    # Absent from the JSON without --uplink (UNSET is never encoded): the shape
+    # scripts rely on stays as it was.
+    uplink: UplinkStatus | msgspec.UnsetType = msgspec.UNSET
 
 
 def _age(now: int, then: int | None) -> int | None:
@@ -169,7 +198,31 @@ def view(table: StatusTable, now: int) -> StatusView:
     journal = table.journal
     state = journal.state if _fresh(now, journal.seen_ms, table.stale_after_ms) else "down"
     return StatusView(vms=vms, journal=JournalStatus(state=state, reason=journal.reason, seq=journal.seq),
-                      refused_handshakes=table.refused_handshakes)
+                      refused_handshakes=table.refused_handshakes,
+                      uplink=msgspec.UNSET if table.uplink is None else uplink_view(table, now))
+
+
+def uplink_view(table: StatusTable, now: int) -> UplinkStatus:
+    event = table.uplink
+    if not _fresh(now, event.ts_ms, table.stale_after_ms):
+        state = "down"
+    else:
+        state = "connected" if event.server is not None else "disconnected"
+    lag = None if event.committed_seq is None else max(0, event.committed_seq - event.uploaded_seq)
+    return UplinkStatus(
+        state=state,
+        host=event.host,
+        server=event.server if state == "connected" else None,
+        reason=event.reason,
+        committed_seq=event.committed_seq,
+        uploaded_seq=event.uploaded_seq,
+        upload_lag_messages=lag,
+        upload_lag_ms=0 if event.oldest_pending_ms is None else _age(now, event.oldest_pending_ms),
+        downloaded_stream_seq=event.downloaded_stream_seq,
+        download_pending=event.download_pending,
+        remote_hosts=[RemoteHostStatus(seen.host, seen.seq, _age(now, seen.seen_ms))
+                      for seen in sorted(event.remote_hosts, key=lambda seen: seen.host)],
+    )
 
 
 def vm_record(table: StatusTable, vm: str) -> VmRecord:
@@ -188,6 +241,10 @@ def apply_event(table: StatusTable, event: Event) -> None:
                                           seen_ms=event.ts_ms)
         case SessionsEvent():
             apply_sessions(table, event)
+        case UplinkEvent():
+            event.remote_hosts = merge_remote_hosts(table.uplink.remote_hosts if table.uplink else [],
+                                                    event.remote_hosts)
+            table.uplink = event
         case PublishEvent():
             for vm in event.counts:
                 record = table.vms.get(vm)  # none for host, nor for a VM already forgotten
@@ -286,6 +343,15 @@ def apply_sessions(table: StatusTable, event: SessionsEvent) -> None:
             if not record.session_open:
                 record.last_reason = record.last_reason or "session lost"
     prune(table, event.ts_ms)
+
+
+def merge_remote_hosts(known: list[RemoteHost], reported: list[RemoteHost]) -> list[RemoteHost]:
+    """Each host's latest sighting, of the ``REMOTE_HOSTS_MAX`` most recently seen."""
+    latest = {seen.host: seen for seen in known}
+    for seen in reported:
+        if seen.host not in latest or seen.seen_ms >= latest[seen.host].seen_ms:
+            latest[seen.host] = seen
+    return sorted(latest.values(), key=lambda seen: seen.seen_ms, reverse=True)[:REMOTE_HOSTS_MAX]
 
 
 def last_seen_ms(record: VmRecord) -> int:

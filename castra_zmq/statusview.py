@@ -42,6 +42,7 @@ def collect_status(state_root: os.PathLike | str, timeout: float = 0.25) -> Stat
         result = view(table, now_ms())
         if pid is None:
             result.journal = None
+            result.uplink = msgspec.UNSET
     info = read_router_info(endpoints) if pid is not None else None
     result.router = RouterStatus(
         running=pid is not None,

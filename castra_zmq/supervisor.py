@@ -36,6 +36,7 @@ from .owner import RoleState, RouterInfo, read_router_info, router_pid
 from .roleprocess import RoleProcess, is_role_process, preload
 from .runtime import READY_FD_ENV
 from .statefs import open_private, replace_file
+from .uplinkconnect import PASSWORD_ENV, connect_options
 
 ROLES = ("proxy", "journal", "status", "bridge")
 UPLINK = "uplink"  # with --uplink only: last, once the bridge commits (federation, issue 14)
@@ -82,6 +83,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self.handle_signal)
         signal.signal(signal.SIGINT, self.handle_signal)
         load_identities(self.settings.identities_file)  # refuse a bad file here, not in a restart loop
+        if self.settings.uplink_servers is not None:
+            connect_options(self.settings)  # the same for the uplink's credential and TLS files
         self.endpoints.prepare()
         self.take_lock()
         self.reap_orphans()
@@ -149,6 +152,8 @@ class Supervisor:
         """Start ``role``'s process; ``wait_ready`` waits for its ready line."""
         read_end, write_end = os.pipe()
         env = dict(os.environ, **self.settings.to_env(), **{READY_FD_ENV: str(write_end)})
+        if role.name != UPLINK:
+            env.pop(PASSWORD_ENV, None)  # a secret only where it is used
         fds = [write_end]
         if role.name == "bridge":
             env[LISTEN_FD_ENV] = str(self.listener.fileno())

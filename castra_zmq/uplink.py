@@ -34,7 +34,8 @@ is, to the stream ``CASTRA`` under ``castra.v1.<host>.<topic tokens>``
 Only lines without an origin are uploaded: the download commits other hosts'
 messages with theirs, and ``upload`` passes over those lines, so nothing loops.
 
-Credentials and TLS for the NATS connection are a later slice: ``nats://`` URLs only.
+Credentials and TLS for the NATS connection: ``uplinkconnect``. Its health, every
+``health_interval``, for ``castra status``: ``uplinkhealth``.
 
 Runs in: the uplink process (``python -m castra_zmq.uplink``), a role of ``castra up``.
 """
@@ -74,6 +75,8 @@ from .federation import (
 )
 from .replay import Cursor, Expired, seq_of_line
 from .statefs import read_regular, replace_file
+from .uplinkconnect import connect_options
+from .uplinkhealth import HealthReport, committed_ms
 from .wire import decode_log_record
 
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
@@ -148,12 +151,15 @@ class Uplink:
         self.epoch = self.load_epoch()
         self.commits = CommitWatch(settings)
         self.downlink = Downlink(settings)
+        self.connect_options = connect_options(settings)
+        self.health = HealthReport(settings)
         self.connection: nats.NATS | None = None
         self.connecting = asyncio.Lock()  # both halves connect at first: one connection
         self.stopping = asyncio.Event()
-        self.uploaded = 0  # the origin seq of the last line the stream acked
+        self.uploaded = 0  # the seq of bus.log's last line the upload is done with (acked, or another host's)
         self.uploads = 0  # lines the stream acked since the role started
         self.reachable = True  # until nats-py reports a failed attempt
+        self.failure: str | None = None  # why NATS is out of reach: the outage's first error, until connected
 
     # -- the epoch ----------------------------------------------------------------------
 
@@ -179,7 +185,8 @@ class Uplink:
         runtime.notify_ready()
         halves = [asyncio.create_task(self.keep_going("upload", self.upload_session, lambda: self.uploads)),
                   asyncio.create_task(self.keep_going("download", self.download_session,
-                                                      lambda: self.downlink.batches))]
+                                                      lambda: self.downlink.batches)),
+                  asyncio.create_task(self.health.run(self.health_fields))]
         stop = asyncio.create_task(self.stopping.wait())
         try:
             await asyncio.wait([stop, watch, *halves], return_when=asyncio.FIRST_COMPLETED)
@@ -196,6 +203,7 @@ class Uplink:
                 await self.connection.close()
             self.commits.close()
             self.downlink.close()
+            self.health.close()
 
     async def keep_going(self, half: str, session: Callable[[], Awaitable[None]], progress: Callable[[], int]) -> None:
         """Run ``session`` again each time it fails on NATS, the stream or the
@@ -224,25 +232,37 @@ class Uplink:
                     servers=self.servers, name=f"castra-uplink {self.host}",
                     connect_timeout=_CONNECT_TIMEOUT, reconnect_time_wait=0.5, max_reconnect_attempts=-1,
                     error_cb=self.handle_nats_error, disconnected_cb=self.handle_disconnected,
-                    reconnected_cb=self.handle_connected,
+                    reconnected_cb=self.handle_connected, **self.connect_options,
                 )
                 await self.handle_connected()
         return self.connection
 
     async def handle_nats_error(self, error: Exception) -> None:
-        """nats-py reports each failed attempt while no server answers: one warning
-        an outage, the rest at DEBUG."""
-        if self.reachable:
-            logger.bind(reason=describe(error)).warning("NATS unreachable; retrying")
+        """nats-py reports each failed attempt while no server answers: one line an
+        outage, the rest at DEBUG. Refused credentials are an error: they do not
+        mend by waiting."""
+        log = logger.bind(reason=describe(error))
+        if "permissions violation" in str(error).lower():  # the connection stays; that one request fails
+            log.error("NATS refused the uplink a permission: see README 'per-host permissions'")
+            return
+        if not self.reachable:
+            log.debug("NATS still unreachable")
+        elif credentials_refused(error):
+            log.bind(user=self.settings.uplink_user or self.settings.uplink_creds).error(
+                "NATS refused the uplink's credentials; retrying")
         else:
-            logger.bind(reason=describe(error)).debug("NATS still unreachable")
+            log.warning("NATS unreachable; retrying")
+        if self.reachable:  # the first error says why; the next ones follow from it
+            self.failure = describe(error)
         self.reachable = False
 
     async def handle_disconnected(self) -> None:
+        self.failure = self.failure or "connection lost"
         logger.bind(reason="connection lost").warning("disconnected from NATS; reconnecting")
 
     async def handle_connected(self) -> None:
         self.reachable = True
+        self.failure = None
         logger.info("connected to NATS", server=self.connection.connected_url.netloc)
 
     # -- one upload session -------------------------------------------------------------
@@ -281,6 +301,7 @@ class Uplink:
         one uploaded, for a line of another host's message: not uploaded again)."""
         record = decode_log_record(line)
         if record.origin is not None:
+            self.uploaded = record.seq
             return last_stream_seq
         origin = Origin(self.host, self.epoch, record.seq)
         try:
@@ -320,6 +341,21 @@ class Uplink:
             return None, 0
         return origin_of(message.headers), message.seq
 
+    def health_fields(self) -> dict:
+        """The ``uplink`` event's fields now (``events.UplinkEvent``)."""
+        connection = self.connection
+        connected = connection is not None and connection.is_connected
+        committed = self.commits.seq
+        pending = committed is not None and committed > self.uploaded
+        return {
+            "reason": None if connected else self.failure, "host": self.host,
+            "server": connection.connected_url.netloc if connected else None,
+            "committed_seq": committed, "uploaded_seq": self.uploaded,
+            "oldest_pending_ms": committed_ms(self.endpoints.logs_dir, self.uploaded, committed) if pending else None,
+            "downloaded_stream_seq": self.downlink.acked_stream_seq, "download_pending": self.downlink.pending,
+            "remote_hosts": self.downlink.remote_hosts.listed(),
+        }
+
     def stop(self) -> None:
         self.stopping.set()
 
@@ -327,6 +363,15 @@ class Uplink:
 class UploadRefused(CastraError):
     """JetStream refused an upload on its order check: the stream's last message of
     this host is not the one the uplink sent last."""
+
+
+def credentials_refused(error: Exception) -> bool:
+    """Whether NATS refused the uplink's credentials: nats-py says so with its own
+    class after the connection is made, but only in the text of a plain error
+    while it connects (``-ERR 'Authorization Violation'``, ``'User Authentication
+    Expired'``...)."""
+    text = str(error).lower()
+    return isinstance(error, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text
 
 
 def describe(failure: BaseException) -> str:

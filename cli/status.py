@@ -10,7 +10,7 @@ import click
 import msgspec
 
 from castra_zmq.errors import CastraError
-from castra_zmq.statustable import StatusView
+from castra_zmq.statustable import StatusView, UplinkStatus
 from castra_zmq.statusview import collect_status
 from castra_zmq.terminal import json_for_terminal, printable
 
@@ -97,6 +97,32 @@ def age_text(age_ms: int | None) -> str:
     return f"{age_ms // 3_600_000}h"
 
 
+_REMOTE_HOSTS_SHOWN = 8  # in the table; --json has them all
+
+
+def uplink_text(uplink: UplinkStatus) -> str:
+    """Two lines: the connection with the upload and download positions, then the
+    other hosts this one downloaded from."""
+    if uplink.state == "connected":
+        connection = f"connected to {uplink.server}"
+    else:
+        connection = uplink.state + (f" ({printable(uplink.reason)})" if uplink.reason else "")
+    if uplink.upload_lag_messages is None:
+        upload = "upload waiting for the bridge"
+    else:
+        upload = f"upload lag {uplink.upload_lag_messages} messages"
+        if uplink.upload_lag_messages:
+            upload += f", oldest {age_text(uplink.upload_lag_ms)}"
+    download = ("download not started" if uplink.downloaded_stream_seq is None else
+                f"download at stream seq {uplink.downloaded_stream_seq}, {uplink.download_pending} pending")
+    hosts = [f"{printable(seen.host)} (seq {seen.last_seq}, {age_text(seen.last_seen_age_ms)} ago)"
+             for seen in uplink.remote_hosts[:_REMOTE_HOSTS_SHOWN]]
+    if len(uplink.remote_hosts) > _REMOTE_HOSTS_SHOWN:
+        hosts.append(f"{len(uplink.remote_hosts) - _REMOTE_HOSTS_SHOWN} more")
+    return (f"uplink {printable(uplink.host)}: {connection}; {upload}; {download}\n"
+            f"remote hosts: {', '.join(hosts) or 'none seen'}")
+
+
 def render_table(result: StatusView, color: bool = False) -> str:
     """An aligned table with a legend, styled when ``color`` (the CLI decides).
 
@@ -132,6 +158,8 @@ def render_table(result: StatusView, color: bool = False) -> str:
         head += f"\njournal: {result.journal.state}" + (f" ({result.journal.reason})" if result.journal.reason else "")
     if result.refused_handshakes:
         head += f"\nhandshakes refused: {result.refused_handshakes} (each in the router's log)"
+    if result.uplink:
+        head += "\n" + uplink_text(result.uplink)
     out = [head, "", line(headers, bold=True)]
     out += [line(r) for r in rows] or ["(no VMs seen yet)"]
     out += ["", ("ROUTER reachable: the router heard the VM (handshake under 45 s old or a live bus session); "

@@ -13,8 +13,12 @@ from castra_zmq.errors import CastraError
 from castra_zmq.runtime import setup_logging
 from castra_zmq.supervisor import Supervisor
 from castra_zmq.terminal import wants_color
+from castra_zmq.uplinkconnect import PASSWORD_ENV
 
 from .options import state_root_option
+
+# Made absolute: the roles may not run where `castra up` was started.
+uplink_file = click.Path(dir_okay=False, resolve_path=True)
 
 
 def split_servers(_ctx, _param, value: str | None) -> list[str] | None:
@@ -78,11 +82,23 @@ def split_servers(_ctx, _param, value: str | None) -> list[str] | None:
 @click.option("--log-json", is_flag=True,
               help="Log one JSON object a line (time, level, role, message and the fields), for log shippers.")
 @click.option("--uplink", "uplink_servers", metavar="nats://HOST:PORT[,...]", callback=split_servers,
-              help="Upload this host's committed messages to the NATS JetStream stream CASTRA through "
-                   "these servers (an uplink process; no credentials or TLS yet). Without it, no uplink.")
+              help="Share messages with the other hosts through the NATS JetStream stream CASTRA on "
+                   "these servers (an uplink process). Without it, no uplink.")
 @click.option("--host-name",
               help="This host's name in the fleet, with --uplink: its uploads go under castra.v1.<name>. "
                    "[default: this machine's host name]")
+@click.option("--uplink-creds", type=uplink_file, metavar="FILE",
+              help="NATS credentials: a .creds file (user JWT and seed) or a user nkey seed (SU...). "
+                   "Needs the nkeys package (pip install 'nats-py[nkeys]').")
+@click.option("--uplink-user", metavar="NAME",
+              help=f"NATS user name; its password is read from {PASSWORD_ENV}, never from the command "
+                   "line (which every local user can read).")
+@click.option("--uplink-tls-ca", type=uplink_file, metavar="FILE",
+              help="PEM CA certificates the NATS servers' certificates must chain to [default: the "
+                   "system's].")
+@click.option("--uplink-tls-cert", type=uplink_file, metavar="FILE",
+              help="PEM client certificate for NATS servers that verify clients (with --uplink-tls-key).")
+@click.option("--uplink-tls-key", type=uplink_file, metavar="FILE", help="The key of --uplink-tls-cert (PEM).")
 def up(state_root: Path, identities_file: str | None, **options) -> None:
     """Start the router (proxy, journal, status, bridge) and supervise it.
 
@@ -98,6 +114,9 @@ def up(state_root: Path, identities_file: str | None, **options) -> None:
       castra up --log-json 2>>router.jsonl                     # for a log shipper
       CASTRA_STATE_ROOT=/srv/castra castra up --host 0.0.0.0   # beyond loopback
       castra up --uplink nats://10.0.0.1:4222,nats://10.0.0.2:4222,nats://10.0.0.3:4222
+      CASTRA_UPLINK_PASSWORD=$(cat /etc/castra/nats-pass) castra up --host-name a \\
+          --uplink nats://n1:4222,nats://n2:4222 --uplink-user castra-a --uplink-tls-ca /etc/castra/nats-ca.pem
+      castra up --host-name a --uplink nats://n1:4222 --uplink-creds /etc/castra/a.creds
     """
     if options["uplink_servers"] is not None and options["host_name"] is None:
         options["host_name"] = socket.gethostname()

@@ -28,21 +28,25 @@ _READY_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now (bound to 0 and let go: the kernel does not
-    hand it out again at once)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports nothing listens on now: bound to 0 all at once (one
+    at a time, the kernel may hand out a port it just got back), then let go."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class NatsNode:
-    def __init__(self, name: str, directory: Path):
+    def __init__(self, name: str, directory: Path, ports: list[int], authorization: str = ""):
         self.name = name
         self.directory = directory
-        self.client_port = free_port()
-        self.cluster_port = free_port()
-        self.monitor_port = free_port()
+        self.authorization = authorization
+        self.client_port, self.cluster_port, self.monitor_port = ports
         self.process: subprocess.Popen | None = None
         self.log_path = directory / f"{name}.log"
 
@@ -60,6 +64,7 @@ class NatsNode:
             f"http: 127.0.0.1:{self.monitor_port}\n"
             f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, max_file_store: 16GB }}\n'
             f'cluster {{ name: "{CLUSTER_NAME}", listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}\n'
+            f"{self.authorization}\n"
         )
         return config
 
@@ -90,11 +95,27 @@ class NatsNode:
             self.process.wait(_STOP_TIMEOUT)
 
 
-class NatsCluster:
-    """Three nodes; ``stop``/``kill``/``restart`` one of them by index."""
+def authorization(users: dict[str, tuple[str, dict | None]]) -> str:
+    """An ``authorization`` block: user -> (password, permissions or None for all)."""
+    entries = []
+    for user, (password, permissions) in users.items():
+        entry = {"user": user, "password": password}
+        if permissions is not None:
+            entry["permissions"] = {verb: {"allow": subjects} for verb, subjects in permissions.items()}
+        entries.append(json.dumps(entry))  # quoted: "$JS..." is not a config variable
+    return f"authorization {{ users: [{', '.join(entries)}] }}"
 
-    def __init__(self, directory: Path, size: int = 3):
-        self.nodes = [NatsNode(f"n{index + 1}", directory) for index in range(size)]
+
+class NatsCluster:
+    """Three nodes; ``stop``/``kill``/``restart`` one of them by index. With
+    ``authorization`` (a config block), clients use ``client_options``."""
+
+    def __init__(self, directory: Path, size: int = 3, authorization: str = "",
+                 client_options: dict | None = None):
+        self.client_options = client_options or {}
+        ports = free_ports(3 * size)
+        self.nodes = [NatsNode(f"n{index + 1}", directory, ports[3 * index:3 * index + 3], authorization)
+                      for index in range(size)]
         self.configs = [node.write_config([peer for peer in self.nodes if peer is not node]) for node in self.nodes]
 
     @property
