@@ -17,6 +17,8 @@ after the host, every subject, stream order, AckPolicy.ALL), a batch at a time:
 3. **Ack** the last message of the batch, which acks the batch (AckPolicy.ALL), once
    each of its messages is committed, a duplicate, or refused for good (too large
    here, say: logged as an error and passed over, or it would hold up the rest).
+   A batch of this host's own messages only is acked with a later one (at most
+   ``_IDLE_ACK_MESSAGES`` or ``_IDLE_ACK_S`` later).
    A commit that failed (``log_write_failed``, ``commit_timeout``, no answer) ends
    the session before the ack: the batch comes again.
 
@@ -70,6 +72,12 @@ _FETCH_SLACK = 0.5  # beyond _FETCH_WAIT: no word from the server by then, the r
 # The server's answers to a pull request that are not messages (a "Status" header).
 _REQUEST_ENDED = frozenset({"404", "408"})  # no messages (now), or the request expired
 _HEARTBEAT = "100"
+# A batch of this host's own messages only (nothing committed) is acked with a later
+# batch, at most this many messages or seconds later: each ack is a replicated write
+# of the consumer's state in the cluster, and not acking them yet risks nothing
+# (should they come again, they are skipped again). Well within the ack wait.
+_IDLE_ACK_MESSAGES = _FETCH_BATCH
+_IDLE_ACK_S = 1.0
 _COMMIT_WAIT = 5.0  # seconds the bridge has to commit a batch (its deadline); answers wait 0.5 s more
 
 
@@ -181,6 +189,8 @@ class Downlink:
         self.bridge = BridgeLink(settings)
         self.committed = 0  # other hosts' messages this role committed, since it started
         self.batches = 0  # fetched batches done and acked
+        self.unacked = 0  # messages of batches with nothing to commit, not acked yet
+        self.acked_at = 0.0  # monotonic time of the last ack
 
     async def session(self, connection: nats.NATS, js, start_ms: int) -> None:
         """Make the consumer start after its ack floor, then deliver until
@@ -237,7 +247,11 @@ class Downlink:
         if duplicates:
             logger.bind(reason=DUPLICATE).info("already in bus.log (redelivered)", count=len(duplicates),
                                                first=duplicates[0])
-        await batch[-1].ack()
+        self.unacked += len(batch)
+        now = time.monotonic()
+        if remote or self.unacked >= _IDLE_ACK_MESSAGES or now - self.acked_at >= _IDLE_ACK_S:
+            await batch[-1].ack()
+            self.unacked, self.acked_at = 0, now
         self.batches += 1
 
     def close(self) -> None:

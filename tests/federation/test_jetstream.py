@@ -44,6 +44,11 @@ def run(nats_cluster, body, stream: str):
         config.name = stream
         config.subjects = [f"{stream}.>"]
         await js.add_stream(config)
+        deadline = time.monotonic() + 5
+        # A batch's messages but the last go without a reply: sent before the stream
+        # has a leader, they would be lost unseen and the batch refused as incomplete.
+        while not (await js.stream_info(stream)).cluster.leader and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         try:
             return await body(js)
         finally:
