@@ -29,6 +29,9 @@ FIGURES = {
     "handshakes_per_s": ("handshakes/s", "{:,.0f}"),
     "rss_kib_per_session": ("RSS KiB/session", "{:.1f}"),
     "heartbeat_ratio": ("heartbeats ok", "{:.4f}"),
+    "local_p50_ms": ("local p50 ms", "{:.2f}"),
+    "local_p99_ms": ("local p99 ms", "{:.2f}"),
+    "local_delivered_ratio": ("local delivered", "{:.4f}"),
     "cross_delivered_per_s": ("cross-host delivered/s", "{:,.0f}"),
     "cross_p50_ms": ("cross-host p50 ms", "{:.2f}"),
     "cross_p99_ms": ("cross-host p99 ms", "{:.2f}"),
@@ -47,7 +50,7 @@ RATIO_COLUMNS = {
     "saturation": ("delivered_per_s", "p99_ms", "server_cpu_us_per_msg"),
     "fanout": ("p99_ms", "server_cpu_us_per_msg"),
     "sessions": ("handshakes_per_s", "rss_kib_per_session", "server_cpu_us_per_msg"),
-    "federation": ("p50_ms", "p99_ms"),  # the local path without the uplink / with it
+    "federation": ("local_p50_ms", "local_p99_ms"),  # the local path without the uplink / with it
 }
 #: a load generator this busy (% of its one core) is what limits the row's rates
 GENERATOR_BOUND_PCT = 80.0
