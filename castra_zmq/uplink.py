@@ -86,6 +86,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
 _REQUEST_TIMEOUT = 2.0  # a JetStream publish or lookup; past it the session starts again
 _CONNECT_TIMEOUT = 2.0
 _READ_BYTES = 64 * 1024  # of bus.log at a time
+_DRAIN_MAX = 1024  # bus messages the commit watch reads per wake-up before it yields
 # What nats-py raises for a server it cannot reach, a timeout or a refusal.
 NATS_FAILURES = (nats.errors.Error, OSError, asyncio.TimeoutError)
 
@@ -110,16 +111,25 @@ class CommitWatch:
         self.bus.subscribe(topics.COMMITTED)
         self.bus.subscribe(topics.event(EventKind.JOURNAL.value))
         self.bus.connect(settings.endpoints.subscribe)
+        self.queued = zmq.Socket.shadow(self.bus.underlying)  # the same socket, read without a future
         self.seq: int | None = None  # unknown until the bridge's first word
         self.changed = asyncio.Event()
 
     async def watch(self) -> None:
+        """A ``seq`` message comes with every commit: once awake, what else is
+        queued is read at once, not a future and a loop turn each."""
         while True:
-            parts = await self.bus.recv_multipart()
-            if len(parts) == 2:
-                self.handle(*parts)
+            self.handle(await self.bus.recv_multipart())
+            for _ in range(_DRAIN_MAX):
+                try:
+                    self.handle(self.queued.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
 
-    def handle(self, topic: bytes, body: bytes) -> None:
+    def handle(self, parts: list[bytes]) -> None:
+        if len(parts) != 2:
+            return
+        topic, body = parts
         try:
             if topic == topics.COMMITTED:
                 seq = int(body)
