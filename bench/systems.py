@@ -247,6 +247,8 @@ class Castra(System):
         self.fsync = self.FSYNC[name]
         self.up_options = up_options  # more options of `castra up`
         self.durable = self.fsync != "never"
+        if not self.durable:
+            self.unsupported = {"federation": "castra-uplink runs --fsync batch: compared with castra"}
         self.port = 0
         self.endpoints: Endpoints | None = None
 
