@@ -1,8 +1,13 @@
-"""castra-zmq against mosquitto, NATS, Redis and a bare ZeroMQ proxy, side by side.
+"""castra-zmq against mosquitto, NATS, Redis and a bare ZeroMQ proxy, side by side,
+and castra across hosts.
 
-    python -m bench [--runs 3] [--duration 10] [--only nominal,acked,...]
-                    [--systems castra,castra-nofsync,mosquitto,nats,nats-sync,redis,zmq]
+    python -m bench [--runs 3] [--duration 10] [--only nominal,acked,...,federation]
+                    [--systems castra,castra-nofsync,castra-uplink,mosquitto,nats,nats-sync,redis,zmq]
                     [--sessions 10000] [--out DIR]
+
+``--only federation``: a guest on host a publishing to a guest on host b, through
+``castra-uplink`` (two routers with ``--uplink`` and a 3-node NATS cluster, all on
+this machine), beside the same load on one router without the uplink.
 
 castra runs twice: ``castra`` with ``--fsync batch`` (durable) and ``castra-nofsync``
 with ``--fsync never``; each peer is compared with the castra of its kind (durable:

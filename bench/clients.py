@@ -113,7 +113,6 @@ class CastraClient(TcpClient):
     _HEARTBEAT_OK = b'{"type":"ack","ack":"heartbeat","status":"ok"'
     _MESSAGE = b'{"type":"message"'
     _HEARTBEAT = b'{"type":"heartbeat"}'
-    _SUBSCRIBE = b'{"type":"subscribe","topic":"%s"}' % TOPIC
     #: what the hello line offers (``CastraV2Client``: bus-v2 too)
     capabilities = b"bus-v1"
 
@@ -122,6 +121,7 @@ class CastraClient(TcpClient):
         self.lines_left = 2  # greeting, then the answer to hello
         self.subscribed: asyncio.Future | None = None
         self.answer = b""  # the router's answer line to hello, without its newline
+        self.topic = TOPIC  # what it publishes and subscribes to
 
     def greet(self) -> None:
         pass  # the broker speaks first
@@ -166,11 +166,11 @@ class CastraClient(TcpClient):
             self.fail(body)
 
     def publish(self, payload: bytes, acked: bool) -> None:
-        self.write_frame(b'{"type":"publish","topic":"%s","payload":%s}' % (TOPIC, payload))
+        self.write_frame(b'{"type":"publish","topic":"%s","payload":%s}' % (self.topic, payload))
 
     async def subscribe(self) -> None:
         self.subscribed = asyncio.get_running_loop().create_future()
-        self.write_frame(self._SUBSCRIBE)
+        self.write_frame(b'{"type":"subscribe","topic":"%s"}' % self.topic)
         await asyncio.wait_for(self.subscribed, HANDSHAKE_TIMEOUT)
 
     def heartbeat(self) -> None:

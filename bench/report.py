@@ -29,6 +29,14 @@ FIGURES = {
     "handshakes_per_s": ("handshakes/s", "{:,.0f}"),
     "rss_kib_per_session": ("RSS KiB/session", "{:.1f}"),
     "heartbeat_ratio": ("heartbeats ok", "{:.4f}"),
+    "local_p50_ms": ("local p50 ms", "{:.2f}"),
+    "local_p99_ms": ("local p99 ms", "{:.2f}"),
+    "local_delivered_ratio": ("local delivered", "{:.4f}"),
+    "cross_delivered_per_s": ("cross-host delivered/s", "{:,.0f}"),
+    "cross_p50_ms": ("cross-host p50 ms", "{:.2f}"),
+    "cross_p99_ms": ("cross-host p99 ms", "{:.2f}"),
+    "cross_max_ms": ("cross-host max ms", "{:.1f}"),
+    "cross_delivered_ratio": ("cross-host delivered", "{:.4f}"),
     "server_cpu_us_per_msg": ("server CPU us/msg", "{:.1f}"),
     "generator_cpu_pct": ("generator CPU %", "{:.0f}"),
 }
@@ -42,10 +50,11 @@ RATIO_COLUMNS = {
     "saturation": ("delivered_per_s", "p99_ms", "server_cpu_us_per_msg"),
     "fanout": ("p99_ms", "server_cpu_us_per_msg"),
     "sessions": ("handshakes_per_s", "rss_kib_per_session", "server_cpu_us_per_msg"),
+    "federation": ("local_p50_ms", "local_p99_ms"),  # the local path without the uplink / with it
 }
 #: a load generator this busy (% of its one core) is what limits the row's rates
 GENERATOR_BOUND_PCT = 80.0
-SYSTEM_COLORS = {"castra": "#d1495b", "castra-nofsync": "#f4a3ad", "mosquitto": "#00798c", "nats": "#edae49",
+SYSTEM_COLORS = {"castra": "#d1495b", "castra-nofsync": "#f4a3ad", "castra-uplink": "#8c2f39", "mosquitto": "#00798c", "nats": "#edae49",
                  "nats-sync": "#a8701a", "redis": "#6a4c93", "zmq": "#66a182"}
 
 

@@ -536,7 +536,7 @@ async def one_run(number: int, template: Path, layout: Layout, args: argparse.Na
 
         run.stop.set()
         await asyncio.wait_for(asyncio.gather(*run.tasks), DRAIN_S)
-        await run.drain(samples, lambda: samples.received >= samples.sent)
+        await run.drain((samples,), lambda: samples.received >= samples.sent)
         baseline.update(samples.window(window_start, window_end))
         figures["sparse"] = case_figures("sparse", sparse["result"], sparse["expected"], samples, baseline, names)
         figures["dense"] = case_figures("dense", dense["result"], dense["expected"], samples, baseline, names)

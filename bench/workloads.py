@@ -1,4 +1,5 @@
-"""The six workloads of issue 6. Each returns one dict of figures for one system.
+"""The six workloads of issue 6, and issue 14's federation. Each returns one dict of
+figures for one system.
 
 Every message carries its publisher's timestamp and index (``"bench":[ns,index]``)
 in a ~200-byte JSON payload; receivers find it by substring, whatever the framing
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import math
 import os
 import time
@@ -227,6 +229,11 @@ class Run:
         await client.subscribe()
         return client
 
+    async def remote_guest(self, name: str):
+        client = await self.system.remote_guest(name)
+        self.clients.append(client)
+        return client
+
     async def host_subscriber(self, on_delivery: Callable) -> object:
         client = await self.system.host_subscriber()
         self.clients.append(client)
@@ -236,22 +243,27 @@ class Run:
     def cpu_reading(self) -> dict[int, float]:
         return self.system.tree.cpu_seconds()
 
-    async def measure(self, recorder: Recorder, publishers: list[Awaitable], drained: Callable[[], bool]) -> Window:
+    async def measure(self, recorder: Recorder, publishers: list[Awaitable], drained: Callable[[], bool],
+                      others: tuple[Recorder, ...] = ()) -> Window:
         """Start the publishers, warm up, open the window for ``duration``, stop
-        the publishers and let what is in flight drain."""
+        the publishers and let what is in flight drain. ``others`` record other
+        receivers of the same messages: the same window, drained alike."""
+        recorders = (recorder, *others)
         # ZeroMQ subscriptions reach publishers some time after connect: a message sent
         # before then is dropped unseen, and would cost a windowed publisher its credit.
         await asyncio.sleep(self.system.settle_s)
         self.tasks = [asyncio.ensure_future(publisher) for publisher in publishers]
         await self.sleep_watching(self.settings.warmup)
         cpu_before, generator_before = self.cpu_reading(), _own_cpu()
-        recorder.open()
+        for each in recorders:
+            each.open()
         await self.sleep_watching(self.settings.duration)
-        recorder.close()
+        for each in recorders:
+            each.close()
         self.stop.set()
         seconds = (recorder.end - recorder.start) / 1e9
         generator = (_own_cpu() - generator_before) / seconds * 100
-        await self.drain(recorder, drained)
+        await self.drain(recorders, drained)
         await asyncio.gather(*self.tasks)  # publishers end after their own drain; raises their errors
         cpu_after = self.cpu_reading()
         return self.window(seconds, cpu_before, cpu_after, generator)
@@ -272,13 +284,13 @@ class Run:
             task.result()
 
     @staticmethod
-    async def drain(recorder: Recorder, drained: Callable[[], bool]) -> None:
+    async def drain(recorders: tuple[Recorder, ...], drained: Callable[[], bool]) -> None:
         deadline = time.monotonic() + _DRAIN_S
-        events, idle_since = recorder.events, time.monotonic()
+        events, idle_since = sum(each.events for each in recorders), time.monotonic()
         while not drained() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-            if recorder.events != events:
-                events, idle_since = recorder.events, time.monotonic()
+            if sum(each.events for each in recorders) != events:
+                events, idle_since = sum(each.events for each in recorders), time.monotonic()
             elif time.monotonic() - idle_since > _IDLE_S:
                 break
 
@@ -300,6 +312,9 @@ def _own_cpu() -> float:
 NOMINAL_GUESTS, NOMINAL_RATE = 32, 200.0
 ACKED_GUESTS, PIPELINE_WINDOW = 8, 64
 FANOUT_SUBSCRIBERS, FANOUT_RATE = 100, 1000.0
+FEDERATION_RATE = 1000.0
+FEDERATION_RECEIVER = "receiver"  # the guest the federation workload publishes to, on host b
+_FLEET_READY_S = 30.0  # for a first message to cross from host a to host b
 
 
 async def nominal(run: Run) -> dict[str, float]:
@@ -434,6 +449,52 @@ async def sessions(run: Run) -> dict[str, float]:
     }
 
 
+async def federation(run: Run) -> dict[str, float]:
+    """A guest on host a publishes to ``vm:receiver`` at ``FEDERATION_RATE``: local
+    figures from a host subscriber on a, cross-host ones from ``receiver`` on host b
+    (``castra-uplink``). A system of one router has the same load and local figures,
+    and no receiver (its cross-host figures are NaN): the local path with and without
+    the uplink."""
+    local, cross = Recorder(), Recorder()
+    await run.host_subscriber(Receiver(local))
+    publisher = await run.guest("publisher")
+    publisher.topic = b"vm:" + FEDERATION_RECEIVER.encode()
+    others: tuple[Recorder, ...] = ()
+    if run.system.hosts > 1:
+        receiver = await run.remote_guest(FEDERATION_RECEIVER)
+        receiver.topic = publisher.topic
+        await receiver.subscribe()
+        await first_crossing(publisher, receiver, local)
+        receiver.on_delivery = Receiver(cross)
+        others = (cross,)
+    window = await run.measure(local, [paced([publisher], FEDERATION_RATE, local, run.stop)],
+                               lambda: local.received >= local.sent and cross.received >= local.sent * len(others),
+                               others)
+    return {
+        "sent_per_s": local.sent / window.seconds,
+        **local.percentiles("local_"),
+        "local_delivered_ratio": local.received / local.sent if local.sent else math.nan,
+        "cross_delivered_per_s": cross.received / window.seconds if others else math.nan,
+        **cross.percentiles("cross_"),
+        "cross_delivered_ratio": cross.received / local.sent if others and local.sent else math.nan,
+        **window.figures(local.events + cross.events),
+    }
+
+
+async def first_crossing(publisher, receiver, recorder: Recorder) -> None:
+    """Publish until a message reaches ``receiver``: both uplinks connected, the
+    stream and host b's consumer made. Before the window: not counted."""
+    arrived = asyncio.Event()
+    receiver.on_delivery = lambda _message: arrived.set()
+    deadline = time.monotonic() + _FLEET_READY_S
+    while not arrived.is_set():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no message from host a reached host b in {_FLEET_READY_S:g}s")
+        publisher.publish(recorder.stamped(0, 0)[1], False)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(arrived.wait(), 0.2)
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -461,5 +522,9 @@ WORKLOADS = {
         Workload("sessions", "concurrent bus sessions: open, then one heartbeat each over the hold",
                  sessions, "handshake or heartbeat",
                  ("sessions", "handshakes_per_s", "rss_kib_per_session", "heartbeat_ratio")),
+        Workload("federation", f"1 guest on host a at {FEDERATION_RATE:g} msg/s to a guest on host b through "
+                 "the uplinks and a 3-node NATS cluster; local: a host subscriber on a", federation, "receipt",
+                 ("sent_per_s", "local_p50_ms", "local_p99_ms", "local_delivered_ratio", "cross_delivered_per_s",
+                  "cross_p50_ms", "cross_p99_ms", "cross_max_ms", "cross_delivered_ratio")),
     )
 }

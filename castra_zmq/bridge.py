@@ -310,6 +310,8 @@ class Bridge:
                     self.origins.advance(moved)
                 self.distribute(ts_ms, batch.first_seq, messages, waiting)
                 self.send_lines(batch.lines)
+                if topics.COMMITTED in self.subscriptions:  # the uplink's: it uploads what is committed
+                    self.bus.send_multipart([topics.COMMITTED, b"%d" % self.log.seq])
         self.send_host_results()
         self.read_subscriptions()  # a send can take the edge of the FD for a notice that came meanwhile
         now = time.monotonic()

@@ -73,6 +73,13 @@ CONSUMER_MAX_ACK_PENDING = 1024
 HEADER_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last check
+# nats-server 2.12+, on a stream with ``allow_atomic``: messages with the same batch id,
+# numbered from 1, are stored together when the one marked commit arrives, or none is
+# (a gap in the numbers, a failed check, a duplicate id: error 10176, 10071, 10201).
+HEADER_BATCH_ID = "Nats-Batch-Id"
+HEADER_BATCH_SEQUENCE = "Nats-Batch-Sequence"
+HEADER_BATCH_COMMIT = "Nats-Batch-Commit"
+UPLOAD_BATCH_MAX = 1000  # messages in one atomic batch: nats-server's limit
 
 
 _PLAIN = frozenset(map(chr, range(0x21, 0x7F))) - set("%.*>")  # printable ASCII but the space
@@ -218,21 +225,42 @@ def stream_config() -> StreamConfig:
         max_age=STREAM_MAX_AGE_S,
         max_bytes=STREAM_MAX_BYTES,
         duplicate_window=STREAM_DUPLICATE_WINDOW_S,
+        allow_atomic=True,
     )
 
 
-def upload_headers(origin: Origin, expected_last_subject_seq: int) -> dict[str, str]:
-    """The headers of an upload: its id, its origin, and the ordering check that
-    the last message from this host in the stream is the one at stream seq
-    ``expected_last_subject_seq`` (0: none yet)."""
-    return {
+def upload_headers(origin: Origin, expected_last_subject_seq: int | None) -> dict[str, str]:
+    """The headers of an upload: its id, its origin, and unless None the ordering
+    check that the last message from this host in the stream is the one at stream
+    seq ``expected_last_subject_seq`` (0: none yet)."""
+    headers = {
         HEADER_MSG_ID: origin.message_id,
         HEADER_ORIGIN: origin.host,
         HEADER_ORIGIN_EPOCH: str(origin.epoch),
         HEADER_ORIGIN_SEQ: str(origin.seq),
-        HEADER_EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_subject_seq),
-        HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: origin_filter(origin.host),
     }
+    if expected_last_subject_seq is not None:
+        headers[HEADER_EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
+        headers[HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = origin_filter(origin.host)
+    return headers
+
+
+def batch_upload_headers(origins: list[Origin], expected_last_subject_seq: int, batch_id: str) -> list[dict[str, str]]:
+    """The headers of an atomic batch of uploads, one host's messages in its seq
+    order: each one's id and origin, the batch id and its place in the batch, the
+    ordering check on the first and the commit mark on the last. The server checks
+    the first's expectation against the stream as it was before the batch, when it
+    commits, and stores the whole batch in a row or none of it: so the one check
+    orders the batch after this host's previous message, and each message of it
+    after the one before."""
+    headers = []
+    for index, origin in enumerate(origins, 1):
+        each = upload_headers(origin, expected_last_subject_seq if index == 1 else None)
+        each[HEADER_BATCH_ID] = batch_id
+        each[HEADER_BATCH_SEQUENCE] = str(index)
+        headers.append(each)
+    headers[-1][HEADER_BATCH_COMMIT] = "1"
+    return headers
 
 
 def origin_of(headers: dict[str, str] | None) -> Origin:

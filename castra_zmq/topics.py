@@ -8,12 +8,16 @@ contain NUL (``wire.Topic`` refuses it), which keeps the terminator unambiguous.
 |---------------------|-----------------------------|-------------------------|
 | ``bus\\0<topic>\\0``  | bridge -> host tools        | sender, Delivery JSON   |
 | ``log\\0``            | bridge -> journal           | whole log lines         |
+| ``seq\\0``            | bridge -> uplink            | the log's seq, ASCII    |
 | ``evt\\0<kind>\\0``   | every role -> status, ...   | Event JSON              |
 
 The bridge sends ``bus`` messages only while a host tool subscribes to them (its
 XPUB sees the subscriptions), and the lines of each commit as ``log`` messages
 (at most ``bus_frame_bytes_max`` each) for the journal to file in the per-VM
-logs. Host tools' publishes and their results do not cross the proxy: they go
+logs, 5 ms late at most. Right after each commit, while someone
+subscribes to it (the uplink), it also sends the log's seq as a ``seq`` message:
+the uplink uploads a commit without that delay, and without taking every line
+from the bus. Host tools' publishes and their results do not cross the proxy: they go
 over the bridge's own socket (``run/journal.sock``), one message per batch.
 
 Runs in: every role and host tool on the internal bus.
@@ -25,6 +29,7 @@ from .subscriptions import pattern_prefix
 
 BUS_ALL = b"bus\0"
 LOG = b"log\0"
+COMMITTED = b"seq\0"
 EVENT_ALL = b"evt\0"
 
 

