@@ -24,7 +24,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-CLUSTER_NAME = "castra-test"
 _READY_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
 
@@ -58,6 +57,9 @@ def free_ports(count: int) -> list[int]:
 class NatsNode:
     def __init__(self, server: str, name: str, directory: Path, ports: list[int], authorization: str = ""):
         self.server = server  # the nats-server binary
+        # Its own per cluster: a route to a port another cluster took meanwhile (tests
+        # run clusters side by side) is refused instead of joining the two.
+        self.cluster_name = f"castra-{directory.name}"
         self.name = name
         self.directory = directory
         self.authorization = authorization
@@ -78,7 +80,7 @@ class NatsNode:
             f"listen: 127.0.0.1:{self.client_port}\n"
             f"http: 127.0.0.1:{self.monitor_port}\n"
             f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, max_file_store: 16GB }}\n'
-            f'cluster {{ name: "{CLUSTER_NAME}", listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}\n'
+            f'cluster {{ name: "{self.cluster_name}", listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}\n'
             f"{self.authorization}\n"
         )
         return config

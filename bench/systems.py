@@ -42,7 +42,7 @@ from .clients import (
     ZmqSubscriber,
     open_tcp,
 )
-from .natscluster import NatsCluster, find_nats_server, free_port
+from .natscluster import NatsCluster, find_nats_server, free_ports
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -392,7 +392,7 @@ log_dest stderr
                 "is not a disk write)")
 
     def launch(self, workdir: Path) -> None:
-        self.port = free_port()
+        self.port = free_ports(1)[0]
         text = self._CONFIG.format(port=self.port)
         if os.geteuid() == 0:  # else it switches to the mosquitto user, who cannot read our temp dir
             text += "user root\n"
@@ -435,7 +435,7 @@ jetstream {{
                 "`sync_interval`, 2 min by default in 2.10+, not per ack)")
 
     def launch(self, workdir: Path) -> None:
-        self.port = free_port()
+        self.port = free_ports(1)[0]
         config = workdir / "nats.conf"
         config.write_text(self._CONFIG.format(port=self.port, store=workdir / "jetstream",
                                               options=self._JETSTREAM_OPTIONS))
@@ -519,7 +519,7 @@ logfile ""
                 "fsynced once per event-loop turn, before the replies of that turn); acked workloads only")
 
     def launch(self, workdir: Path) -> None:
-        self.port = free_port()
+        self.port = free_ports(1)[0]
         data = workdir / "redis"
         data.mkdir()
         config = workdir / "redis.conf"
