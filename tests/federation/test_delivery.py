@@ -27,7 +27,7 @@ from castra_zmq.federation import STREAM_NAME, consumer_config, consumer_name, o
 
 from ..conftest import Router, host_publish, restarted, wait_for
 from ..guest import connect_bus
-from .test_uplink import query
+from .test_uplink import delete_stream, query
 
 pytestmark = pytest.mark.timeout(120)
 HOSTS = ("a", "b", "c")
@@ -37,14 +37,7 @@ HOSTS = ("a", "b", "c")
 def fleet(nats_cluster):
     """Three routers on state roots of their own, each uplinked as its host name,
     once each one's consumer is there (it starts at the host's epoch)."""
-
-    async def delete_stream(js):
-        try:
-            await js.delete_stream(STREAM_NAME)
-        except nats.js.errors.NotFoundError:
-            pass
-
-    query(nats_cluster, delete_stream)
+    delete_stream(nats_cluster)
     directory = Path(tempfile.mkdtemp(prefix="czfed", dir="/tmp"))
     routers: dict[str, Router] = {}
     try:

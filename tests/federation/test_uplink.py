@@ -91,9 +91,8 @@ def stream_count(nats_cluster) -> int:
         return -1
 
 
-@pytest.fixture
-def fresh_stream(nats_cluster):
-    """No stream CASTRA when the test starts: each test's router creates it."""
+def delete_stream(nats_cluster) -> None:
+    """No stream CASTRA any more (the first uplink to start makes it again)."""
 
     async def body(js):
         try:
@@ -102,6 +101,12 @@ def fresh_stream(nats_cluster):
             pass
 
     query_when_ready(nats_cluster, body)
+
+
+@pytest.fixture
+def fresh_stream(nats_cluster):
+    """No stream CASTRA when the test starts: each test's router creates it."""
+    delete_stream(nats_cluster)
     return nats_cluster
 
 
