@@ -18,8 +18,8 @@ already there; and only while there are fewer
 than ``vm_logs_max``. Other messages still go to ``bus.log`` and any log their
 sender or target has.
 
-The role kept its name (``journal``: ``python -m castra_zmq.journal``, the
-``journal`` role of ``castra up``); it no longer has a socket of its own.
+The role kept its name (``journal``: the ``castra-journal`` process of ``castra
+up``); it no longer has a socket of its own.
 """
 
 from __future__ import annotations

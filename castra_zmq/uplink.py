@@ -41,7 +41,7 @@ messages with theirs, and ``upload`` passes over those lines, so nothing loops.
 Credentials and TLS for the NATS connection: ``uplinkconnect``. Its health, every
 ``health_interval``, for ``castra status``: ``uplinkhealth``.
 
-Runs in: the uplink process (``python -m castra_zmq.uplink``), a role of ``castra up``.
+Runs in: the uplink process (``castra-uplink``), a role of ``castra up``.
 """
 
 from __future__ import annotations
