@@ -43,7 +43,15 @@ def run(nats_cluster, body, stream: str):
         config = stream_config()
         config.name = stream
         config.subjects = [f"{stream}.>"]
-        await js.add_stream(config)
+        deadline = time.monotonic() + 20
+        while True:  # a cluster just (re)started may not answer JetStream requests yet
+            try:
+                await js.add_stream(config)
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, NoStreamResponseError):
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.2)
         deadline = time.monotonic() + 5
         # A batch's messages but the last go without a reply: sent before the stream
         # has a leader, they would be lost unseen and the batch refused as incomplete.
