@@ -43,15 +43,7 @@ def run(nats_cluster, body, stream: str):
         config = stream_config()
         config.name = stream
         config.subjects = [f"{stream}.>"]
-        deadline = time.monotonic() + 20
-        while True:  # a cluster just (re)started may not answer JetStream requests yet
-            try:
-                await js.add_stream(config)
-                break
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, NoStreamResponseError):
-                if time.monotonic() >= deadline:
-                    raise
-                await asyncio.sleep(0.2)
+        await until_answered(20, js.add_stream, config)  # a cluster just started may not answer yet
         deadline = time.monotonic() + 5
         # A batch's messages but the last go without a reply: sent before the stream
         # has a leader, they would be lost unseen and the batch refused as incomplete.
@@ -130,18 +122,24 @@ def test_an_atomic_batch_is_stored_whole_in_a_row_or_refused_whole(nats_cluster)
     run(nats_cluster, body, "T3")
 
 
-async def publish_within(seconds: float, *args):
-    """``publish``, tried again until it is stored: a stream whose leader was lost
-    answers nothing until its other two replicas elect one."""
+async def until_answered(seconds: float, request, *args):
+    """``await request(*args)``, tried again while JetStream answers no one (a cluster
+    just started, or a stream whose leader was lost, until its other two replicas
+    elect one), for at most ``seconds``."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            return await publish(*args)
+            return await request(*args)
         except (nats.errors.NoRespondersError, NoStreamResponseError, nats.errors.TimeoutError,
                 ServiceUnavailableError):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
+
+
+async def publish_within(seconds: float, *args):
+    """``publish``, tried again until it is stored (``until_answered``)."""
+    return await until_answered(seconds, publish, *args)
 
 
 def test_one_node_down_the_stream_goes_on(nats_cluster):
