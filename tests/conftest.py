@@ -7,6 +7,7 @@ State roots live in short ``/tmp`` paths because ipc socket paths are limited to
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -18,11 +19,24 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from castra_zmq.client import Publisher
 from castra_zmq.supervisor import exits_within, process_runs
 
 READY = re.compile(r"castra router ready on 127\.0\.0\.1:(\d+)")
+
+# Property tests run hypothesis's default 100 examples each; HYPOTHESIS_PROFILE=thorough
+# runs 20 times as many (before a release, or after a change to the codec).
+settings.register_profile("thorough", max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` starts two workers a core: most tests spend about half their time
+    waiting on a router, whose roles run in processes of their own, so one worker a
+    core leaves the cores idle about a third of the time."""
+    return 2 * len(os.sched_getaffinity(0))
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = "condition"):

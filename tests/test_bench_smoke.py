@@ -49,7 +49,7 @@ def test_bench_runs_end_to_end(tmp_path):
     looked up on PATH and the sbin directories: none on this PATH) is skipped with
     a note."""
     committed = {path.name: path.stat().st_mtime_ns for path in (REPO / "bench" / "results").iterdir()}
-    result = run_bench("--runs", "1", "--duration", "0.5", "--systems", "castra,zmq,redis", "--sessions", "50",
+    result = run_bench("--runs", "1", "--duration", "0.2", "--systems", "castra,zmq,redis", "--sessions", "50",
                        cwd=tmp_path, timeout=90, TMPDIR=str(tmp_path), PATH=str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     (out,) = tmp_path.glob("castra-bench-*")
