@@ -24,6 +24,8 @@ from hypothesis import settings
 from castra_zmq.client import Publisher
 from castra_zmq.supervisor import exits_within, process_runs
 
+from .zygote import castra_command
+
 READY = re.compile(r"castra router ready on 127\.0\.0\.1:(\d+)")
 
 # Property tests run hypothesis's default 100 examples each; HYPOTHESIS_PROFILE=thorough
@@ -67,8 +69,8 @@ class Router:
 
     def start(self, timeout: float = 20.0) -> Router:
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - the router's stderr until stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(self.state_root), "--port", "0", *self.args],
+        self.process = castra_command(
+            ["up", "--state-root", str(self.state_root), "--port", "0", *self.args],
             stdout=subprocess.PIPE,
             stderr=self.log,  # INFO unless CASTRA_LOG_LEVEL is set: DEBUG has a line per publish
         )
