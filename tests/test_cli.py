@@ -1,7 +1,9 @@
 """The operator commands as an operator runs them: real subprocesses, real routers.
 
 ``castra bus publish``, ``castra status`` and ``castra bus tail`` each run as
-``python -m castra_zmq.cli.main ...``; the example host tool runs as a script. The pure parts
+``python -m castra_zmq.cli.main ...`` does, forked from a zygote that imported castra-zmq
+once (``tests/zygote.py``); on a terminal, into a closed pipe and on impossible state
+roots as fresh interpreters. The example host tool runs as a script. The pure parts
 of ``castra_zmq.tail`` (formatting, torn lines, truncation) are tested first, on
 plain files, without processes. Tests that need no router of their own share the
 module's, each with its own VMs and reading only the seqs and log lines after the
@@ -32,6 +34,7 @@ from castra_zmq.wire import decode_log_record
 
 from .conftest import Lines, Router, shared_router, wait_for
 from .guest import Guest, connect_bus
+from .zygote import castra_command, run_castra
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 VM_KEYS = {
@@ -58,8 +61,7 @@ def write_log(state_root: Path, *lines: bytes, tail_bytes: bytes = b"") -> Path:
 
 
 def castra(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", *args], check=False, input=input,
-                          capture_output=True, text=True, timeout=30)
+    return run_castra(list(args), input=input)
 
 
 # A shell starts `cmd &` with SIGINT ignored, and exec keeps it so: like this prefix
@@ -73,11 +75,8 @@ class Follow:
     """``castra bus tail -f`` running in the background."""
 
     def __init__(self, state_root: Path, *args: str, ignore_sigint: bool = False):
-        self.process = subprocess.Popen(
-            [*(SIGINT_IGNORED if ignore_sigint else [sys.executable]),
-             "-m", "castra_zmq.cli.main", "bus", "tail", "-f", "--state-root", str(state_root), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
+        self.process = castra_command(["bus", "tail", "-f", "--state-root", str(state_root), *args],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, sigint_ignored=ignore_sigint)
         self.stdout = Lines(self.process.stdout)
         self.stderr = Lines(self.process.stderr)
 

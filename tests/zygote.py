@@ -64,6 +64,8 @@ def _run_child(command: dict, streams: list[int]) -> None:
         os.chdir(command["cwd"])
         os.environ.clear()
         os.environ.update(command["env"])
+        if command["sigint_ignored"]:  # as a shell starts `cmd &`: Python then keeps SIG_IGN
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         # As ``python -m``: the module is ``__main__`` and argv[0] its file (click
         # names the program from both: "python -m castra_zmq.cli.main").
         module = sys.modules[_MODULE]
@@ -72,11 +74,12 @@ def _run_child(command: dict, streams: list[int]) -> None:
         try:
             module.main()
             code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-            if not isinstance(exit_.code, (int, type(None))):
+        except SystemExit as exit_:  # what the interpreter makes of it
+            if exit_.code is None or isinstance(exit_.code, int):
+                code = exit_.code or 0
+            else:
                 print(exit_.code, file=sys.stderr)
-        except BaseException:  # what a fresh interpreter would print before exiting 1
+        except BaseException:  # noqa: BLE001 - as an uncaught exception: its traceback, status 1
             import traceback
 
             traceback.print_exc()
@@ -234,17 +237,18 @@ class Zygote:
             command.returncode = note["returncode"]
             command.exited.set()
 
-    def run(self, argv: list[str], *, stdin=None, stdout=None, stderr=None, env=None, cwd=None) -> Command:
+    def run(self, argv: list[str], *, stdin=None, stdout=None, stderr=None, env=None, cwd=None,
+            sigint_ignored: bool = False) -> Command:
         """Start ``castra <argv>``. ``stdin``/``stdout``/``stderr``: ``None`` (this
         process's), ``subprocess.PIPE``, ``subprocess.DEVNULL``, a file object or a
-        descriptor, as with Popen."""
+        descriptor, as with Popen; ``sigint_ignored``: started with SIGINT ignored."""
         mine, theirs = [], []
         for target, how in enumerate((stdin, stdout, stderr)):
             ours, child = _stream(target, how)
             mine.append(ours)
             theirs.append(child)
         command_text = json.dumps({"argv": list(argv), "env": dict(os.environ if env is None else env),
-                                   "cwd": str(cwd or os.getcwd())}).encode()
+                                   "cwd": str(cwd or os.getcwd()), "sigint_ignored": sigint_ignored}).encode()
         try:
             with self.lock, self.started_event:
                 socket.send_fds(self.channel, [command_text], [fd for fd, _ in theirs])
@@ -290,6 +294,20 @@ def castra_command(argv: list[str], **streams) -> Command:
     if _zygote is None or _zygote_pid != os.getpid() or _zygote.process.poll() is not None:
         _zygote, _zygote_pid = Zygote(), os.getpid()
     return _zygote.run(argv, **streams)
+
+
+def run_castra(argv: list[str], input: str | None = None, timeout: float = 30, env=None) -> subprocess.CompletedProcess:
+    """``subprocess.run([python, -m, castra_zmq.cli.main, *argv], input=input,
+    capture_output=True, text=True, timeout=timeout)``, forked from the zygote."""
+    command = castra_command(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        out, err = command.communicate(input.encode() if input is not None else None, timeout)
+    except subprocess.TimeoutExpired:
+        command.kill()
+        command.wait(5)
+        raise
+    return subprocess.CompletedProcess(argv, command.returncode, out.decode(), err.decode())
 
 
 def main(fd: int) -> None:
