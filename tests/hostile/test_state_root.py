@@ -27,6 +27,7 @@ from castra_zmq.endpoints import Endpoints
 from ..conftest import wait_for
 from ..guest import connect_bus
 from ..test_cli import castra
+from ..zygote import castra_command
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="making another user's files needs root")
@@ -35,16 +36,14 @@ VICTIM = b"root's file: must never change\n"
 
 def up_refusal(state_root: Path) -> str:
     """Run ``castra up``, which must refuse ``state_root``; returns its stderr."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(state_root), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    ready = process.stdout.readline()
+    process = castra_command(["up", "--state-root", str(state_root), "--port", "0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ready = process.stdout.readline().decode()
     if ready:
         process.terminate()
         process.communicate(timeout=15)
         pytest.fail(f"castra up started on {state_root}: {ready!r}")
-    _, stderr = process.communicate(timeout=15)
+    stderr = process.communicate(timeout=15)[1].decode()
     assert process.returncode == 1, stderr
     assert stderr.startswith("Error: ") and "Traceback" not in stderr, stderr
     return stderr

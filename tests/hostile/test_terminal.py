@@ -4,14 +4,13 @@ escapes it, and the JSON outputs carry no raw control character."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import unicodedata
 
 from castra_zmq.terminal import json_for_terminal, printable
 
 from ..conftest import wait_for
 from ..guest import connect_bus
+from ..zygote import run_castra
 
 # Clears the screen, retitles the window (OSC ... BEL), returns the carriage to forge
 # the start of a line, a one-character CSI (C1) and a right-to-left override.
@@ -25,8 +24,9 @@ def controls(text: str) -> list[str]:
 
 
 def castra(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", *args], capture_output=True, timeout=30, check=True)
-    return result.stdout.decode()
+    result = run_castra(list(args))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 # -- pure ------------------------------------------------------------------------------
