@@ -154,8 +154,8 @@ def publish_latencies(guest: Guest, count: int) -> list[float]:
     return latencies
 
 
-def p99(samples: list[float]) -> float:
-    return statistics.quantiles(samples, n=100)[98]
+def p90(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=10)[8]
 
 
 def storm(port: int, body: bytes, count: int, limit: float, sent) -> None:
@@ -212,10 +212,11 @@ def test_frame_storm_from_one_guest_does_not_delay_another(router, body):
                          what="the bridge done with the storm")
     assert storming and sent_during >= 20_000, "the storm was over before the measurement"
     assert len(during) == 100
-    # What it guards against cost seconds; the margin is for a busy machine (the
-    # suite runs in parallel), not a latency target (that is the bench's).
-    assert p99(during) < p99(baseline) + 0.250, (
-        f"p99 {p99(during) * 1000:.1f} ms during the storm, {p99(baseline) * 1000:.1f} ms before")
+    # What it guards against cost seconds, every publish; the margin and p90 (not
+    # p99: one publish in 100 waiting out a busy machine's scheduler) are for the
+    # parallel suite, not a latency target (that is the bench's).
+    assert p90(during) < p90(baseline) + 0.250, (
+        f"p90 {p90(during) * 1000:.1f} ms during the storm, {p90(baseline) * 1000:.1f} ms before")
 
 
 def test_heartbeat_storm_gets_few_replies_and_keeps_the_session(router):
