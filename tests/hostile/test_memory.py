@@ -138,11 +138,16 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-def bounded(count: int, seconds: float):
-    """0, 1, ... up to ``count`` values, for at most ``seconds``."""
-    deadline = time.monotonic() + seconds
+def bounded(count: int, seconds: float, at_least: int = 0):
+    """0, 1, ... up to ``count`` values, for at most ``seconds``; but ``at_least``
+    values however long they take, up to six times ``seconds`` (a floor the flood
+    needs, which a machine busy with the parallel suite may reach late)."""
+    start = time.monotonic()
     n = 0
-    while n < count and time.monotonic() < deadline:
+    while n < count:
+        elapsed = time.monotonic() - start
+        if elapsed >= seconds * 6 or (elapsed >= seconds and n >= at_least):
+            return
         yield n
         n += 1
 
@@ -355,11 +360,11 @@ def test_b_frame_storm_from_one_guest(bench, body):
         guest.sock.settimeout(2.0)
         sent = 0
         with contextlib.suppress(TimeoutError):
-            for _ in bounded(200, 3.0):
+            for _ in bounded(200, 3.0, at_least=2):
                 guest.sock.sendall(chunk)
                 sent += 10_000
         flood.note = f"{sent:,} frames"
-        assert sent >= 20_000, f"only {sent} frames taken in 3 s"
+        assert sent >= 20_000, f"only {sent} frames taken in 18 s"
         flood.check()
         assert not guest.is_closed(0.1), "the storming guest was closed"
 
@@ -477,7 +482,7 @@ def test_f_publishes_to_random_vm_targets(bench):
     with (bench.flood("f: random vm:<name> targets", bounds()) as flood,
           connect_bus(router.port, "mailer") as mailer):
         acked = 0
-        batches = bounded(20_000 // 64, 5.0)
+        batches = bounded(20_000 // 64, 5.0, at_least=1024 // 64)
         for _ in batches:
             for _ in range(64):
                 mailer.send({"type": "publish", "topic": f"vm:{secrets.token_hex(8)}", "payload": 1})
@@ -485,7 +490,7 @@ def test_f_publishes_to_random_vm_targets(bench):
                 assert mailer.recv(timeout=10)["status"] == "ok"
                 acked += 1
         flood.note = f"{acked:,} publishes, random targets"
-        assert acked >= 1000, f"only {acked} publishes in 5 s"
+        assert acked >= 1000, f"only {acked} publishes in 30 s"
         flood.check()
     new_logs = set(os.listdir(router.logs)) - logs_before
     assert new_logs <= {"mailer.log"}, f"log files made for targets: {sorted(new_logs)[:5]}..."
@@ -517,13 +522,13 @@ def test_g_refused_handshakes_with_random_names(bench):
     before_refused = settled_count()
     names = []
     with bench.flood("g: refused random names", bounds()) as flood:
-        for _ in bounded(2000, 5.0):
+        for _ in bounded(2000, 5.0, at_least=200):
             name = secrets.token_hex(8)
             with Guest(router.port) as guest:
                 guest.send_raw(f"hello vm:{name} capabilities=bus-v1\n".encode())
                 assert guest.read_line() == "error: unknown vm"
             names.append(name)
-        assert len(names) >= 200, f"only {len(names)} refusals in 5 s"
+        assert len(names) >= 200, f"only {len(names)} refusals in 30 s"
         counted = settled_count() - before_refused
         # Not asserted here (a memory test): the count the status role got.
         flood.note = f"{len(names):,} refused hellos ({counted:,} counted by status)"
