@@ -227,7 +227,8 @@ class Bridge:
             open_sessions.pop(connection, None)
             if not open_sessions:
                 del self.sessions[connection.vm]
-        self.emit(EventKind.SESSION_CLOSE, vm=connection.vm, session=connection.token, reason=reason)
+        self.emit(EventKind.SESSION_CLOSE, vm=connection.vm, session=connection.token, reason=reason,
+                  seq=self.log.seq)
         connection.log.bind(reason=reason, unlogged=connection.unlogged or None).info("session closed")
 
     def publish(self, connection: GuestConnection, frame: Publish, multiline: bool) -> str | None:

@@ -52,6 +52,7 @@ class Endpoints:
         self.bus_seq_floor = self.state_dir / "bus.json"  # seq a rotated, empty bus.log goes on from
         self.uplink_state = self.state_dir / "uplink.json"  # the uplink's epoch
         self.origins_checkpoint = self.state_dir / "origins.json"  # other hosts' last messages in bus.log
+        self.fleet = self.state_dir / "fleet.json"  # where every VM lives, as the uplink last saw it
         self.lock_file = self.run_dir / "router.lock"
         self.router_info = self.run_dir / "router.json"
         self.publish_socket = self.run_dir / "bus-in.sock"  # proxy XSUB: publishers connect

@@ -1,0 +1,147 @@
+"""Where each VM lives, with three routers (hosts ``a``, ``b``, ``c``) each ``castra
+up --uplink`` to a real 3-node NATS cluster: a VM is owned by the host it is
+connected to (``CASTRA_VMS``), never by two, handed over when released, taken over
+from a host gone; ``castra status --fleet`` shows it; a VM moving from one host to
+another gets the messages sent to it meanwhile, once.
+
+The routers and the cluster are shared by the module. Real processes and sockets
+on 127.0.0.1; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import nats.js.errors
+import pytest
+
+from castra_zmq.ownership import (
+    HOSTS_BUCKET,
+    OWNERS_BUCKET,
+    OwnerState,
+    VmOwner,
+    decode_owner,
+    encode_owner,
+    vm_key,
+)
+
+from ..conftest import Router, wait_for
+from ..guest import connect_bus
+from .test_uplink import delete_stream, query
+
+pytestmark = pytest.mark.timeout(120)
+HOSTS = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def fleet(nats_cluster):
+    delete_stream(nats_cluster)
+    delete_buckets(nats_cluster)
+    directory = Path(tempfile.mkdtemp(prefix="czown", dir="/tmp"))
+    routers: dict[str, Router] = {}
+    try:
+        for host in HOSTS:
+            routers[host] = Router(directory / host, "--uplink", nats_cluster.uplink_option,
+                                   "--host-name", host).start()
+        for router in routers.values():
+            wait_for(lambda router=router: "watching VM owners" in router.log_text(), timeout=20, interval=0.1,
+                     what="the uplink watching the owners")
+        yield routers
+    finally:
+        for router in routers.values():
+            router.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def delete_buckets(nats_cluster) -> None:
+    async def body(js):
+        for bucket in (OWNERS_BUCKET, HOSTS_BUCKET):
+            try:
+                await js.delete_key_value(bucket)
+            except nats.js.errors.NotFoundError:
+                pass
+
+    query(nats_cluster, body)
+
+
+def owner(nats_cluster, vm: str) -> VmOwner | None:
+    async def body(js):
+        kv = await js.key_value(OWNERS_BUCKET)
+        try:
+            return decode_owner((await kv.get(vm_key(vm))).value)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+
+    return query(nats_cluster, body)
+
+
+def fleet_file(router: Router) -> dict:
+    try:
+        return json.loads((router.state_root / "state" / "fleet.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def owned_by(nats_cluster, vm: str, host: str, state: OwnerState = OwnerState.OWNED) -> VmOwner:
+    def check():
+        record = owner(nats_cluster, vm)
+        return record if record is not None and (record.host, record.state) == (host, state) else None
+
+    return wait_for(check, timeout=15, interval=0.1, what=f"{vm} {state.value} by {host}")
+
+
+def test_a_vm_is_owned_by_the_host_it_connects_to_and_every_host_knows(fleet, nats_cluster):
+    with connect_bus(fleet["a"].port, "alpha"):
+        record = owned_by(nats_cluster, "alpha", "a")
+        assert record.release is None
+        for router in fleet.values():
+            wait_for(lambda router=router: ["alpha", "a", "owned", record.since_ms] in fleet_file(router).get("vms", []),
+                     timeout=10, interval=0.1, what="alpha in every host's fleet view")
+    record = owned_by(nats_cluster, "alpha", "a", OwnerState.RELEASED)
+    assert record.release is not None and record.release.seq >= 0
+    assert "VM released" in fleet["a"].log_text()
+
+
+def test_a_vm_owned_elsewhere_is_waited_for_then_claimed_once_released(fleet, nats_cluster):
+    a, b = fleet["a"], fleet["b"]
+    on_a = connect_bus(a.port, "beta")
+    try:
+        owned_by(nats_cluster, "beta", "a")
+        with connect_bus(b.port, "beta"):
+            wait_for(lambda: "owned by a" in b.log_text(), timeout=10, interval=0.1, what="b's warning")
+            wait_for(lambda: fleet_file(b).get("waiting") == {"beta": "a"}, timeout=10, interval=0.1,
+                     what="the conflict in b's fleet view")
+            assert owner(nats_cluster, "beta").host == "a"
+            on_a.close()  # its session on a ends: a releases it, b claims it
+            owned_by(nats_cluster, "beta", "b")
+            wait_for(lambda: fleet_file(b).get("waiting") == {}, timeout=10, interval=0.1,
+                     what="no conflict left in b's fleet view")
+        owned_by(nats_cluster, "beta", "b", OwnerState.RELEASED)
+    finally:
+        on_a.close()
+
+
+def test_two_hosts_racing_for_a_vm_one_owns_it(fleet, nats_cluster):
+    b, c = fleet["b"], fleet["c"]
+    for round_ in range(3):
+        vm = f"gamma{round_}"
+        with connect_bus(b.port, vm), connect_bus(c.port, vm):
+            record = wait_for(lambda vm=vm: owner(nats_cluster, vm), timeout=15, interval=0.1, what=f"{vm} owned")
+            loser, winner = (c, "b") if record.host == "b" else (b, "c")
+            wait_for(lambda vm=vm, loser=loser, winner=winner: fleet_file(loser).get("waiting", {}).get(vm) == winner,
+                     timeout=10, interval=0.1, what="the other host waiting")
+            assert owner(nats_cluster, vm) == record
+
+
+def test_a_vm_of_a_host_gone_is_taken_over(fleet, nats_cluster):
+    async def body(js):
+        kv = await js.key_value(OWNERS_BUCKET)
+        await kv.put(vm_key("delta"), encode_owner(VmOwner("ghost", 1, OwnerState.OWNED, 1)))
+
+    query(nats_cluster, body)
+    with connect_bus(fleet["c"].port, "delta"):
+        owned_by(nats_cluster, "delta", "c")
+    assert "VM taken over from a host gone" in fleet["c"].log_text()
