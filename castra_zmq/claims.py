@@ -32,6 +32,7 @@ Runs in: the uplink role.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -52,6 +53,7 @@ from .events import (
     decode_event,
     now_ms,
 )
+from .federation import host_key
 from .origins import OriginMarks, follow, read_origin_checkpoint
 from .ownership import (
     ALIVE_INTERVAL_S,
@@ -69,7 +71,6 @@ from .ownership import (
     encode_alive,
     encode_fleet,
     encode_owner,
-    host_key,
     hosts_config,
     owners_config,
     release_of,
@@ -212,6 +213,7 @@ class Claims:
         self.owned: dict[str, int] = {}  # vm -> the revision of this host's claim
         self.waiting: dict[str, str] = {}  # vm wanted here -> the live host that owns it
         self.turns = 0  # reconcile turns done (progress, for the back-off)
+        self.fleet_written = 0.0  # monotonic time state/fleet.json was last written
         self.fleet_dirty = True
 
     # -- one session on NATS ------------------------------------------------------------
@@ -364,8 +366,11 @@ class Claims:
     # -- the fleet file -------------------------------------------------------------------
 
     def write_fleet(self) -> None:
-        """``state/fleet.json``, if the fleet changed since it was written."""
-        if not self.fleet_dirty:
+        """``state/fleet.json``, when the fleet changed, and every ``ALIVE_INTERVAL_S``
+        while the session runs: its time says how current it is (it ages while NATS
+        is out of reach)."""
+        now = time.monotonic()
+        if not self.fleet_dirty and now - self.fleet_written < ALIVE_INTERVAL_S:
             return
         view = FleetView(host=self.host, written_ms=now_ms(), vms=[
             FleetVm(vm, record.host, record.state.value, record.since_ms)
@@ -375,7 +380,7 @@ class Claims:
         except OSError as exc:
             logger.warning("fleet view not written", reason=exc.strerror)
             return
-        self.fleet_dirty = False
+        self.fleet_written, self.fleet_dirty = now, False
 
     def close(self) -> None:
         self.local.close_socket()

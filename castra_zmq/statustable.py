@@ -152,6 +152,25 @@ class UplinkStatus(msgspec.Struct):
     remote_hosts: list[RemoteHostStatus]
 
 
+class FleetVmStatus(msgspec.Struct):
+    vm: str
+    host: str  # its owner, or the host that released it last
+    state: str  # owned | released
+    since_age_ms: int  # since it was claimed or released
+    here: bool  # host is this host
+
+
+class FleetStatus(msgspec.Struct):
+    """``castra status --fleet``: where every VM lives, as this host's uplink last
+    saw the owners bucket (``state/fleet.json``)."""
+
+    host: str | None  # this host's name in the fleet; None: no uplink configured
+    nats: str  # connected | unreachable (the uplink reports no connection) | down (the uplink does not report) | none
+    known_age_ms: int | None  # how old what follows is; None: nothing known yet
+    vms: list[FleetVmStatus] = []
+    waiting: dict[str, str] = {}  # VM connected here -> the live host that owns it
+
+
 class StatusView(msgspec.Struct):
     vms: list[VmStatus]
     router: RouterStatus | None = None  # None from the status role: the CLI fills it in
@@ -160,6 +179,7 @@ class StatusView(msgspec.Struct):
     # Absent from the JSON without --uplink (UNSET is never encoded): the shape
     # scripts rely on stays as it was.
     uplink: UplinkStatus | msgspec.UnsetType = msgspec.UNSET
+    fleet: FleetStatus | None | msgspec.UnsetType = msgspec.UNSET  # --fleet only; None: no uplink
 
 
 def _age(now: int, then: int | None) -> int | None:

@@ -11,8 +11,12 @@ on 127.0.0.1; every wait has a deadline.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import nats.js.errors
@@ -102,7 +106,7 @@ def test_a_vm_is_owned_by_the_host_it_connects_to_and_every_host_knows(fleet, na
                      timeout=10, interval=0.1, what="alpha in every host's fleet view")
     record = owned_by(nats_cluster, "alpha", "a", OwnerState.RELEASED)
     assert record.release is not None and record.release.seq >= 0
-    assert "VM released" in fleet["a"].log_text()
+    wait_for(lambda: "VM released vm=alpha" in fleet["a"].log_text(), timeout=5, what="a's log line")
 
 
 def test_a_vm_owned_elsewhere_is_waited_for_then_claimed_once_released(fleet, nats_cluster):
@@ -145,3 +149,50 @@ def test_a_vm_of_a_host_gone_is_taken_over(fleet, nats_cluster):
     with connect_bus(fleet["c"].port, "delta"):
         owned_by(nats_cluster, "delta", "c")
     assert "VM taken over from a host gone" in fleet["c"].log_text()
+
+
+def castra_status(router: Router, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "status", "--fleet", "--state-root",
+                           str(router.state_root), *args], check=False, capture_output=True, text=True, timeout=20)
+
+
+def fleet_json(router: Router) -> dict:
+    result = castra_status(router, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_status_fleet_shows_every_hosts_vms(fleet, nats_cluster):
+    with connect_bus(fleet["a"].port, "epsilon"), connect_bus(fleet["b"].port, "zeta"):
+        owned_by(nats_cluster, "epsilon", "a")
+        owned_by(nats_cluster, "zeta", "b")
+
+        def listed(router, vm, host, here):
+            rows = fleet_json(router)["fleet"]["vms"]
+            return any(row["vm"] == vm and row["host"] == host and row["state"] == "owned" and row["here"] is here
+                       for row in rows)
+
+        wait_for(lambda: listed(fleet["c"], "epsilon", "a", False) and listed(fleet["c"], "zeta", "b", False),
+                 timeout=10, interval=0.2, what="c's fleet view")
+        wait_for(lambda: listed(fleet["a"], "epsilon", "a", True), timeout=10, interval=0.2, what="a's own VM")
+        status = fleet_json(fleet["c"])
+        assert list(status) == ["vms", "router", "journal", "refused_handshakes", "uplink", "fleet"]
+        assert list(status["fleet"]) == ["host", "nats", "known_age_ms", "vms", "waiting"]
+        assert list(status["fleet"]["vms"][0]) == ["vm", "host", "state", "since_age_ms", "here"]
+        assert (status["fleet"]["host"], status["fleet"]["nats"]) == ("c", "connected")
+        text = castra_status(fleet["a"]).stdout
+        assert "fleet, as a sees it:" in text
+        assert re.search(r"^epsilon +a \* +owned +", text, re.MULTILINE), text
+        assert re.search(r"^zeta +b +owned +", text, re.MULTILINE), text
+
+
+def test_status_fleet_with_nats_down_says_unknown_without_waiting(fleet, nats_cluster):
+    """The module's last test: it stops the cluster."""
+    nats_cluster.stop()
+    wait_for(lambda: fleet_json(fleet["a"])["fleet"]["nats"] == "unreachable", timeout=20, interval=0.2,
+             what="a's uplink reporting NATS unreachable")
+    started = time.monotonic()
+    result = castra_status(fleet["a"])
+    assert time.monotonic() - started < 5
+    assert "fleet: unknown, NATS unreachable; last known" in result.stdout, result.stdout
+    assert re.search(r"^epsilon +a \* +(owned|released) +", result.stdout, re.MULTILINE), result.stdout
