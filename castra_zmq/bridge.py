@@ -41,15 +41,18 @@ from .config import Settings, settings_from_env
 from .errors import LogWriteFailed
 from .events import EVENT_BYTES_MAX, EventKind, SessionInfo, event_message, now_ms, split_sessions
 from .framing import encode_frame
+from .handover import Handover, Handovers
 from .handshake import HOST_SENDER, Hello, is_vm_name, sender_of
 from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
 from .listener import listener_socket
 from .origins import OriginMarks, rebuild
+from .resume import Catchup
 from .session import CLOSE_LINGER, GuestConnection, Phase, ReadPause
 from .subscriptions import SubscriberIndex
 from .wire import (
     COMMIT_TIMEOUT,
     DUPLICATE,
+    HANDOVER_VERB,
     MAX_FRAME,
     MAX_TOPIC,
     MESSAGE_TOO_LARGE,
@@ -62,6 +65,7 @@ from .wire import (
     Publish,
     PublishRequest,
     compact_payload,
+    decode_handover_request,
     decode_publish_requests,
     delivery_bytes,
     json_encode,
@@ -127,6 +131,7 @@ class Bridge:
         self.failure: str | None = None  # why the last commit failed, until one succeeds
         # With an uplink: the other hosts' last messages in bus.log (rebuilt in serve).
         self.origins: OriginMarks | None = None
+        self.handovers = Handovers()  # VMs that moved here, for their next session (see handover)
         self.log_publishes = runtime.logs_at(settings, "DEBUG")  # a line per publish: checked once
         # This loop turn's publishes, committed together at its end (see commit).
         self.messages: list[Message] = []
@@ -270,6 +275,42 @@ class Bridge:
     def subscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.add(connection, topic)
         self.emit(EventKind.SUBSCRIBE, vm=connection.vm, session=connection.token, topics=sorted(connection.topics))
+        if topic == VM_TOPIC_PREFIX + connection.vm and connection.own_topic_seq is None:
+            connection.own_topic_seq = self.log.seq
+            handover = self.handovers.take(connection.vm)
+            if handover is not None:
+                self.hand_over(connection, handover)
+
+    def take_handover(self, body: bytes) -> None:
+        """A ``HandoverRequest`` from the uplink (PROTOCOL.md 8.2.1): to the VM's
+        sessions subscribed to its topic now, else kept for the first that
+        subscribes (``handover``). No reply."""
+        try:
+            request = decode_handover_request(body)
+        except msgspec.DecodeError as exc:
+            logger.warning("dropped malformed handover", reason=str(exc))
+            return
+        if not is_vm_name(request.vm):
+            logger.warning("dropped malformed handover", reason="invalid vm name")
+            return
+        handover = Handover(request, time.monotonic())
+        subscribed = [c for c in self.sessions.get(request.vm, ()) if c.own_topic_seq is not None]
+        for connection in subscribed:
+            self.hand_over(connection, handover)
+        if not subscribed:
+            self.handovers.add(request)
+            logger.bind(vm=request.vm).info("handover kept for the VM's next session", after=request.after)
+
+    def hand_over(self, connection: GuestConnection, handover: Handover) -> None:
+        """Deliver to ``connection`` what its VM was sent while it moved here."""
+        upto = connection.own_topic_seq
+        if upto <= handover.request.after:
+            return
+        if connection.catchup is None:
+            connection.catchup = Catchup(connection, self.log.seq)
+        connection.catchup.add_handover(handover, upto)
+        connection.log.info("handover: messages sent while the VM moved", after=handover.request.after, upto=upto,
+                            hosts=len(handover.request.marks))
 
     def unsubscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.discard(connection, topic)
@@ -401,6 +442,10 @@ class Bridge:
             parts = self.host.recv_multipart(zmq.NOBLOCK)
             self.host_bytes += sum(map(len, parts))
             self.schedule_commit()  # which sends the results, and resets host_bytes
+            if len(parts) == 4 and not parts[1] and parts[2] == HANDOVER_VERB:
+                self.take_handover(parts[3])
+                count += 1
+                continue
             if len(parts) != 3 or parts[1]:
                 logger.warning("dropped malformed host message", reason=f"{len(parts)} frames")
                 count += 1
@@ -582,6 +627,7 @@ class Bridge:
                 self.sync_sessions()
                 self.follow_rotation()
                 self.save_origins()
+                self.expire_handovers()
                 self.announce_health()
                 self.report_dropped_answers()
 
@@ -591,6 +637,10 @@ class Bridge:
         file has no line to go on from: its seq floor is written first."""
         if self.log.follow_rotation():
             self.write_seq_floor()
+
+    def expire_handovers(self) -> None:
+        for vm in self.handovers.expire():
+            logger.bind(vm=vm, reason="no session subscribed in time").info("handover dropped")
 
     def save_origins(self) -> None:
         """The other hosts' marks, so that a restart reads only the log after them."""

@@ -54,6 +54,7 @@ from .events import (
     now_ms,
 )
 from .federation import host_key
+from .handover import HANDOVER_MARGIN_MS, handover_request
 from .origins import OriginMarks, follow, read_origin_checkpoint
 from .ownership import (
     ALIVE_INTERVAL_S,
@@ -77,8 +78,10 @@ from .ownership import (
     vm_key,
     vm_of_key,
 )
-from .replay import Cursor
+from .replay import BUS_LOG, Cursor
 from .statefs import replace_file
+from .tail import seq_at_time
+from .wire import HANDOVER_VERB, json_encode
 
 _DRAIN_MAX = 1024  # bus messages read per wake-up before the loop gets a turn
 _TURN_MIN_S = 0.05  # between reconcile turns (each may write state/fleet.json)
@@ -199,16 +202,49 @@ class LocalSessions:
         self.context.term()
 
 
+class HandoverLink:
+    """Asks the bridge to deliver what a VM claimed from a release was sent while
+    it moved (``handover``; ``run/journal.sock``, PROTOCOL.md 8.2.1). No reply: a
+    request the bridge did not get (it was restarting) is one log line here and
+    the VM gets only what comes live."""
+
+    def __init__(self, settings: Settings):
+        self.logs_dir = settings.endpoints.logs_dir
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.sndhwm = 64
+        self.sock.connect(settings.endpoints.journal)
+
+    def send(self, vm: str, released: VmOwner, host: str, epoch: int) -> None:
+        log = logger.bind(vm=vm)
+        try:
+            after = seq_at_time(self.logs_dir, BUS_LOG, released.since_ms - HANDOVER_MARGIN_MS)
+        except CastraError as exc:
+            log.bind(reason=exc.reason).error("handover not asked: bus.log not read")
+            return
+        request = handover_request(vm, released, host, epoch, after)
+        try:
+            self.sock.send_multipart([b"", HANDOVER_VERB, json_encode(request)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.bind(reason="the bridge is not reading").warning("handover not asked")
+            return
+        log.info("handover asked", after=after, released_by=released.host, release_seq=released.release.seq)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.context.term()
+
+
 class Claims:
-    def __init__(self, settings: Settings, epoch: Callable[[], int],
-                 handover: Callable[[str, VmOwner], None] | None = None):
+    def __init__(self, settings: Settings, epoch: Callable[[], int]):
         self.host = settings.host_name
         self.epoch = epoch
         self.fleet_path = settings.endpoints.fleet
         self.changed = asyncio.Event()
         self.tracker = MarkTracker(settings)
         self.local = LocalSessions(settings, self.tracker, self.changed)
-        self.handover = handover  # called with the record a VM was claimed from, when released
+        self.handover = HandoverLink(settings)
         self.fleet: dict[str, tuple[VmOwner, int]] = {}  # vm -> its record and revision, as watched
         self.owned: dict[str, int] = {}  # vm -> the revision of this host's claim
         self.waiting: dict[str, str] = {}  # vm wanted here -> the live host that owns it
@@ -331,8 +367,8 @@ class Claims:
             log.info("VM claimed")
         elif current.state is OwnerState.RELEASED:
             log.info("VM claimed", released_by=current.host)
-            if current.release is not None and self.handover is not None:
-                self.handover(vm, current)
+            if current.release is not None:
+                self.handover.send(vm, current, self.host, self.epoch())
         elif current.host == self.host:
             log.info("VM claimed again")
         else:
@@ -384,3 +420,4 @@ class Claims:
 
     def close(self) -> None:
         self.local.close_socket()
+        self.handover.close()

@@ -154,6 +154,7 @@ class GuestConnection(asyncio.Protocol):
         self.linger: asyncio.TimerHandle | None = None  # the reset of a closing connection
         self.lost = False  # connection_lost came: the transport is gone
         self.catchup: Catchup | None = None  # bus-v2: a replay runs, live deliveries wait (see resume)
+        self.own_topic_seq: int | None = None  # bus.log's seq when it subscribed to vm:<its name> (see handover)
         self.log = logger
 
     # -- asyncio callbacks ------------------------------------------------------------

@@ -32,7 +32,7 @@ from castra_zmq.ownership import (
     vm_key,
 )
 
-from ..conftest import Router, wait_for
+from ..conftest import Router, host_publish, wait_for
 from ..guest import connect_bus
 from .test_uplink import delete_stream, query
 
@@ -149,6 +149,48 @@ def test_a_vm_of_a_host_gone_is_taken_over(fleet, nats_cluster):
     with connect_bus(fleet["c"].port, "delta"):
         owned_by(nats_cluster, "delta", "c")
     assert "VM taken over from a host gone" in fleet["c"].log_text()
+
+
+def payloads(guest, quiet: float = 1.5) -> list[dict]:
+    """What ``guest`` receives until nothing comes for ``quiet`` seconds."""
+    received = []
+    while True:
+        try:
+            frame = guest.recv(timeout=quiet)
+        except (TimeoutError, OSError):
+            return received
+        if frame.get("type") == "message":
+            received.append(frame["payload"])
+
+
+@pytest.mark.parametrize("subscribe_after_claim", [False, True])
+def test_a_vm_moving_from_a_to_b_gets_what_was_sent_meanwhile_once(fleet, nats_cluster, subscribe_after_claim):
+    """beta gets m1 on a, leaves; c publishes m2, m3 to it; beta comes back on b:
+    it gets m2 and m3 once, not m1. Subscribed before b's claim, the handover
+    reaches its session at once; after it, the handover waits for the subscribe."""
+    a, b, c = fleet["a"], fleet["b"], fleet["c"]
+    vm = f"mover{int(subscribe_after_claim)}"
+    topic = f"vm:{vm}"
+    with connect_bus(a.port, vm) as on_a:
+        assert on_a.subscribe(topic)["status"] == "ok"
+        owned_by(nats_cluster, vm, "a")
+        host_publish(c, topic, 1, start=1)
+        assert on_a.recv(timeout=10)["payload"] == {"n": 1}
+    owned_by(nats_cluster, vm, "a", OwnerState.RELEASED)
+    sent = host_publish(c, topic, 2, start=2)
+    wait_for(lambda: [line["origin"]["seq"] for line in b.read_log()
+                      if line["topic"] == topic and line.get("origin", {}).get("host") == "c"][-2:] == sent,
+             timeout=15, interval=0.1, what="m2 and m3 in b's bus.log")
+    with connect_bus(b.port, vm) as on_b:
+        if subscribe_after_claim:
+            owned_by(nats_cluster, vm, "b")
+            wait_for(lambda: f"handover kept for the VM's next session vm={vm}" in b.log_text(), timeout=10,
+                     what="the handover kept by b's bridge")
+        assert on_b.subscribe(topic)["status"] == "ok"
+        assert payloads(on_b) == [{"n": 2}, {"n": 3}]
+        host_publish(c, topic, 1, start=4)  # and live after it, once
+        assert payloads(on_b) == [{"n": 4}]
+    owned_by(nats_cluster, vm, "b", OwnerState.RELEASED)
 
 
 def castra_status(router: Router, *args: str) -> subprocess.CompletedProcess:
