@@ -84,6 +84,8 @@ from .tail import seq_at_time
 from .wire import HANDOVER_VERB, json_encode
 
 _DRAIN_MAX = 1024  # bus messages read per wake-up before the loop gets a turn
+_TRACK_INTERVAL_S = 0.5  # how often the mark tracker follows bus.log
+_RELEASES_MAX = 4096  # releases kept until the bucket takes them (the oldest dropped: a VM not owned here)
 _TURN_MIN_S = 0.05  # between reconcile turns (each may write state/fleet.json)
 
 
@@ -132,6 +134,10 @@ class LocalSessions:
         self.sync_seen = 0
 
     async def watch(self) -> None:
+        """Follow the events; every ``_TRACK_INTERVAL_S`` move the tracker on to the
+        committed seq (no close still to come is below it), so a close reads
+        little of the log, not all that came since the last one."""
+        tracked = time.monotonic()
         while True:
             self.handle(await self.bus.recv_multipart())
             for _ in range(_DRAIN_MAX):
@@ -139,6 +145,9 @@ class LocalSessions:
                     self.handle(self.queued.recv_multipart(zmq.NOBLOCK))
                 except zmq.Again:
                     break
+            if time.monotonic() - tracked >= _TRACK_INTERVAL_S:
+                self.tracker.marks_at(self.committed)
+                tracked = time.monotonic()
 
     def handle(self, parts: list[bytes]) -> None:
         if len(parts) != 2:
@@ -191,7 +200,10 @@ class LocalSessions:
 
     def close(self, vm: str, seq: int) -> None:
         self.sessions.pop(vm, None)
+        self.released.pop(vm, None)
         self.released[vm] = release_of(seq, self.tracker.marks_at(seq))
+        while len(self.released) > _RELEASES_MAX:  # VMs that closed here and were not this host's
+            del self.released[next(iter(self.released))]
         self.changed.set()
 
     def wanted(self) -> set[str]:
