@@ -59,8 +59,6 @@ from .origins import OriginMarks, follow, read_origin_checkpoint
 from .ownership import (
     ALIVE_INTERVAL_S,
     ClaimAction,
-    FleetView,
-    FleetVm,
     HostAlive,
     OwnershipError,
     OwnerState,
@@ -70,7 +68,6 @@ from .ownership import (
     decode_alive,
     decode_owner,
     encode_alive,
-    encode_fleet,
     encode_owner,
     hosts_config,
     owners_config,
@@ -80,6 +77,7 @@ from .ownership import (
 )
 from .replay import BUS_LOG, Cursor
 from .statefs import replace_file
+from .statustable import FleetView, FleetVm
 from .tail import seq_at_time
 from .wire import HANDOVER_VERB, json_encode
 
@@ -424,7 +422,7 @@ class Claims:
             FleetVm(vm, record.host, record.state.value, record.since_ms)
             for vm, (record, _) in sorted(self.fleet.items())], waiting=dict(sorted(self.waiting.items())))
         try:
-            replace_file(self.fleet_path, encode_fleet(view), sync=False)
+            replace_file(self.fleet_path, json_encode(view), sync=False)
         except OSError as exc:
             logger.warning("fleet view not written", reason=exc.strerror)
             return

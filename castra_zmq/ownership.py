@@ -94,23 +94,6 @@ class HostAlive(msgspec.Struct, frozen=True):
     ts_ms: Count
 
 
-class FleetVm(msgspec.Struct, array_like=True):
-    vm: str
-    host: str
-    state: str  # owned | released
-    since_ms: int
-
-
-class FleetView(msgspec.Struct):
-    """``state/fleet.json``: the owners bucket as this host's uplink last saw it,
-    and the VMs connected here that another host owns (vm -> that host)."""
-
-    host: str  # this host
-    written_ms: int
-    vms: list[FleetVm] = []
-    waiting: dict[str, str] = {}
-
-
 class ClaimAction(str, enum.Enum):
     CREATE = "create"  # no record: kv.create
     UPDATE = "update"  # this host's, released, or stale: kv.update(last=revision)
@@ -120,7 +103,6 @@ class ClaimAction(str, enum.Enum):
 _encode = msgspec.json.Encoder().encode
 _decode_owner = msgspec.json.Decoder(VmOwner).decode
 _decode_alive = msgspec.json.Decoder(HostAlive).decode
-decode_fleet = msgspec.json.Decoder(FleetView).decode
 
 
 class OwnershipError(FederationError):
@@ -164,10 +146,6 @@ def decode_alive(data: bytes) -> HostAlive:
         return _decode_alive(data)
     except msgspec.DecodeError as exc:
         raise OwnershipError(f"not a castra host record: {exc}") from None
-
-
-def encode_fleet(view: FleetView) -> bytes:
-    return _encode(view)
 
 
 def claim_action(current: VmOwner | None, host: str, owner_alive: bool) -> ClaimAction:

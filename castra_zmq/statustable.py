@@ -96,6 +96,31 @@ class StatusTable(msgspec.Struct, kw_only=True):
     uplink: UplinkEvent | None = None
 
 
+# -- state/fleet.json: where every VM lives, written by the uplink (``claims``) -------
+
+
+class FleetVm(msgspec.Struct, array_like=True):
+    vm: str
+    host: str
+    state: str  # owned | released
+    since_ms: int
+
+
+class FleetView(msgspec.Struct):
+    """``state/fleet.json``: the owners bucket as this host's uplink last saw it
+    (``ownership``), and the VMs connected here that another host owns (vm -> that
+    host). Here, not in ``ownership``: ``castra status`` reads it without loading a
+    NATS client."""
+
+    host: str  # this host
+    written_ms: int
+    vms: list[FleetVm] = []
+    waiting: dict[str, str] = {}
+
+
+decode_fleet = msgspec.json.Decoder(FleetView).decode
+
+
 # -- what `castra status --json` prints ---------------------------------------------
 
 

@@ -20,7 +20,6 @@ from .client import query_status
 from .endpoints import Endpoints
 from .events import now_ms
 from .owner import read_router_info, router_pid
-from .ownership import decode_fleet
 from .statefs import read_regular
 from .statustable import (
     FleetStatus,
@@ -29,6 +28,7 @@ from .statustable import (
     StatusTable,
     StatusView,
     UplinkStatus,
+    decode_fleet,
     load_snapshot,
     view,
 )
