@@ -36,7 +36,7 @@ import zmq
 from loguru import logger
 
 from . import runtime, topics
-from .buslog import BusLog, Message, read_checkpoint, read_seq_floor, write_seq_floor
+from .buslog import BusLog, Message, log_identity, read_checkpoint, read_seq_floor, write_seq_floor
 from .config import Settings, settings_from_env
 from .errors import LogWriteFailed
 from .events import EVENT_BYTES_MAX, EventKind, SessionInfo, event_message, now_ms, split_sessions
@@ -129,6 +129,11 @@ class Bridge:
                           seq_floor=max(read_seq_floor(self.seq_floor_path),
                                         read_checkpoint(endpoints.journal_checkpoint) or 0))
         self.failure: str | None = None  # why the last commit failed, until one succeeds
+        try:
+            self.log_id: str | None = log_identity(endpoints.log_identity, settings.fsync == "batch")
+        except OSError as exc:  # bus-v2 guests are then not told: they keep their positions, as before
+            self.log_id = None
+            logger.bind(reason=exc.strerror).warning("log identity not written: bus-v2 guests are not told it")
         # With an uplink: the other hosts' last messages in bus.log (rebuilt in serve).
         self.origins: OriginMarks | None = None
         self.handovers = Handovers()  # VMs that moved here, for their next session (see handover)

@@ -272,7 +272,7 @@ class GuestConnection(asyncio.Protocol):
         self.log = logger.bind(peer=self.peer, vm=self.vm, session=self.token)
         self.phase = BUS
         self.last_frame = time.monotonic()
-        self.transport.write(ok_session_line(self.token, self.bus_protocol))
+        self.transport.write(ok_session_line(self.token, self.bus_protocol, self.bridge.log_id))
         self.bridge.open_session(self, hello)
         if rest:
             self.decoder.feed(rest)
