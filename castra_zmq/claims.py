@@ -255,10 +255,14 @@ class Claims:
         self.tracker = MarkTracker(settings)
         self.local = LocalSessions(settings, self.tracker, self.changed)
         self.handover = HandoverLink(settings)
-        self.fleet: dict[str, tuple[VmOwner, int]] = {}  # vm -> its record and revision, as watched
+        # vm -> its record and revision: as watched, and as this host wrote it (the
+        # watch may tell an older revision after that: it is not taken).
+        self.fleet: dict[str, tuple[VmOwner, int]] = {}
         self.owned: dict[str, int] = {}  # vm -> the revision of this host's claim
         self.waiting: dict[str, str] = {}  # vm wanted here -> the live host that owns it
+        self.waited: dict[str, tuple[int, float]] = {}  # vm waiting -> (revision, monotonic time) of the look
         self.turns = 0  # reconcile turns done (progress, for the back-off)
+        self.alive_put = 0.0  # monotonic time of the last put of this host's liveness key
         self.fleet_written = 0.0  # monotonic time state/fleet.json was last written
         self.fleet_dirty = True
 
@@ -272,13 +276,16 @@ class Claims:
         watcher = await owners.watchall()
         watching = asyncio.create_task(self.watch(watcher))
         logger.info("watching VM owners", bucket=owners_config().bucket)
+        self.alive_put = 0.0
         try:
             while True:
                 if watching.done():
                     watching.result()
                     raise OwnershipError("the watch of the owners bucket ended")
                 self.changed.clear()
-                await hosts.put(host_key(self.host), encode_alive(HostAlive(self.host, self.epoch(), now_ms())))
+                if time.monotonic() - self.alive_put >= ALIVE_INTERVAL_S:
+                    await hosts.put(host_key(self.host), encode_alive(HostAlive(self.host, self.epoch(), now_ms())))
+                    self.alive_put = time.monotonic()
                 await self.reconcile(owners, hosts)
                 self.turns += 1
                 await asyncio.sleep(_TURN_MIN_S)  # a burst of changes is one turn
@@ -309,6 +316,9 @@ class Claims:
                 continue
             try:
                 vm = vm_of_key(entry.key)
+                known = self.fleet.get(vm)
+                if known is not None and known[1] > entry.revision:
+                    continue  # older than what this host wrote since
                 if entry.operation in ("DEL", "PURGE"):
                     self.fleet.pop(vm, None)
                 else:
@@ -323,11 +333,17 @@ class Claims:
         """Claim what has a session here and is not this host's; release what is
         this host's and has none."""
         wanted = self.local.wanted()
-        for vm, (record, _revision) in list(self.fleet.items()):
-            if vm in self.owned and record.host != self.host:
+        for vm, (record, revision) in list(self.fleet.items()):
+            if vm in self.owned and record.host != self.host and revision > self.owned[vm]:
                 del self.owned[vm]
                 logger.bind(vm=vm, reason=f"owned by {record.host}").warning("VM taken over by another host")
+        now = time.monotonic()
         for vm in sorted(wanted - self.owned.keys()):
+            waited = self.waited.get(vm)
+            known = self.fleet.get(vm)
+            if (waited is not None and known is not None and known[1] == waited[0]
+                    and now - waited[1] < ALIVE_INTERVAL_S):
+                continue  # owned by a live host, unchanged since the last look
             await self.claim(owners, hosts, vm)
         for vm in [vm for vm in self.owned if vm not in wanted]:
             await self.release(owners, vm)
@@ -339,6 +355,7 @@ class Claims:
                     await self.release(owners, vm)
         for vm in [vm for vm in self.waiting if vm not in wanted]:
             del self.waiting[vm]
+            self.waited.pop(vm, None)
             self.fleet_dirty = True
         self.write_fleet()
 
@@ -355,23 +372,26 @@ class Claims:
         action = claim_action(current, self.host, alive)
         log = logger.bind(vm=vm)
         if action is ClaimAction.WAIT:
+            self.waited[vm] = (revision, time.monotonic())
             if self.waiting.get(vm) != current.host:
                 self.waiting[vm] = current.host
                 self.fleet_dirty = True
                 log.bind(reason=f"owned by {current.host}").warning(
                     "VM connected here is owned by another host: waiting for its release")
             return
-        record = encode_owner(VmOwner(self.host, self.epoch(), OwnerState.OWNED, now_ms()))
+        record = VmOwner(self.host, self.epoch(), OwnerState.OWNED, now_ms())
         try:
             if action is ClaimAction.CREATE:
-                self.owned[vm] = await owners.create(key, record)
+                self.owned[vm] = await owners.create(key, encode_owner(record))
             else:
-                self.owned[vm] = await owners.update(key, record, last=revision)
+                self.owned[vm] = await owners.update(key, encode_owner(record), last=revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             log.bind(reason="another host wrote it first").info("claim lost a race; looking again")
             self.changed.set()
             return
+        self.fleet[vm] = (record, self.owned[vm])
         self.waiting.pop(vm, None)
+        self.waited.pop(vm, None)
         self.fleet_dirty = True
         if current is None:
             log.info("VM claimed")
@@ -388,12 +408,13 @@ class Claims:
     async def release(self, owners, vm: str) -> None:
         release = self.local.released.get(vm) or release_of(self.local.committed,
                                                             self.tracker.marks_at(self.local.committed))
-        record = encode_owner(VmOwner(self.host, self.epoch(), OwnerState.RELEASED, now_ms(), release))
+        record = VmOwner(self.host, self.epoch(), OwnerState.RELEASED, now_ms(), release)
         try:
-            await owners.update(vm_key(vm), record, last=self.owned[vm])
+            revision = await owners.update(vm_key(vm), encode_owner(record), last=self.owned[vm])
         except nats.js.errors.KeyWrongLastSequenceError:
             logger.bind(vm=vm, reason="another host wrote it since").info("VM not released: no longer this host's")
         else:
+            self.fleet[vm] = (record, revision)
             logger.bind(vm=vm).info("VM released", seq=release.seq, hosts=len(release.marks))
         del self.owned[vm]
         self.local.released.pop(vm, None)
