@@ -307,15 +307,16 @@ class Bridge:
             logger.bind(vm=request.vm).info("handover kept for the VM's next session", after=request.after)
 
     def hand_over(self, connection: GuestConnection, handover: Handover) -> None:
-        """Deliver to ``connection`` what its VM was sent while it moved here."""
+        """Deliver to ``connection`` what its VM was sent while it moved here, and
+        from now on none of what it was sent before."""
         upto = connection.own_topic_seq
-        if upto <= handover.request.after:
-            return
-        if connection.catchup is None:
-            connection.catchup = Catchup(connection, self.log.seq)
-        connection.catchup.add_handover(handover, upto)
+        connection.moved_from = handover
         connection.log.info("handover: messages sent while the VM moved", after=handover.request.after, upto=upto,
                             hosts=len(handover.request.marks))
+        if upto > handover.request.after:
+            if connection.catchup is None:
+                connection.catchup = Catchup(connection, self.log.seq)
+            connection.catchup.add_handover(handover, upto)
 
     def unsubscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.discard(connection, topic)
@@ -398,7 +399,8 @@ class Bridge:
             if self.subscribers or host_wants:
                 body = json_encode(Delivery(topic, sender, ts_ms, seq, payload))
                 if self.subscribers:
-                    self.deliver(topic, sender, encode_frame(body))
+                    self.deliver(topic, sender, encode_frame(body),
+                                 waiter.origin if isinstance(waiter, HostPublish) else None)
                 if host_wants:
                     send([topics.bus(topic), sender.encode(), body])
             if not (isinstance(waiter, HostPublish) and waiter.origin is not None):
@@ -589,7 +591,7 @@ class Bridge:
             self.crash = exc
             self.stopping.set()
 
-    def deliver(self, topic: str, sender: str, frame: bytes) -> None:
+    def deliver(self, topic: str, sender: str, frame: bytes, origin: Origin | None = None) -> None:
         """Push one committed message's guest frame to every session subscribed to its
         topic or to a pattern it matches (``*`` included), once per session however
         many of its subscriptions match, and never to the sender's sessions (none of
@@ -597,10 +599,15 @@ class Bridge:
 
         An exact subscription was checked when it was made; a pattern gets a ``vm:``
         topic only if the session may read it. The sessions come as lists: a
-        delivery can close a slow session, which then leaves the index's sets."""
+        delivery can close a slow session, which then leaves the index's sets.
+        A message of another host (``origin``) that a VM's session got before it
+        moved here is not sent to it again (``handover``)."""
         self.deliveries += 1
         for connection in list(self.subscribers.exact_subscribers(topic)):
             if connection.sender != sender and connection.catchup is None:
+                if (origin is not None and connection.moved_from is not None and connection.moved_from.had(origin)
+                        and topic == VM_TOPIC_PREFIX + connection.vm):
+                    continue
                 connection.deliver(frame, self.deliveries)
         private = topic.startswith(VM_TOPIC_PREFIX)
         for sessions in self.subscribers.prefix_subscribers(topic):

@@ -18,7 +18,8 @@ subscribed to ``vm:<vm>`` (now, or when it subscribes) takes it: a catch-up
 (``resume.Catchup``) reads the log from the start to the seq committed when the
 session subscribed, and queues the lines the handover wants, in seq order before
 what comes live after them; lines after that seq come live as usual, so none is
-delivered twice. Its reading and queueing are a resume's: steps of 32 KiB, only
+delivered twice, and a later one the old host had (this host's download
+behind) is not delivered live either. Its reading and queueing are a resume's: steps of 32 KiB, only
 while the guest's outbound queue has room.
 
 Runs in: the uplink (the request) and the bridge (the delivery).
@@ -75,8 +76,14 @@ class Handover:
             origin = _decode_origin(line[start + _ORIGIN_VALUE:-2])  # the line ends with "}}\n"
         except msgspec.DecodeError:
             return True
+        return not self.had(origin)
+
+    def had(self, origin: Origin) -> bool:
+        """Whether the old host had committed the message of ``origin`` (another
+        host's): it was sent to the VM there. Such a message committed here only
+        after the VM subscribed is not delivered live either (``Bridge.deliver``)."""
         mark = self.request.marks.get(origin.host)
-        return mark is None or (origin.epoch, origin.seq) > tuple(mark)
+        return mark is not None and (origin.epoch, origin.seq) <= tuple(mark)
 
 
 class Handovers:

@@ -174,11 +174,11 @@ class Catchup:
             seq = int(fields.seq)
             if fields.vm == own:
                 continue  # a VM never hears its own publishes ("host" is no guest's name)
-            if topic == moved and handover.request.after < seq <= self.handover_upto:
-                if not handover.wants(line, seq):
-                    continue  # the host the VM left had it
-            elif not any(after < seq and (topic.startswith(raw) if is_prefix else topic == raw)
-                         for raw, is_prefix, after in wanted):
+            if topic == moved and handover.request.after < seq and not handover.wants(line, seq):
+                continue  # the host the VM left had it
+            if not (topic == moved and handover.request.after < seq <= self.handover_upto) and not any(
+                    after < seq and (topic.startswith(raw) if is_prefix else topic == raw)
+                    for raw, is_prefix, after in wanted):
                 continue
             if topic.startswith(_VM_TOPIC) and topic not in exact and not connection.bridge.policy.may_read(
                     connection.vm, decode_raw_string(topic)):

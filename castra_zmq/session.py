@@ -60,6 +60,7 @@ from .wire import (
 
 if TYPE_CHECKING:
     from .bridge import Bridge
+    from .handover import Handover
 
 
 
@@ -155,6 +156,7 @@ class GuestConnection(asyncio.Protocol):
         self.lost = False  # connection_lost came: the transport is gone
         self.catchup: Catchup | None = None  # bus-v2: a replay runs, live deliveries wait (see resume)
         self.own_topic_seq: int | None = None  # bus.log's seq when it subscribed to vm:<its name> (see handover)
+        self.moved_from: Handover | None = None  # its VM moved here: what the host it left had sent it
         self.log = logger
 
     # -- asyncio callbacks ------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import nats.js.errors
 import pytest
+import zmq
 
 from castra_zmq.ownership import (
     HOSTS_BUCKET,
@@ -191,6 +192,33 @@ def test_a_vm_moving_from_a_to_b_gets_what_was_sent_meanwhile_once(fleet, nats_c
         host_publish(c, topic, 1, start=4)  # and live after it, once
         assert payloads(on_b) == [{"n": 4}]
     owned_by(nats_cluster, vm, "b", OwnerState.RELEASED)
+
+
+def test_a_late_copy_of_what_the_old_host_had_is_not_delivered_live(fleet):
+    """The handover's marks also hold for messages committed here after the session
+    subscribed (this host's download behind the old host's): the bridge does not send
+    those again. Driven on b's bridge socket as the uplink drives it."""
+    b = fleet["b"]
+    context = zmq.Context()
+    bridge = context.socket(zmq.DEALER)
+    bridge.linger = 0
+    bridge.connect(f"ipc://{b.state_root}/run/journal.sock")
+    try:
+        with connect_bus(b.port, "late") as guest:
+            assert guest.subscribe("vm:late")["status"] == "ok"
+            request = {"vm": "late", "after": max((line["seq"] for line in b.read_log()), default=0), "local_upto": 0, "marks": {"zz": [1, 10]}}
+            bridge.send_multipart([b"", b"handover", json.dumps(request).encode()])
+            wait_for(lambda: "handover: messages sent while the VM moved" in b.log_text(), what="the handover taken")
+            publishes = [{"corr": n, "vm": "host", "topic": "vm:late", "deadline": time.monotonic() + 5,
+                          "payload": {"n": n}, "origin": {"host": "zz", "epoch": 1, "seq": n}} for n in (9, 10, 11)]
+            bridge.send_multipart([b"", json.dumps(publishes).encode()])
+            assert bridge.poll(5000)
+            results = json.loads(bridge.recv_multipart()[-1])["results"]
+            assert all(seq is not None for _corr, seq, _reason in results), results
+            assert payloads(guest) == [{"n": 11}]  # 9 and 10 were the old host's
+    finally:
+        bridge.close()
+        context.term()
 
 
 def castra_status(router: Router, *args: str) -> subprocess.CompletedProcess:
