@@ -95,15 +95,25 @@ class MarkTracker:
         self.endpoints = settings.endpoints
         self.marks: OriginMarks | None = None
         self.cursor: Cursor | None = None
+        self.failure: str | None = None  # why the log was last not followed
 
     def marks_at(self, seq: int) -> dict[str, tuple[int, int]]:
         """The marks up to ``seq``; past it already (a start after it), the
-        marks where the tracker is, which may hold a little more."""
+        marks where the tracker is, which may hold a little more. A log that
+        cannot be read leaves them where they are (one WARNING a reason)."""
         if self.marks is None:
             saved = read_origin_checkpoint(self.endpoints.origins_checkpoint)
             self.marks = OriginMarks(dict(saved.marks) if saved else {})
             self.cursor = Cursor(self.endpoints.logs_dir, saved.seq if saved else 0)
-        follow(self.marks, self.cursor, seq)
+        try:
+            follow(self.marks, self.cursor, seq)
+        except (CastraError, OSError) as exc:
+            reason = str(exc)
+            if reason != self.failure:
+                logger.bind(reason=reason).warning("bus.log not followed: releases carry the marks as they were")
+            self.failure = reason
+        else:
+            self.failure = None
         return dict(self.marks.marks)
 
 

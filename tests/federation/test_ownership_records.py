@@ -4,12 +4,15 @@ records, and the rule for claiming. No sockets, no server."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import nats.js.kv
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from castra_zmq.claims import MarkTracker
+from castra_zmq.endpoints import Endpoints
 from castra_zmq.federation import host_key
 from castra_zmq.handover import HANDOVER_TTL_S, HANDOVERS_MAX, Handover, Handovers, handover_request
 from castra_zmq.handshake import is_vm_name
@@ -135,3 +138,17 @@ def test_pending_handovers_are_bounded_one_per_vm(monkeypatch):
     later = time.monotonic() + HANDOVER_TTL_S + 1
     monkeypatch.setattr(time, "monotonic", lambda: later)
     assert len(handovers.expire()) == HANDOVERS_MAX - 1 and not handovers.pending
+
+
+def test_the_mark_tracker_gives_the_marks_at_a_seq_not_after_it(tmp_path):
+    """What a release carries: the other hosts' marks at the close's seq, read from
+    bus.log (no sockets)."""
+    endpoints = Endpoints(tmp_path)
+    endpoints.logs_dir.mkdir(parents=True)
+    lines = [log_line(1), log_line(2, ("c", 3, 7)), log_line(3, ("d", 1, 2)), log_line(4, ("c", 3, 8)), log_line(5)]
+    endpoints.bus_log.write_bytes(b"".join(lines))
+    tracker = MarkTracker(SimpleNamespace(endpoints=endpoints))
+    assert tracker.marks_at(1) == {}
+    assert tracker.marks_at(3) == {"c": (3, 7), "d": (1, 2)}
+    assert tracker.marks_at(5) == {"c": (3, 8), "d": (1, 2)}
+    assert tracker.marks_at(4) == {"c": (3, 8), "d": (1, 2)}  # past it already: where it is
