@@ -195,7 +195,9 @@ class CastraV2Client(CastraClient):
 
     @property
     def bus_v2(self) -> bool:
-        return self.answer.endswith(b" protocol=bus-v2")
+        """The answer's words (PROTOCOL.md 2.4: further ``key=value`` ones, such as
+        ``log=``, may follow) include ``protocol=bus-v2``."""
+        return b"protocol=bus-v2" in self.answer.split()
 
     def frame(self, body: bytes | bytearray) -> None:
         if self.resumed is not None and body.startswith(self._SUBSCRIBE_ACK):

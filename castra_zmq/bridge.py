@@ -36,20 +36,23 @@ import zmq
 from loguru import logger
 
 from . import runtime, topics
-from .buslog import BusLog, Message, read_checkpoint, read_seq_floor, write_seq_floor
+from .buslog import BusLog, Message, log_identity, read_checkpoint, read_seq_floor, write_seq_floor
 from .config import Settings, settings_from_env
 from .errors import LogWriteFailed
 from .events import EVENT_BYTES_MAX, EventKind, SessionInfo, event_message, now_ms, split_sessions
 from .framing import encode_frame
+from .handover import Handover, Handovers
 from .handshake import HOST_SENDER, Hello, is_vm_name, sender_of
 from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
 from .listener import listener_socket
 from .origins import OriginMarks, rebuild
+from .resume import Catchup
 from .session import CLOSE_LINGER, GuestConnection, Phase, ReadPause
 from .subscriptions import SubscriberIndex
 from .wire import (
     COMMIT_TIMEOUT,
     DUPLICATE,
+    HANDOVER_VERB,
     MAX_FRAME,
     MAX_TOPIC,
     MESSAGE_TOO_LARGE,
@@ -62,6 +65,7 @@ from .wire import (
     Publish,
     PublishRequest,
     compact_payload,
+    decode_handover_request,
     decode_publish_requests,
     delivery_bytes,
     json_encode,
@@ -125,8 +129,14 @@ class Bridge:
                           seq_floor=max(read_seq_floor(self.seq_floor_path),
                                         read_checkpoint(endpoints.journal_checkpoint) or 0))
         self.failure: str | None = None  # why the last commit failed, until one succeeds
+        try:
+            self.log_id: str | None = log_identity(endpoints.log_identity, settings.fsync == "batch")
+        except OSError as exc:  # bus-v2 guests are then not told: they keep their positions, as before
+            self.log_id = None
+            logger.bind(reason=exc.strerror).warning("log identity not written: bus-v2 guests are not told it")
         # With an uplink: the other hosts' last messages in bus.log (rebuilt in serve).
         self.origins: OriginMarks | None = None
+        self.handovers = Handovers()  # VMs that moved here, for their next session (see handover)
         self.log_publishes = runtime.logs_at(settings, "DEBUG")  # a line per publish: checked once
         # This loop turn's publishes, committed together at its end (see commit).
         self.messages: list[Message] = []
@@ -227,7 +237,8 @@ class Bridge:
             open_sessions.pop(connection, None)
             if not open_sessions:
                 del self.sessions[connection.vm]
-        self.emit(EventKind.SESSION_CLOSE, vm=connection.vm, session=connection.token, reason=reason)
+        self.emit(EventKind.SESSION_CLOSE, vm=connection.vm, session=connection.token, reason=reason,
+                  seq=self.log.seq)
         connection.log.bind(reason=reason, unlogged=connection.unlogged or None).info("session closed")
 
     def publish(self, connection: GuestConnection, frame: Publish, multiline: bool) -> str | None:
@@ -269,6 +280,43 @@ class Bridge:
     def subscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.add(connection, topic)
         self.emit(EventKind.SUBSCRIBE, vm=connection.vm, session=connection.token, topics=sorted(connection.topics))
+        if topic == VM_TOPIC_PREFIX + connection.vm and connection.own_topic_seq is None:
+            connection.own_topic_seq = self.log.seq
+            handover = self.handovers.take(connection.vm)
+            if handover is not None:
+                self.hand_over(connection, handover)
+
+    def take_handover(self, body: bytes) -> None:
+        """A ``HandoverRequest`` from the uplink (PROTOCOL.md 8.2.1): to the VM's
+        sessions subscribed to its topic now, else kept for the first that
+        subscribes (``handover``). No reply."""
+        try:
+            request = decode_handover_request(body)
+        except msgspec.DecodeError as exc:
+            logger.warning("dropped malformed handover", reason=str(exc))
+            return
+        if not is_vm_name(request.vm):
+            logger.warning("dropped malformed handover", reason="invalid vm name")
+            return
+        handover = Handover(request, time.monotonic())
+        subscribed = [c for c in self.sessions.get(request.vm, ()) if c.own_topic_seq is not None]
+        for connection in subscribed:
+            self.hand_over(connection, handover)
+        if not subscribed:
+            self.handovers.add(request)
+            logger.bind(vm=request.vm).info("handover kept for the VM's next session", after=request.after)
+
+    def hand_over(self, connection: GuestConnection, handover: Handover) -> None:
+        """Deliver to ``connection`` what its VM was sent while it moved here, and
+        from now on none of what it was sent before."""
+        upto = connection.own_topic_seq
+        connection.moved_from = handover
+        connection.log.info("handover: messages sent while the VM moved", after=handover.request.after, upto=upto,
+                            hosts=len(handover.request.marks))
+        if upto > handover.request.after:
+            if connection.catchup is None:
+                connection.catchup = Catchup(connection, self.log.seq)
+            connection.catchup.add_handover(handover, upto)
 
     def unsubscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.discard(connection, topic)
@@ -351,7 +399,8 @@ class Bridge:
             if self.subscribers or host_wants:
                 body = json_encode(Delivery(topic, sender, ts_ms, seq, payload))
                 if self.subscribers:
-                    self.deliver(topic, sender, encode_frame(body))
+                    self.deliver(topic, sender, encode_frame(body),
+                                 waiter.origin if isinstance(waiter, HostPublish) else None)
                 if host_wants:
                     send([topics.bus(topic), sender.encode(), body])
             if not (isinstance(waiter, HostPublish) and waiter.origin is not None):
@@ -400,6 +449,10 @@ class Bridge:
             parts = self.host.recv_multipart(zmq.NOBLOCK)
             self.host_bytes += sum(map(len, parts))
             self.schedule_commit()  # which sends the results, and resets host_bytes
+            if len(parts) == 4 and not parts[1] and parts[2] == HANDOVER_VERB:
+                self.take_handover(parts[3])
+                count += 1
+                continue
             if len(parts) != 3 or parts[1]:
                 logger.warning("dropped malformed host message", reason=f"{len(parts)} frames")
                 count += 1
@@ -538,7 +591,7 @@ class Bridge:
             self.crash = exc
             self.stopping.set()
 
-    def deliver(self, topic: str, sender: str, frame: bytes) -> None:
+    def deliver(self, topic: str, sender: str, frame: bytes, origin: Origin | None = None) -> None:
         """Push one committed message's guest frame to every session subscribed to its
         topic or to a pattern it matches (``*`` included), once per session however
         many of its subscriptions match, and never to the sender's sessions (none of
@@ -546,10 +599,15 @@ class Bridge:
 
         An exact subscription was checked when it was made; a pattern gets a ``vm:``
         topic only if the session may read it. The sessions come as lists: a
-        delivery can close a slow session, which then leaves the index's sets."""
+        delivery can close a slow session, which then leaves the index's sets.
+        A message of another host (``origin``) that a VM's session got before it
+        moved here is not sent to it again (``handover``)."""
         self.deliveries += 1
         for connection in list(self.subscribers.exact_subscribers(topic)):
             if connection.sender != sender and connection.catchup is None:
+                if (origin is not None and connection.moved_from is not None and connection.moved_from.had(origin)
+                        and topic == VM_TOPIC_PREFIX + connection.vm):
+                    continue
                 connection.deliver(frame, self.deliveries)
         private = topic.startswith(VM_TOPIC_PREFIX)
         for sessions in self.subscribers.prefix_subscribers(topic):
@@ -581,6 +639,7 @@ class Bridge:
                 self.sync_sessions()
                 self.follow_rotation()
                 self.save_origins()
+                self.expire_handovers()
                 self.announce_health()
                 self.report_dropped_answers()
 
@@ -590,6 +649,10 @@ class Bridge:
         file has no line to go on from: its seq floor is written first."""
         if self.log.follow_rotation():
             self.write_seq_floor()
+
+    def expire_handovers(self) -> None:
+        for vm in self.handovers.expire():
+            logger.bind(vm=vm, reason="no session subscribed in time").info("handover dropped")
 
     def save_origins(self) -> None:
         """The other hosts' marks, so that a restart reads only the log after them."""

@@ -299,6 +299,30 @@ def write_seq_floor(path: Path, seq: int, sync: bool) -> None:
     replace_file(path, json_encode(SeqFloor(seq)), sync=sync)
 
 
+class LogIdentity(msgspec.Struct):
+    """``state/log.json``: names the seq space of this state root's ``bus.log``
+    (seqs go on across rotations and restarts, so one name holds for its life). A
+    bus-v2 guest is told it, so that positions taken on another host's log, or on a
+    state root made again, are not taken for seqs of this one (PROTOCOL.md 2.4)."""
+
+    id: str
+
+
+LOG_ID_BYTES = 8  # random bytes of a log's name, as hex
+
+
+def log_identity(path: Path, sync: bool) -> str:
+    """The log's name from ``path``, made (random) and written if there is none
+    or it is unreadable; ``OSError`` when it cannot be written."""
+    try:
+        return msgspec.json.decode(read_regular(path), type=LogIdentity).id
+    except (OSError, msgspec.DecodeError):
+        pass
+    identity = os.urandom(LOG_ID_BYTES).hex()
+    replace_file(path, json_encode(LogIdentity(identity)), sync=sync)
+    return identity
+
+
 class VmLogs:
     """The per-VM logs beside ``bus_log``: a bounded set of open files, at most
     ``vm_logs_max`` logs, which only ``known`` VMs get (a log already there is

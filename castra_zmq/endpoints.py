@@ -50,8 +50,10 @@ class Endpoints:
         self.snapshot = self.state_dir / "status.json"
         self.journal_checkpoint = self.state_dir / "journal.json"  # per-VM logs synced up to
         self.bus_seq_floor = self.state_dir / "bus.json"  # seq a rotated, empty bus.log goes on from
+        self.log_identity = self.state_dir / "log.json"  # the name of bus.log's seq space, for bus-v2 guests
         self.uplink_state = self.state_dir / "uplink.json"  # the uplink's epoch
         self.origins_checkpoint = self.state_dir / "origins.json"  # other hosts' last messages in bus.log
+        self.fleet = self.state_dir / "fleet.json"  # where every VM lives, as the uplink last saw it
         self.lock_file = self.run_dir / "router.lock"
         self.router_info = self.run_dir / "router.json"
         self.publish_socket = self.run_dir / "bus-in.sock"  # proxy XSUB: publishers connect

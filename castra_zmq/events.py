@@ -20,7 +20,7 @@ from . import topics
 class EventKind(str, enum.Enum):
     HANDSHAKE = "handshake"  # vm, capabilities, outcome (ok|session|error), reason
     SESSION_OPEN = "session_open"  # vm, session, bus_protocol; a VM may have several sessions open
-    SESSION_CLOSE = "session_close"  # vm, session, reason
+    SESSION_CLOSE = "session_close"  # vm, session, reason, seq
     SUBSCRIBE = "subscribe"  # vm, session, topics (the session's topics after it)
     UNSUBSCRIBE = "unsubscribe"  # vm, session, topics
     HEARTBEAT = "heartbeat"  # vm, session
@@ -65,6 +65,7 @@ class SessionCloseEvent(Event, tag=EventKind.SESSION_CLOSE.value, kw_only=True):
     vm: str
     session: str
     reason: str | None = None
+    seq: int | None = None  # bus.log's last committed seq then: what the session could have been sent
 
 
 class SubscribeEvent(Event, tag=EventKind.SUBSCRIBE.value, kw_only=True):

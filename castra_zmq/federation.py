@@ -51,6 +51,9 @@ from .wire import Origin, decode_log_record
 
 SUBJECT_ROOT = "castra.v1"
 STREAM_NAME = "CASTRA"
+# The key-value buckets of where each VM lives (``ownership``).
+OWNERS_BUCKET = "CASTRA_VMS"
+HOSTS_BUCKET = "CASTRA_HOSTS"
 STREAM_SUBJECTS = f"{SUBJECT_ROOT}.>"
 # Replicated on three servers: a message the stream acked survives the loss of any one.
 STREAM_REPLICAS = 3
@@ -141,6 +144,13 @@ def parse_subject(subject: str) -> SubjectParts:
     return SubjectParts(unescape_token(tokens[2]), ".".join(map(unescape_token, tokens[3:])))
 
 
+def host_key(host: str) -> str:
+    """Host ``host``'s liveness key in the bucket ``CASTRA_HOSTS`` (``ownership``):
+    host names are letters, digits, ``.``, ``_`` and ``-``, all of them key
+    characters, but a ``.`` splits a key in tokens: it is ``=2E``, as in VM keys."""
+    return host.replace(".", "=2E")
+
+
 def consumer_name(host: str) -> str:
     """The durable consumer through which host ``host`` gets the others' messages:
     one per host, named after it (a host name's ``.`` is not allowed in a
@@ -169,11 +179,22 @@ def uplink_permissions(host: str) -> dict[str, list[str]]:
     """What host ``host``'s uplink must be allowed on NATS, and nothing more: publish
     under its own subjects only, the JetStream API calls it makes (the stream's
     info, creation, a last-message lookup; its own consumer's info, deletion,
-    creation, fetches and acks) and replies on its inboxes. For a server's
-    ``permissions`` block (README "Many hosts"); checked against nats-server in
+    creation, fetches and acks), the two buckets of ``ownership`` (their info,
+    creation and reads; a write to any VM's key, since VMs move, but only to its
+    own liveness key; the watch of the owners), and replies on its inboxes. For a server's ``permissions``
+    block (README "Many hosts"); checked against nats-server in
     tests/federation/test_security.py."""
     consumer = consumer_name(host)
     api = "$JS.API"
+    buckets = []
+    for bucket in (OWNERS_BUCKET, HOSTS_BUCKET):
+        stream = f"KV_{bucket}"
+        buckets += [f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.CREATE.{stream}",
+                    f"{api}.STREAM.MSG.GET.{stream}"]
+    owners = f"KV_{OWNERS_BUCKET}"
+    buckets += [f"$KV.{OWNERS_BUCKET}.>", f"$KV.{HOSTS_BUCKET}.{host_key(host)}",
+                f"{api}.CONSUMER.CREATE.{owners}", f"{api}.CONSUMER.INFO.{owners}.>",
+                f"$JS.FC.{owners}.>"]  # the watch's flow control replies: under load only, not seen in the tests
     return {
         "publish": [origin_filter(host),
                     f"{api}.STREAM.INFO.{STREAM_NAME}", f"{api}.STREAM.CREATE.{STREAM_NAME}",
@@ -181,7 +202,7 @@ def uplink_permissions(host: str) -> dict[str, list[str]]:
                     f"{api}.CONSUMER.INFO.{STREAM_NAME}.{consumer}", f"{api}.CONSUMER.DELETE.{STREAM_NAME}.{consumer}",
                     f"{api}.CONSUMER.DURABLE.CREATE.{STREAM_NAME}.{consumer}",
                     f"{api}.CONSUMER.MSG.NEXT.{STREAM_NAME}.{consumer}",
-                    f"$JS.ACK.{STREAM_NAME}.{consumer}.>"],
+                    f"$JS.ACK.{STREAM_NAME}.{consumer}.>", *buckets],
         "subscribe": ["_INBOX.>"],
     }
 

@@ -190,19 +190,25 @@ def check_since(since) -> int:
 def parse_session_reply(reply: str) -> tuple[str, str] | None:
     """``(token, protocol)`` of the answer that opens a bus session (PROTOCOL.md 2.4):
     ``ok session=<token>`` (``protocol`` is then ``bus-v1``) or ``ok session=<token>
-    protocol=bus-v2``. Further ``key=value`` words are ignored (room for later
-    versions). None for any other answer (``ok`` alone: no protocol in common)."""
+    protocol=bus-v2 [log=<id>]``. Further ``key=value`` words are ignored (room for
+    later versions). None for any other answer (``ok`` alone: no protocol in common)."""
+    fields = reply_fields(reply)
+    if not fields.get("session"):
+        return None
+    return fields["session"], fields.get("protocol") or CAPABILITY
+
+
+def reply_fields(reply: str) -> dict:
+    """The ``key=value`` words of an ``ok`` answer (none for any other answer)."""
     words = reply.split()
     if not words or words[0] != "ok":
-        return None
+        return {}
     fields: dict = {}
     for word in words[1:]:
         key, sep, value = word.partition("=")
         if sep:
             fields[key] = value
-    if not fields.get("session"):
-        return None
-    return fields["session"], fields.get("protocol") or CAPABILITY
+    return fields
 
 
 def topic_matches(subscription: str, topic: str) -> bool:
@@ -218,9 +224,23 @@ class Positions:
     or pattern), ``last[subscription]`` is the seq of the last message handed to the
     application; a subscription without one has no entry. ``version`` counts changes."""
 
-    def __init__(self, known: dict | None = None):
+    def __init__(self, known: dict | None = None, log: str | None = None):
         self.last: dict = dict(known or {})
+        self.log = log  # the router log the seqs belong to (its ``log=``); None: not told
         self.version = 0
+
+    def move_to(self, log: str | None) -> bool:
+        """The router's log is ``log`` (None: it does not say). Positions taken on
+        another log (another host, a state root made again) mean nothing on this
+        one: they are dropped, and True returned."""
+        if log is None or log == self.log:
+            return False
+        dropped = bool(self.last) and self.log is not None
+        if dropped:
+            self.last.clear()
+        self.log = log
+        self.version += 1
+        return dropped
 
     def set(self, subscription: str, seq: int) -> None:
         if self.last.get(subscription) != seq:
@@ -284,16 +304,19 @@ def default_state_file(vm: str, directory: str | None = None) -> str | None:
     return None
 
 
-def encode_state(vm: str, host: str, port: int, positions: dict) -> bytes:
+def encode_state(vm: str, host: str, port: int, positions: dict, log: str | None = None) -> bytes:
     document = {"format": STATE_FORMAT, "version": STATE_VERSION, "vm": vm, "host": host, "port": port,
                 "positions": dict(sorted(positions.items()))}
+    if log is not None:
+        document["log"] = log
     return json.dumps(document, ensure_ascii=False, indent=1).encode() + b"\n"
 
 
-def decode_state(data: bytes, vm: str, host: str, port: int) -> dict:
+def decode_state(data: bytes, vm: str, host: str, port: int) -> tuple[dict, str | None]:
     """The positions of a state file written by ``encode_state`` for this ``vm`` and
-    ``host:port``; ``ValueError`` (with a printable reason) for anything else: a file
-    for another VM or host would resume from seqs that mean nothing here."""
+    ``host:port``, and the router log they belong to (None: not told); ``ValueError``
+    (with a printable reason) for anything else: a file for another VM or host
+    would resume from seqs that mean nothing here."""
     try:
         document = json.loads(data)
     except (ValueError, RecursionError):
@@ -315,38 +338,41 @@ def decode_state(data: bytes, vm: str, host: str, port: int) -> dict:
             check_since(seq)
         except ValueError as exc:
             raise ValueError(f"bad position: {exc}") from None
-    return positions
+    log_id = document.get("log")
+    if log_id is not None and not isinstance(log_id, str):
+        raise ValueError("bad log")
+    return positions, log_id
 
 
-def load_state(path: str, vm: str, host: str, port: int) -> dict:
-    """The positions kept in ``path``: none if it does not exist; none and a warning
-    if it cannot be read or is not a state file for this VM and host (it is then
-    replaced at the next write)."""
+def load_state(path: str, vm: str, host: str, port: int) -> tuple[dict, str | None]:
+    """The positions kept in ``path`` and their log: none if it does not exist;
+    none and a warning if it cannot be read or is not a state file for this VM and
+    host (it is then replaced at the next write)."""
     try:
         with open(path, "rb") as file:
             data = file.read(STATE_MAX_BYTES + 1)
     except FileNotFoundError:
-        return {}
+        return {}, None
     except OSError as exc:
         log.warning("state file %s not read (%s): starting without positions", path, exc.strerror or exc)
-        return {}
+        return {}, None
     try:
         if len(data) > STATE_MAX_BYTES:
             raise ValueError(f"over {STATE_MAX_BYTES} bytes")
         return decode_state(data, vm, host, port)
     except ValueError as exc:
         log.warning("state file %s not used (%s): starting without positions; it will be replaced", path, exc)
-        return {}
+        return {}, None
 
 
-def save_state(path: str, vm: str, host: str, port: int, positions: dict) -> None:
+def save_state(path: str, vm: str, host: str, port: int, positions: dict, log_id: str | None = None) -> None:
     """Replace ``path`` atomically: a temporary file in the same directory, fsynced,
     renamed over it, then the directory fsynced. Raises ``OSError``."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as file:
-            file.write(encode_state(vm, host, port, positions))
+            file.write(encode_state(vm, host, port, positions, log_id))
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -549,8 +575,8 @@ class GuestSession:
         self._replies = {kind: collections.deque() for kind in ("subscribe", "unsubscribe", "heartbeat")}
         self._inbox: collections.deque = collections.deque()  # (message, came on a bus-v2 connection)
         self._resumable = False  # the current connection speaks bus-v2
-        known = load_state(self.state_file, self.vm, self.host, self.port) if self.state_file else {}
-        self._positions = Positions(known)
+        known, log_id = load_state(self.state_file, self.vm, self.host, self.port) if self.state_file else ({}, None)
+        self._positions = Positions(known, log_id)
         self._duplicates = 0
         self._saved_version = 0  # positions.version in the state file
         self._save_lock = threading.Lock()  # one writer of the state file at a time
@@ -884,11 +910,12 @@ class GuestSession:
             with self._state:
                 version = self._positions.version
                 positions = dict(self._positions.last)
+                log_id = self._positions.log
             if version == self._saved_version:
                 return
             self._last_save = time.monotonic()
             try:
-                save_state(self.state_file, self.vm, self.host, self.port, positions)
+                save_state(self.state_file, self.vm, self.host, self.port, positions, log_id)
             except OSError as exc:
                 error = str(exc.strerror or exc)
                 if error != self._save_error:
@@ -952,6 +979,10 @@ class GuestSession:
                 self._sock = sock
                 self.session_token, self.bus_protocol = opened
                 self._resumable = self.bus_protocol == BUS_V2
+                if self._resumable and self._positions.move_to(reply_fields(reply).get("log")):
+                    log.warning("positions were taken on another router log (another host, or a state root made "
+                                "again): dropped, subscriptions start live")
+                    self._dirty.set()
                 # Each subscription from its position (the since is dropped on a bus-v1 connection).
                 subscriptions = [(topic, self._positions.last.get(topic, FROM_NOW)) for topic in self._topics]
             log.info("connected to %s:%s as vm:%s (session %s, %s)", self.host, self.port, self.vm,

@@ -44,12 +44,14 @@ def sender_of(vm: str) -> str:
     return HOST_SENDER if vm == HOST_SENDER else VM_TOPIC_PREFIX + vm
 
 
-def ok_session_line(token: str, protocol: str) -> bytes:
+def ok_session_line(token: str, protocol: str, log_id: str | None = None) -> bytes:
     """The answer that opens a session: bus-v1's bytes as they always were; a later
-    protocol is named, so that its guest knows it was chosen (PROTOCOL.md 9)."""
+    protocol is named, so that its guest knows it was chosen (PROTOCOL.md 9), with
+    the name of the log its seqs belong to (``log_id``, if known)."""
     if protocol == BUS_V1:
         return f"ok session={token}\n".encode()
-    return f"ok session={token} protocol={protocol}\n".encode()
+    log = f" log={log_id}" if log_id else ""
+    return f"ok session={token} protocol={protocol}{log}\n".encode()
 
 
 def error_line(reason: str) -> bytes:

@@ -105,6 +105,13 @@ def rebuild(checkpoint: Path, logs_dir: Path, last_seq: int) -> tuple[OriginMark
     saved = read_origin_checkpoint(checkpoint) or OriginCheckpoint(0, {})
     marks = OriginMarks(saved.marks, saved.seq)
     cursor = Cursor(logs_dir, saved.seq)
+    return marks, follow(marks, cursor, last_seq)
+
+
+def follow(marks: OriginMarks, cursor: Cursor, last_seq: int) -> int:
+    """Move ``marks`` on by the lines after ``cursor`` up to ``last_seq`` (read with
+    it); how many lines were read. The uplink keeps a pair of them to know where
+    ``bus.log`` stood at a seq (``claims``)."""
     read = 0
     while cursor.after < last_seq:
         try:
@@ -112,7 +119,7 @@ def rebuild(checkpoint: Path, logs_dir: Path, last_seq: int) -> tuple[OriginMark
         except Expired as gone:  # rotated away: their origins are only in the checkpoint, if anywhere
             logger.bind(reason=str(gone)).warning("origins of rotated lines not known",
                                                   first=gone.since + 1, last=gone.oldest - 1)
-            cursor = Cursor(logs_dir, gone.oldest - 1)
+            cursor.after, cursor.place = gone.oldest - 1, None
             continue
         if not lines:
             break
@@ -125,4 +132,4 @@ def rebuild(checkpoint: Path, logs_dir: Path, last_seq: int) -> tuple[OriginMark
                     continue  # not ours to judge here: BusLog reports a bad last line
                 if origin is not None:
                     marks.note(origin)
-    return marks, read
+    return read

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import msgspec
 
 from .framing import encode_frame
+from .handover import Handover
 from .handshake import HOST_SENDER, VM_TOPIC_PREFIX
 from .replay import Cursor, Expired, origin_start, segments
 from .subscriptions import pattern_prefix
@@ -71,17 +72,34 @@ class Catchup:
         self.cursor: Cursor | None = None
         self.scheduled = False
         self.replayed = 0
+        # A VM that moved here (``handover``): its topic's lines from the handover's
+        # start up to ``handover_upto`` go by the handover's marks, not by ``after``.
+        self.handover: Handover | None = None
+        self.handover_upto = 0
 
     def add(self, topic: str, since: int) -> None:
         """``topic`` wants what comes after ``since``; read from there if that is
         behind where reading is (the other subscriptions had that stretch)."""
+        self.read_from(since)
+        self.after[topic] = since
+        self.schedule()
+
+    def add_handover(self, handover: Handover, upto: int) -> None:
+        """The session's VM moved here: the lines of its topic after the
+        handover's start and up to ``upto`` (the seq committed when the session
+        subscribed to it: it got those after live) that the handover wants."""
+        self.read_from(handover.request.after)
+        self.handover, self.handover_upto = handover, upto
+        self.schedule()
+
+    def read_from(self, since: int) -> None:
+        """Read from ``since`` on, if that is behind where reading is (the
+        subscriptions had that stretch)."""
         if self.cursor is None or since < self.cursor.after:
             if self.cursor is not None:
                 for other, after in self.after.items():
                     self.after[other] = max(after, self.cursor.after)
             self.cursor = Cursor(self.log_path.parent, since, self.log_path.name)
-        self.after[topic] = since
-        self.schedule()
 
     def add_live(self, topic: str, head: int) -> None:
         self.after[topic] = head
@@ -146,6 +164,8 @@ class Catchup:
                   for pattern, after in self.after.items() for prefix in (pattern_prefix(pattern),)]
         exact = {raw for raw, is_prefix, _ in wanted if not is_prefix}
         prefixes = tuple(raw for raw, is_prefix, _ in wanted if is_prefix)
+        handover = self.handover
+        moved = raw_json(VM_TOPIC_PREFIX + connection.vm) if handover is not None else None
         for line in lines:
             topic = raw_topic(line)
             if topic not in exact and not topic.startswith(prefixes):
@@ -154,8 +174,11 @@ class Catchup:
             seq = int(fields.seq)
             if fields.vm == own:
                 continue  # a VM never hears its own publishes ("host" is no guest's name)
-            if not any(after < seq and (topic.startswith(raw) if is_prefix else topic == raw)
-                       for raw, is_prefix, after in wanted):
+            if topic == moved and handover.request.after < seq and not handover.wants(line, seq):
+                continue  # the host the VM left had it
+            if not (topic == moved and handover.request.after < seq <= self.handover_upto) and not any(
+                    after < seq and (topic.startswith(raw) if is_prefix else topic == raw)
+                    for raw, is_prefix, after in wanted):
                 continue
             if topic.startswith(_VM_TOPIC) and topic not in exact and not connection.bridge.policy.may_read(
                     connection.vm, decode_raw_string(topic)):

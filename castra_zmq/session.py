@@ -60,6 +60,7 @@ from .wire import (
 
 if TYPE_CHECKING:
     from .bridge import Bridge
+    from .handover import Handover
 
 
 
@@ -154,6 +155,8 @@ class GuestConnection(asyncio.Protocol):
         self.linger: asyncio.TimerHandle | None = None  # the reset of a closing connection
         self.lost = False  # connection_lost came: the transport is gone
         self.catchup: Catchup | None = None  # bus-v2: a replay runs, live deliveries wait (see resume)
+        self.own_topic_seq: int | None = None  # bus.log's seq when it subscribed to vm:<its name> (see handover)
+        self.moved_from: Handover | None = None  # its VM moved here: what the host it left had sent it
         self.log = logger
 
     # -- asyncio callbacks ------------------------------------------------------------
@@ -271,7 +274,7 @@ class GuestConnection(asyncio.Protocol):
         self.log = logger.bind(peer=self.peer, vm=self.vm, session=self.token)
         self.phase = BUS
         self.last_frame = time.monotonic()
-        self.transport.write(ok_session_line(self.token, self.bus_protocol))
+        self.transport.write(ok_session_line(self.token, self.bus_protocol, self.bridge.log_id))
         self.bridge.open_session(self, hello)
         if rest:
             self.decoder.feed(rest)

@@ -96,6 +96,31 @@ class StatusTable(msgspec.Struct, kw_only=True):
     uplink: UplinkEvent | None = None
 
 
+# -- state/fleet.json: where every VM lives, written by the uplink (``claims``) -------
+
+
+class FleetVm(msgspec.Struct, array_like=True):
+    vm: str
+    host: str
+    state: str  # owned | released
+    since_ms: int
+
+
+class FleetView(msgspec.Struct):
+    """``state/fleet.json``: the owners bucket as this host's uplink last saw it
+    (``ownership``), and the VMs connected here that another host owns (vm -> that
+    host). Here, not in ``ownership``: ``castra status`` reads it without loading a
+    NATS client."""
+
+    host: str  # this host
+    written_ms: int
+    vms: list[FleetVm] = []
+    waiting: dict[str, str] = {}
+
+
+decode_fleet = msgspec.json.Decoder(FleetView).decode
+
+
 # -- what `castra status --json` prints ---------------------------------------------
 
 
@@ -152,6 +177,25 @@ class UplinkStatus(msgspec.Struct):
     remote_hosts: list[RemoteHostStatus]
 
 
+class FleetVmStatus(msgspec.Struct):
+    vm: str
+    host: str  # its owner, or the host that released it last
+    state: str  # owned | released
+    since_age_ms: int  # since it was claimed or released
+    here: bool  # host is this host
+
+
+class FleetStatus(msgspec.Struct):
+    """``castra status --fleet``: where every VM lives, as this host's uplink last
+    saw the owners bucket (``state/fleet.json``)."""
+
+    host: str | None  # this host's name in the fleet; None: no uplink configured
+    nats: str  # connected | unreachable (the uplink reports no connection) | down (the uplink does not report) | none
+    known_age_ms: int | None  # how old what follows is; None: nothing known yet
+    vms: list[FleetVmStatus] = []
+    waiting: dict[str, str] = {}  # VM connected here -> the live host that owns it
+
+
 class StatusView(msgspec.Struct):
     vms: list[VmStatus]
     router: RouterStatus | None = None  # None from the status role: the CLI fills it in
@@ -160,6 +204,7 @@ class StatusView(msgspec.Struct):
     # Absent from the JSON without --uplink (UNSET is never encoded): the shape
     # scripts rely on stays as it was.
     uplink: UplinkStatus | msgspec.UnsetType = msgspec.UNSET
+    fleet: FleetStatus | None | msgspec.UnsetType = msgspec.UNSET  # --fleet only; None: no uplink
 
 
 def _age(now: int, then: int | None) -> int | None:

@@ -20,12 +20,23 @@ from .client import query_status
 from .endpoints import Endpoints
 from .events import now_ms
 from .owner import read_router_info, router_pid
-from .statustable import RouterStatus, StatusTable, StatusView, load_snapshot, view
+from .statefs import read_regular
+from .statustable import (
+    FleetStatus,
+    FleetVmStatus,
+    RouterStatus,
+    StatusTable,
+    StatusView,
+    UplinkStatus,
+    decode_fleet,
+    load_snapshot,
+    view,
+)
 
 _decode_view = msgspec.json.Decoder(StatusView).decode
 
 
-def collect_status(state_root: os.PathLike | str, timeout: float = 0.25) -> StatusView:
+def collect_status(state_root: os.PathLike | str, timeout: float = 0.25, fleet: bool = False) -> StatusView:
     endpoints = Endpoints(state_root)
     pid = router_pid(endpoints)
     live = query_status(state_root=state_root, timeout=timeout) if pid is not None else None
@@ -53,7 +64,28 @@ def collect_status(state_root: os.PathLike | str, timeout: float = 0.25) -> Stat
         source=source,
         processes=info.processes if info else {},
     )
+    if fleet:
+        result.fleet = fleet_status(endpoints, result.uplink)
     return result
+
+
+def fleet_status(endpoints: Endpoints, uplink: UplinkStatus | msgspec.UnsetType) -> FleetStatus | None:
+    """Where every VM lives, from the uplink's ``state/fleet.json``; whether that is
+    current from the uplink's health (it reads nothing from NATS: never waits on it).
+    None without an uplink."""
+    if not uplink:
+        return None
+    nats = {"connected": "connected", "disconnected": "unreachable"}.get(uplink.state, "down")
+    try:
+        view = decode_fleet(read_regular(endpoints.fleet))
+    except (OSError, msgspec.DecodeError):
+        return FleetStatus(host=uplink.host, nats=nats, known_age_ms=None)
+    now = now_ms()
+    return FleetStatus(
+        host=view.host, nats=nats, known_age_ms=max(0, now - view.written_ms),
+        vms=[FleetVmStatus(vm.vm, vm.host, vm.state, max(0, now - vm.since_ms), vm.host == view.host)
+             for vm in view.vms],
+        waiting=view.waiting)
 
 
 def vms_seen(state_root: os.PathLike | str, timeout: float = 0.25) -> set[str] | None:

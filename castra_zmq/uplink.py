@@ -60,6 +60,7 @@ import zmq.asyncio
 from loguru import logger
 
 from . import runtime, topics
+from .claims import Claims
 from .config import Settings, settings_from_env
 from .downlink import DeliveryFailed, Downlink
 from .errors import CastraError
@@ -167,6 +168,7 @@ class Uplink:
         self.epoch = self.load_epoch()
         self.commits = CommitWatch(settings)
         self.downlink = Downlink(settings)
+        self.claims = Claims(settings, lambda: self.epoch)
         self.connect_options = connect_options(settings)
         self.health = HealthReport(settings)
         self.connection: nats.NATS | None = None
@@ -196,12 +198,13 @@ class Uplink:
     # -- life cycle ---------------------------------------------------------------------
 
     async def serve(self) -> None:
-        watch = asyncio.create_task(self.commits.watch())
+        watch = asyncio.gather(self.commits.watch(), self.claims.local.watch())
         logger.info("uplink ready", host=self.host, epoch=self.epoch, servers=",".join(self.servers))
         runtime.notify_ready()
         halves = [asyncio.create_task(self.keep_going("upload", self.upload_session, lambda: self.uploads)),
                   asyncio.create_task(self.keep_going("download", self.download_session,
                                                       lambda: self.downlink.batches)),
+                  asyncio.create_task(self.keep_going("ownership", self.ownership_session, lambda: self.claims.turns)),
                   asyncio.create_task(self.health.run(self.health_fields))]
         stop = asyncio.create_task(self.stopping.wait())
         try:
@@ -219,6 +222,7 @@ class Uplink:
                 await self.connection.close()
             self.commits.close()
             self.downlink.close()
+            self.claims.close()
             self.health.close()
 
     async def keep_going(self, half: str, session: Callable[[], Awaitable[None]], progress: Callable[[], int]) -> None:
@@ -345,6 +349,12 @@ class Uplink:
         js = connection.jetstream(timeout=_REQUEST_TIMEOUT)
         await self.ensure_stream(js)
         await self.downlink.session(connection, js, start_ms=self.epoch)
+
+    async def ownership_session(self) -> None:
+        """Connect, then claim and release this host's VMs and watch everyone's
+        (``claims``) until something fails (raised) or the role stops."""
+        js = (await self.connect()).jetstream(timeout=_REQUEST_TIMEOUT)
+        await self.claims.session(js)
 
     async def ensure_stream(self, js) -> None:
         """The stream, made if missing; one made before atomic batches were used

@@ -231,6 +231,22 @@ class PublishRequest(msgspec.Struct, omit_defaults=True, gc=False):
     origin: Origin | None = None
 
 
+HANDOVER_VERB = b"handover"  # the frame before a HandoverRequest's body (PROTOCOL.md 8.2.1)
+
+
+class HandoverRequest(msgspec.Struct, frozen=True, gc=False):
+    """The uplink to the bridge (``run/journal.sock``, PROTOCOL.md 8.2.1): VM ``vm``
+    was claimed on this host from a release (``ownership``). Its session is to get
+    the messages to ``vm:<vm>`` of ``bus.log`` after seq ``after`` that the host it
+    left had not committed when it left: this host's own above ``local_upto``,
+    another host's above that host's mark in ``marks`` (``(epoch, seq)``; none: all)."""
+
+    vm: str
+    after: Count
+    local_upto: Count
+    marks: dict[HostName, tuple[Count, Count]] = {}
+
+
 # A JSON string of a name or topic takes at most 6 bytes per character (``\u001f``).
 _JSON_BYTES_PER_CHAR = 6
 _REQUEST_OVERHEAD = 128  # "corr", "deadline", the keys and the punctuation, at their widest
@@ -292,6 +308,7 @@ class CommitBatch(msgspec.Struct, gc=False):
 json_encode = msgspec.json.Encoder().encode
 decode_publish_requests = msgspec.json.Decoder(PublishRequest | list[PublishRequest]).decode
 decode_commit_batch = msgspec.json.Decoder(CommitBatch).decode
+decode_handover_request = msgspec.json.Decoder(HandoverRequest).decode
 decode_delivery = msgspec.json.Decoder(Delivery).decode
 decode_log_record = msgspec.json.Decoder(LogRecord).decode
 _log_lines_decoder = msgspec.json.Decoder(list[LogRecord])

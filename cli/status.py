@@ -10,7 +10,7 @@ import click
 import msgspec
 
 from castra_zmq.errors import CastraError
-from castra_zmq.statustable import StatusView, UplinkStatus
+from castra_zmq.statustable import FleetStatus, StatusView, UplinkStatus
 from castra_zmq.statusview import collect_status
 from castra_zmq.terminal import json_for_terminal, printable
 
@@ -23,13 +23,16 @@ _CLEAR = "\x1b[H\x1b[2J"
 @click.command()
 @state_root_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable field names).")
+@click.option("--fleet", is_flag=True,
+              help="Also show where every VM of the fleet lives (with --uplink; JSON: a 'fleet' object). "
+                   "Read from this host's uplink, never from NATS: says so when NATS is unreachable.")
 @click.option("--check", is_flag=True,
               help=f"Exit {NOT_RUNNING} when the router is not running (0 when it is), as `systemctl status`.")
 @click.option("--watch", "interval", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0,
               metavar="[SECONDS]",
               help="Show it again every SECONDS (2 if not given) until Ctrl-C: redrawn on a terminal, "
                    "one table (or JSON line) after another otherwise.")
-def status(state_root: Path, as_json: bool, check: bool, interval: float | None) -> None:
+def status(state_root: Path, as_json: bool, fleet: bool, check: bool, interval: float | None) -> None:
     """Show each VM's reachability and bus session, and the router's state.
 
     Never blocks: asks the status process (250 ms deadline) and otherwise reads
@@ -43,20 +46,22 @@ def status(state_root: Path, as_json: bool, check: bool, interval: float | None)
       castra status --watch 1                          # redraw every second
       castra status --json | jq '.vms[] | select(.reachable)'
       castra status --check >/dev/null || castra up &  # start it unless running
+      castra status --fleet                            # and which host owns each VM
+      castra status --fleet --json | jq -r '.fleet.vms[] | select(.host == "b") | .vm'
     """
     if interval is not None and check:
         raise click.UsageError("--check and --watch exclude each other")
     if interval is not None:
-        _watch(state_root, as_json, interval)
+        _watch(state_root, as_json, fleet, interval)
         return
-    result = _show(state_root, as_json)
+    result = _show(state_root, as_json, fleet)
     if check and not result.router.running:
         sys.exit(NOT_RUNNING)
 
 
-def _show(state_root: Path, as_json: bool, clear: bool = False):
+def _show(state_root: Path, as_json: bool, fleet: bool, clear: bool = False):
     try:
-        result = collect_status(state_root)
+        result = collect_status(state_root, fleet=fleet)
     except CastraError as exc:
         raise click.ClickException(exc.reason) from None
     if as_json:
@@ -67,7 +72,7 @@ def _show(state_root: Path, as_json: bool, clear: bool = False):
     return result
 
 
-def _watch(state_root: Path, as_json: bool, interval: float) -> None:
+def _watch(state_root: Path, as_json: bool, fleet: bool, interval: float) -> None:
     """Show the status every ``interval`` seconds until Ctrl-C or SIGTERM (status 0)."""
     interrupt_on_signals()
     redraw = sys.stdout.isatty() and not as_json
@@ -77,7 +82,7 @@ def _watch(state_root: Path, as_json: bool, interval: float) -> None:
         while True:
             if not (first or redraw or as_json):
                 click.echo()  # a blank line between the tables
-            _show(state_root, as_json, clear=redraw)
+            _show(state_root, as_json, fleet, clear=redraw)
             first = False
             next_at += interval
             time.sleep(max(0.0, next_at - time.monotonic()))
@@ -123,6 +128,34 @@ def uplink_text(uplink: UplinkStatus) -> str:
             f"remote hosts: {', '.join(hosts) or 'none seen'}")
 
 
+_FLEET_HEADERS = ("VM", "HOST", "STATE", "SINCE")
+
+
+def fleet_text(fleet: FleetStatus | None) -> str:
+    """Where every VM lives: a line on how current that is, then a row per VM
+    (this host's marked ``*``) and the VMs connected here that another host owns."""
+    if fleet is None:
+        return "fleet: no uplink running (castra up --uplink nats://...)"
+    if fleet.nats == "connected":
+        head = f"fleet, as {printable(fleet.host)} sees it"
+    else:
+        reason = "NATS unreachable" if fleet.nats == "unreachable" else "the uplink is not running"
+        head = f"fleet: unknown, {reason}"
+        if fleet.known_age_ms is not None:
+            head += f"; last known {age_text(fleet.known_age_ms)} ago"
+    if fleet.known_age_ms is None:
+        return head + ": nothing known yet"
+    rows = [(printable(vm.vm), printable(vm.host) + (" *" if vm.here else ""), vm.state, age_text(vm.since_age_ms))
+            for vm in fleet.vms]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(_FLEET_HEADERS)]
+    lines = [head + ":", "  ".join(h.ljust(w) for h, w in zip(_FLEET_HEADERS, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows] or ["(no VM owned yet)"]
+    if fleet.waiting:
+        lines.append("connected here, owned by another host: " + ", ".join(
+            f"{printable(vm)} ({printable(host)})" for vm, host in fleet.waiting.items()))
+    return "\n".join(lines)
+
+
 def render_table(result: StatusView, color: bool = False) -> str:
     """An aligned table with a legend, styled when ``color`` (the CLI decides).
 
@@ -165,4 +198,6 @@ def render_table(result: StatusView, color: bool = False) -> str:
     out += ["", ("ROUTER reachable: the router heard the VM (handshake under 45 s old or a live bus session); "
                 "BUS subscribed: session open, idle: no session now, —: handshake-only; "
                 "SESSIONS: bus sessions open under the name (processes of one guest).")]
+    if result.fleet is not msgspec.UNSET:
+        out += ["", fleet_text(result.fleet)]
     return "\n".join(out)

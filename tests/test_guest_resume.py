@@ -123,9 +123,9 @@ def test_since_is_checked_before_it_is_sent():
 def test_state_file_round_trip_is_atomic(tmp_path):
     path = str(tmp_path / "alpha.json")
     save_state(path, "alpha", "10.0.2.2", 7070, {"vm:alpha": 42, "metrics.*": 7})
-    assert load_state(path, "alpha", "10.0.2.2", 7070) == {"vm:alpha": 42, "metrics.*": 7}
-    save_state(path, "alpha", "10.0.2.2", 7070, {"vm:alpha": 43})
-    assert load_state(path, "alpha", "10.0.2.2", 7070) == {"vm:alpha": 43}
+    assert load_state(path, "alpha", "10.0.2.2", 7070) == ({"vm:alpha": 42, "metrics.*": 7}, None)
+    save_state(path, "alpha", "10.0.2.2", 7070, {"vm:alpha": 43}, "0123456789abcdef")
+    assert load_state(path, "alpha", "10.0.2.2", 7070) == ({"vm:alpha": 43}, "0123456789abcdef")
     assert os.listdir(tmp_path) == ["alpha.json"]  # no temporary file left behind
     document = json.loads((tmp_path / "alpha.json").read_text())
     assert (document["vm"], document["host"], document["port"]) == ("alpha", "10.0.2.2", 7070)
@@ -133,7 +133,7 @@ def test_state_file_round_trip_is_atomic(tmp_path):
 
 def test_a_missing_state_file_starts_fresh_quietly(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="castra_zmq.guest"):
-        assert load_state(str(tmp_path / "none.json"), "alpha", "h", 1) == {}
+        assert load_state(str(tmp_path / "none.json"), "alpha", "h", 1) == ({}, None)
     assert caplog.records == []
 
 
@@ -149,20 +149,21 @@ def test_a_missing_state_file_starts_fresh_quietly(tmp_path, caplog):
     (encode_state("alpha", "10.0.2.2", 7070, {"x" * 257: 1}), "bad position"),
     (encode_state("alpha", "10.0.2.2", 7070, {}).replace(b'"version": 1', b'"version": 2'), "version 2"),
     (b" " * (guest.STATE_MAX_BYTES + 1), "over"),
+    (encode_state("alpha", "10.0.2.2", 7070, {}, "x").replace(b'"log": "x"', b'"log": 5'), "bad log"),
 ], ids=["corrupt", "list", "format", "other-vm", "other-host", "other-port", "negative", "bool", "long-topic",
-        "version", "too-large"])
+        "version", "too-large", "log"])
 def test_a_corrupt_or_foreign_state_file_is_not_used(tmp_path, caplog, content, reason):
     path = tmp_path / "alpha.json"
     path.write_bytes(content)
     with caplog.at_level(logging.WARNING, logger="castra_zmq.guest"):
-        assert load_state(str(path), "alpha", "10.0.2.2", 7070) == {}
+        assert load_state(str(path), "alpha", "10.0.2.2", 7070) == ({}, None)
     [record] = caplog.records
     assert reason in record.getMessage() and "starting without positions" in record.getMessage()
 
 
 def test_decode_state_takes_only_its_own_vm_and_host():
     data = encode_state("alpha", "h", 1, {"a": 1})
-    assert decode_state(data, "alpha", "h", 1) == {"a": 1}
+    assert decode_state(data, "alpha", "h", 1) == ({"a": 1}, None)
     with pytest.raises(ValueError, match="written for vm:alpha"):
         decode_state(data, "beta", "h", 1)
 
@@ -383,6 +384,35 @@ def test_a_foreign_state_file_is_replaced_and_an_unwritable_one_only_warned_abou
     assert (document["vm"], document["positions"]) == ("owner", {"vm:owner": last[foreign]})
     assert "written for vm:someone-else, not vm:owner" in caplog.text
     assert caplog.text.count(f"cannot write the state file {unwritable}") == 1  # once, not per attempt
+
+
+def test_positions_of_another_log_are_dropped_not_replayed(router, tmp_path, caplog):
+    """A VM moved to another host (or a state root made again) behind the same
+    address: its positions are seqs of another log. The router names its log in
+    the bus-v2 answer; the session drops positions of another one and starts live,
+    instead of replaying this log's unrelated messages after those seqs."""
+    unrelated = host_publish(router, "vm:moved", 5)
+    state_file = tmp_path / "moved.json"
+    save_state(str(state_file), "moved", "127.0.0.1", router.port, {"vm:moved": 0}, "0000000000000000")
+    log_id = json.loads((router.state_root / "state" / "log.json").read_text())["id"]
+    with caplog.at_level(logging.WARNING, logger="castra_zmq.guest"), \
+            GuestSession("127.0.0.1", router.port, "moved", state_file=state_file, **quick()) as bus:
+        bus.subscribe("vm:moved")  # from the file's position, were it of this log
+        sent = host_publish(router, "vm:moved", 3, start=5)
+        got = receive_all(bus, 3)
+        assert [m["seq"] for m in got] == sent and not set(unrelated) & {m["seq"] for m in got}
+        assert_nothing_more(bus)
+    assert "positions were taken on another router log" in caplog.text
+    saved = json.loads(state_file.read_text())
+    assert (saved["log"], saved["positions"]) == (log_id, {"vm:moved": sent[-1]})
+
+
+def test_positions_follow_the_log_they_were_taken_on():
+    positions = Positions({"t": 5})
+    assert not positions.move_to(None) and positions.last == {"t": 5}  # the router does not say
+    assert not positions.move_to("aa") and (positions.log, positions.last) == ("aa", {"t": 5})  # first told
+    assert not positions.move_to("aa")
+    assert positions.move_to("bb") and (positions.log, positions.last) == ("bb", {})
 
 
 def test_a_host_log_behind_the_position_resets_it(router, tmp_path, caplog):

@@ -116,7 +116,8 @@ def test_a_bus_v1_guest_gets_the_same_bytes_and_since_is_ignored(router):
 def test_bus_v2_is_named_in_the_answer_line(router):
     for capabilities in (V2, "bus-v2", "BUS-V2,bus-v1"):
         with Guest(router.port) as guest:
-            assert re.fullmatch(r"ok session=[0-9a-f]{16} protocol=bus-v2", guest.hello("named", capabilities))
+            reply = guest.hello("named", capabilities)
+            assert re.fullmatch(r"ok session=[0-9a-f]{16} protocol=bus-v2 log=[0-9a-f]{16}", reply)
     with Guest(router.port) as guest:
         assert guest.hello("named", "bus-v3") == "ok"
 

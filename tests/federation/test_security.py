@@ -77,7 +77,14 @@ def hosts(guarded_cluster):
 
 def test_hosts_with_their_own_permissions_share_messages(hosts, guarded_cluster):
     """Each host may publish under its own subjects only, and that is enough: a's
-    messages reach b and b's reach a; status shows each as the other's remote host."""
+    messages reach b and b's reach a; status shows each as the other's remote host;
+    a VM connected to a then b is owned by one, then the other."""
+    with connect_bus(hosts["a"].port, "sec-vm"):
+        wait_for(lambda: "VM claimed vm=sec-vm" in hosts["a"].log_text(), timeout=15, what="a's claim")
+        with connect_bus(hosts["b"].port, "sec-vm"):
+            wait_for(lambda: "owned by a" in hosts["b"].log_text(), timeout=15, what="b waiting")
+    wait_for(lambda: "VM released vm=sec-vm" in hosts["b"].log_text() + hosts["a"].log_text(), timeout=15,
+             what="a release")
     a_seqs = host_publish(hosts["a"], "from-a", 5)
     b_seqs = host_publish(hosts["b"], "from-b", 5)
     for here, there, seqs in (("b", "a", a_seqs), ("a", "b", b_seqs)):

@@ -1,0 +1,154 @@
+"""Ownership's pure part (``castra_zmq.ownership``): VM names as KV keys, the
+records, and the rule for claiming. No sockets, no server."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import nats.js.kv
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from castra_zmq.claims import MarkTracker
+from castra_zmq.endpoints import Endpoints
+from castra_zmq.federation import host_key
+from castra_zmq.handover import HANDOVER_TTL_S, HANDOVERS_MAX, Handover, Handovers, handover_request
+from castra_zmq.handshake import is_vm_name
+from castra_zmq.ownership import (
+    MARKS_MAX,
+    ClaimAction,
+    OwnershipError,
+    OwnerState,
+    Release,
+    VmOwner,
+    claim_action,
+    decode_owner,
+    encode_owner,
+    release_of,
+    vm_key,
+    vm_of_key,
+)
+from castra_zmq.wire import HandoverRequest
+
+vm_names = st.text(min_size=1, max_size=128).filter(is_vm_name)
+
+
+@pytest.mark.parametrize(("vm", "key"), [
+    ("beta", "beta"),
+    ("web-1_a", "web-1_a"),
+    ("web.1", "web=2E1"),
+    ("a=b", "a=3Db"),
+    ("a b", "a=20b"),
+    ("é", "=C3=A9"),
+    ("vm/x", "vm=2Fx"),
+])
+def test_vm_keys(vm, key):
+    assert vm_key(vm) == key
+    assert vm_of_key(key) == vm
+
+
+@given(vm_names)
+def test_every_vm_name_is_one_valid_key_and_back(vm):
+    key = vm_key(vm)
+    assert nats.js.kv._is_key_valid(key) and "." not in key
+    assert vm_of_key(key) == vm
+
+
+@pytest.mark.parametrize("key", ["", "=2e", "=41", "=C3", "a=", "=ZZ", "x" * 129])
+def test_keys_castra_does_not_make_are_refused(key):
+    with pytest.raises(OwnershipError):
+        vm_of_key(key)
+
+
+def test_host_keys_are_valid_keys():
+    assert host_key("node-1.example") == "node-1=2Eexample"
+    assert nats.js.kv._is_key_valid(host_key("a" * 253))
+
+
+def test_record_json_shape():
+    owned = VmOwner("a", 7, OwnerState.OWNED, 1000)
+    assert encode_owner(owned) == b'{"host":"a","epoch":7,"state":"owned","since_ms":1000}'
+    released = VmOwner("a", 7, OwnerState.RELEASED, 2000, Release(42, {"b": (3, 9)}))
+    assert encode_owner(released) == (b'{"host":"a","epoch":7,"state":"released","since_ms":2000,'
+                                      b'"release":{"seq":42,"marks":{"b":[3,9]}}}')
+    assert decode_owner(encode_owner(released)) == released
+    with pytest.raises(OwnershipError):
+        decode_owner(b'{"host":"a b","epoch":7,"state":"owned","since_ms":1}')
+
+
+@pytest.mark.parametrize(("current", "alive", "action"), [
+    (None, True, ClaimAction.CREATE),
+    (VmOwner("me", 1, OwnerState.OWNED, 1), True, ClaimAction.UPDATE),  # an uplink restarted
+    (VmOwner("other", 1, OwnerState.RELEASED, 1), True, ClaimAction.UPDATE),
+    (VmOwner("other", 1, OwnerState.OWNED, 1), False, ClaimAction.UPDATE),  # its host is gone
+    (VmOwner("other", 1, OwnerState.OWNED, 1), True, ClaimAction.WAIT),
+])
+def test_claim_action(current, alive, action):
+    assert claim_action(current, "me", alive) is action
+
+
+def test_a_release_keeps_at_most_marks_max_hosts():
+    marks = {f"h{n}": (1, n) for n in range(MARKS_MAX + 10)}
+    release = release_of(5, marks)
+    assert release.seq == 5 and len(release.marks) == MARKS_MAX
+    assert release.marks[f"h{MARKS_MAX + 9}"] == (1, MARKS_MAX + 9)
+
+
+def log_line(seq: int, origin: tuple[str, int, int] | None = None, payload: bytes = b'{"n":1}') -> bytes:
+    line = b'{"timestamp":1.0,"ts_ms":1000,"seq":%d,"vm":"host","topic":"vm:beta","payload":%s' % (seq, payload)
+    if origin is not None:
+        line += b',"origin":{"host":"%s","epoch":%d,"seq":%d}' % (origin[0].encode(), origin[1], origin[2])
+    return line + b"}\n"
+
+
+def test_a_handover_request_marks_each_hosts_messages_the_old_host_had():
+    released = VmOwner("a", 5, OwnerState.RELEASED, 9000, Release(40, {"b": (7, 12), "c": (3, 30)}))
+    request = handover_request("beta", released, "b", 7, 100)
+    assert (request.vm, request.after, request.local_upto) == ("beta", 100, 12)
+    assert request.marks == {"a": (5, 40), "c": (3, 30)}
+    # This host's mark of an older epoch: none of its present seqs were had.
+    assert handover_request("beta", released, "b", 8, 100).local_upto == 0
+    # Claimed back by the host that released it: its own lines up to the release.
+    again = handover_request("beta", released, "a", 5, 100)
+    assert again.local_upto == 40 and "a" not in again.marks
+
+
+def test_a_handover_wants_the_lines_beyond_the_marks():
+    handover = Handover(HandoverRequest("beta", 100, 12, {"a": (5, 40), "c": (3, 30)}), 0.0)
+    assert not handover.wants(log_line(12), 12) and handover.wants(log_line(13), 13)  # this host's
+    assert not handover.wants(log_line(200, ("a", 5, 40)), 200)
+    assert handover.wants(log_line(201, ("a", 5, 41)), 201)
+    assert handover.wants(log_line(202, ("a", 6, 1)), 202)  # a's next epoch
+    assert not handover.wants(log_line(203, ("c", 2, 999)), 203)  # c's older epoch
+    assert handover.wants(log_line(204, ("d", 1, 1)), 204)  # a host the old one had nothing of
+    # A payload that looks like an origin is not one.
+    assert handover.wants(log_line(14, payload=b'{"origin":{"host":"a","epoch":5,"seq":1}}'), 14)
+
+
+def test_pending_handovers_are_bounded_one_per_vm(monkeypatch):
+    handovers = Handovers()
+    for n in range(HANDOVERS_MAX + 5):
+        handovers.add(HandoverRequest(f"vm{n}", n, 0))
+    handovers.add(HandoverRequest("vm10", 99, 0))  # replaces the older one of the VM
+    assert len(handovers.pending) == HANDOVERS_MAX
+    assert handovers.take("vm0") is None  # the oldest went first
+    assert handovers.take("vm10").request.after == 99
+    later = time.monotonic() + HANDOVER_TTL_S + 1
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert len(handovers.expire()) == HANDOVERS_MAX - 1 and not handovers.pending
+
+
+def test_the_mark_tracker_gives_the_marks_at_a_seq_not_after_it(tmp_path):
+    """What a release carries: the other hosts' marks at the close's seq, read from
+    bus.log (no sockets)."""
+    endpoints = Endpoints(tmp_path)
+    endpoints.logs_dir.mkdir(parents=True)
+    lines = [log_line(1), log_line(2, ("c", 3, 7)), log_line(3, ("d", 1, 2)), log_line(4, ("c", 3, 8)), log_line(5)]
+    endpoints.bus_log.write_bytes(b"".join(lines))
+    tracker = MarkTracker(SimpleNamespace(endpoints=endpoints))
+    assert tracker.marks_at(1) == {}
+    assert tracker.marks_at(3) == {"c": (3, 7), "d": (1, 2)}
+    assert tracker.marks_at(5) == {"c": (3, 8), "d": (1, 2)}
+    assert tracker.marks_at(4) == {"c": (3, 8), "d": (1, 2)}  # past it already: where it is
