@@ -41,7 +41,7 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from . import topics
+from . import runtime, topics
 from .config import Settings
 from .errors import CastraError
 from .events import (
@@ -148,11 +148,8 @@ class LocalSessions:
         tracked = time.monotonic()
         while True:
             self.handle(await self.bus.recv_multipart())
-            for _ in range(_DRAIN_MAX):
-                try:
-                    self.handle(self.queued.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+            for parts in runtime.ready_messages(self.queued, _DRAIN_MAX):
+                self.handle(parts)
             if time.monotonic() - tracked >= _TRACK_INTERVAL_S:
                 self.tracker.marks_at(self.committed)
                 tracked = time.monotonic()

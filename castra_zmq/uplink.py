@@ -124,11 +124,8 @@ class CommitWatch:
         queued is read at once, not a future and a loop turn each."""
         while True:
             self.handle(await self.bus.recv_multipart())
-            for _ in range(_DRAIN_MAX):
-                try:
-                    self.handle(self.queued.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+            for parts in runtime.ready_messages(self.queued, _DRAIN_MAX):
+                self.handle(parts)
 
     def handle(self, parts: list[bytes]) -> None:
         if len(parts) != 2:
