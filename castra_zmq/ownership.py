@@ -131,10 +131,7 @@ def encode_owner(owner: VmOwner) -> bytes:
 
 
 def decode_owner(data: bytes) -> VmOwner:
-    try:
-        return _decode_owner(data)
-    except msgspec.DecodeError as exc:
-        raise OwnershipError(f"not a castra VM record: {exc}") from None
+    return _decoded(_decode_owner, data, "VM record")
 
 
 def encode_alive(alive: HostAlive) -> bytes:
@@ -142,10 +139,14 @@ def encode_alive(alive: HostAlive) -> bytes:
 
 
 def decode_alive(data: bytes) -> HostAlive:
+    return _decoded(_decode_alive, data, "host record")
+
+
+def _decoded(decode, data: bytes, what: str):
     try:
-        return _decode_alive(data)
+        return decode(data)
     except msgspec.DecodeError as exc:
-        raise OwnershipError(f"not a castra host record: {exc}") from None
+        raise OwnershipError(f"not a castra {what}: {exc}") from None
 
 
 def claim_action(current: VmOwner | None, host: str, owner_alive: bool) -> ClaimAction:
