@@ -155,7 +155,7 @@ def fleet_settings(state_root: Path, servers: list[str] | None, **security: str 
 
 
 async def connect(settings: Settings, notify: Notify) -> nats.NATS:
-    """A connection to one of the servers; ``FleetUnreachable`` with the last
+    """A connection to one of the servers; ``FleetUnreachable`` with the first
     failure when none answers within ``_CONNECT_DEADLINE``. Later losses and
     reconnections are told through ``notify``."""
     options = connect_options(settings)
@@ -181,7 +181,7 @@ async def connect(settings: Settings, notify: Notify) -> nats.NATS:
             reconnect_time_wait=0.5, max_reconnect_attempts=-1, error_cb=on_error,
             disconnected_cb=on_disconnected, reconnected_cb=on_reconnected, **options), _CONNECT_DEADLINE)
     except NATS_FAILURES as exc:
-        reason = describe(failures[-1] if failures else exc)
+        reason = describe(failures[0] if failures else exc)  # the first says why; the next follow from it
         raise FleetUnreachable(f"no NATS server answered at {','.join(settings.uplink_servers)} within "
                                f"{_CONNECT_DEADLINE:g}s: {reason}") from None
     connected = True
