@@ -47,7 +47,7 @@ from nats.js.api import (
 )
 
 from .errors import CastraError
-from .wire import Origin, decode_log_record
+from .wire import LogRecord, Origin, decode_log_record
 
 SUBJECT_ROOT = "castra.v1"
 STREAM_NAME = "CASTRA"
@@ -181,9 +181,11 @@ def uplink_permissions(host: str) -> dict[str, list[str]]:
     info, creation, a last-message lookup; its own consumer's info, deletion,
     creation, fetches and acks), the two buckets of ``ownership`` (their info,
     creation and reads; a write to any VM's key, since VMs move, but only to its
-    own liveness key; the watch of the owners), and replies on its inboxes. For a server's ``permissions``
-    block (README "Many hosts"); checked against nats-server in
-    tests/federation/test_security.py."""
+    own liveness key; the watch of the owners), and replies on its inboxes; and what
+    ``castra bus tail --fleet`` needs on that host with the same credentials: an
+    ephemeral consumer (``CONSUMER.CREATE`` without a name) and its flow-control
+    replies. For a server's ``permissions`` block (README "Many hosts"); checked
+    against nats-server in tests/federation/test_security.py."""
     consumer = consumer_name(host)
     api = "$JS.API"
     buckets = []
@@ -202,7 +204,8 @@ def uplink_permissions(host: str) -> dict[str, list[str]]:
                     f"{api}.CONSUMER.INFO.{STREAM_NAME}.{consumer}", f"{api}.CONSUMER.DELETE.{STREAM_NAME}.{consumer}",
                     f"{api}.CONSUMER.DURABLE.CREATE.{STREAM_NAME}.{consumer}",
                     f"{api}.CONSUMER.MSG.NEXT.{STREAM_NAME}.{consumer}",
-                    f"$JS.ACK.{STREAM_NAME}.{consumer}.>", *buckets],
+                    f"$JS.ACK.{STREAM_NAME}.{consumer}.>",
+                    f"{api}.CONSUMER.CREATE.{STREAM_NAME}", f"$JS.FC.{STREAM_NAME}.>", *buckets],
         "subscribe": ["_INBOX.>"],
     }
 
@@ -216,11 +219,11 @@ class RemoteMessage(msgspec.Struct, frozen=True):
     payload: msgspec.Raw
 
 
-def remote_message(subject: str, headers: dict[str, str] | None, data: bytes) -> RemoteMessage:
-    """What a message of the stream says; ``FederationError`` if castra did not
-    make it: its origin headers, its subject and its body (the origin's log line)
-    must agree, and the line must be that host's own (a line with an origin was
-    delivered to it, and uploading it would be a loop)."""
+def stream_record(subject: str, headers: dict[str, str] | None, data: bytes) -> tuple[Origin, LogRecord]:
+    """What a message of the stream says: its origin, and the origin's log line;
+    ``FederationError`` if castra did not make it: its origin headers, its subject
+    and its body must agree, and the line must be that host's own (a line with an
+    origin was delivered to it, and uploading it would be a loop)."""
     origin = origin_of(headers)
     parts = parse_subject(subject)
     try:
@@ -231,6 +234,12 @@ def remote_message(subject: str, headers: dict[str, str] | None, data: bytes) ->
         raise FederationError(f"{origin.message_id}: its subject {subject[:80]!r} or line is not of its origin")
     if record.origin is not None:
         raise FederationError(f"{origin.message_id}: a message of {record.origin.host} uploaded again")
+    return origin, record
+
+
+def remote_message(subject: str, headers: dict[str, str] | None, data: bytes) -> RemoteMessage:
+    """A message of the stream as this host's bridge commits it (``stream_record``)."""
+    origin, record = stream_record(subject, headers, data)
     return RemoteMessage(origin, record.vm, record.topic, record.payload)
 
 

@@ -24,12 +24,27 @@ class RoleState(msgspec.Struct):
     last_exit: str | None = None
 
 
+class UplinkInfo(msgspec.Struct):
+    """How the router's uplink reaches NATS (``castra up``'s options, named as in
+    ``Settings``), for the host tools that read the fleet's stream themselves
+    (``castra bus tail --fleet``). No password: it stays in CASTRA_UPLINK_PASSWORD."""
+
+    uplink_servers: list[str]
+    host_name: str
+    uplink_creds: str | None = None
+    uplink_user: str | None = None
+    uplink_tls_ca: str | None = None
+    uplink_tls_cert: str | None = None
+    uplink_tls_key: str | None = None
+
+
 class RouterInfo(msgspec.Struct):
     pid: int
     listen: str
     state_root: str
     started_ms: int
     processes: dict[str, RoleState]
+    uplink: UplinkInfo | None = None  # with --uplink only
 
 
 def read_router_info(endpoints: Endpoints) -> RouterInfo | None:

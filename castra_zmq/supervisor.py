@@ -32,7 +32,7 @@ from .errors import CastraError, RouterBusy
 from .events import now_ms
 from .identity import load_identities
 from .listener import LISTEN_FD_ENV, bind_listener
-from .owner import RoleState, RouterInfo, read_router_info, router_pid
+from .owner import RoleState, RouterInfo, UplinkInfo, read_router_info, router_pid
 from .roleprocess import RoleProcess, is_role_process, preload
 from .runtime import READY_FD_ENV
 from .statefs import open_private, replace_file
@@ -64,6 +64,9 @@ class Supervisor:
         self.endpoints = settings.endpoints
         self.role_names = ROLES + ((UPLINK,) if settings.uplink_servers is not None else ())
         self.roles = {name: Role(name) for name in self.role_names}
+        # In router.json: `castra bus tail --fleet` reaches NATS as the uplink does.
+        self.uplink_info = None if settings.uplink_servers is None else msgspec.convert(
+            {field: getattr(settings, field) for field in UplinkInfo.__struct_fields__}, UplinkInfo)
         self.lock_fd: int | None = None
         self.listener = None
         self.stopping = False
@@ -226,6 +229,7 @@ class Supervisor:
             state_root=str(self.endpoints.state_root),
             started_ms=self.started_ms,
             processes={name: role.state for name, role in self.roles.items()},
+            uplink=self.uplink_info,
         )
         replace_file(self.endpoints.router_info, msgspec.json.encode(info))
 

@@ -3,6 +3,10 @@ time), then with -f each new one."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -14,13 +18,22 @@ from castra_zmq import tail as bus_tail
 from castra_zmq.errors import CastraError
 from castra_zmq.replay import Expired
 from castra_zmq.terminal import json_for_terminal, printable
-from castra_zmq.wire import LogRecord
+from castra_zmq.wire import LogRecord, check_host_name
 
-from .options import interrupt_on_signals, no_entries_note, state_root_option, stdout_wants_color
+from .options import (
+    interrupt_on_signals,
+    no_entries_note,
+    split_servers,
+    state_root_option,
+    stdout_wants_color,
+    uplink_security_options,
+)
 
+_HOST_WIDTH = 8
 _VM_WIDTH = 12
 _TOPIC_WIDTH = 16
 EXIT_GAP = 3  # --since: messages it asked for were rotated away (everything left was printed)
+EXIT_UNREACHABLE = 4  # --fleet: no NATS server answered
 
 
 class SinceType(click.ParamType):
@@ -37,14 +50,16 @@ class SinceType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def format_record(record: LogRecord, color: bool = False, utc: bool = False) -> str:
+def format_record(record: LogRecord, color: bool = False, utc: bool = False, host: str | None = None) -> str:
     """``2024-05-01T12:00:00.042+02:00  vm  topic  payload``: the time as
     ``tail.format_time``, the payload as compact JSON, guest-chosen text through
-    ``printable``."""
+    ``printable``; with ``host`` (``--fleet``), the host the message was committed
+    on after the time."""
     clock = bus_tail.format_time(record.ts_ms, utc)
     payload = msgspec.json.format(record.payload, indent=-1).decode("utf-8", "replace")
     cells = (
         (clock, {"dim": True}),
+        *(((printable(host).ljust(_HOST_WIDTH), {"fg": "magenta"}),) if host is not None else ()),
         (printable(record.vm).ljust(_VM_WIDTH), {"fg": "cyan"}),
         (printable(record.topic).ljust(_TOPIC_WIDTH), {"fg": "yellow"}),
         (printable(payload), {}),
@@ -71,8 +86,17 @@ def format_record(record: LogRecord, color: bool = False, utc: bool = False) -> 
 @click.option("--utc", is_flag=True, help="Show times in UTC instead of local time.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the log's JSON lines (for jq), C1 control characters \\u-escaped.")
+@click.option("--fleet", is_flag=True,
+              help="Read every host's messages from the fleet's NATS JetStream stream instead of this "
+                   "router's log (see Fleet below).")
+@click.option("--host", "hosts", metavar="NAME", multiple=False,
+              help="With --fleet: only the messages committed on host NAME.")
+@click.option("--uplink", "uplink_servers", metavar="nats://HOST:PORT[,...]", callback=split_servers,
+              help="With --fleet: the NATS servers [default: those of this state root's router's --uplink].")
+@uplink_security_options
 def tail(state_root: Path, shared: bool, vm: str | None, count: int, since: bus_tail.Since | None, follow: bool,
-         topics: tuple[str, ...], utc: bool, as_json: bool) -> None:
+         topics: tuple[str, ...], utc: bool, as_json: bool, fleet: bool, hosts: str | None,
+         uplink_servers: list[str] | None, **security: str | None) -> None:
     """Show the last lines of a bus log, or those after a seq or a time; with -f,
     follow it.
 
@@ -103,6 +127,25 @@ def tail(state_root: Path, shared: bool, vm: str | None, count: int, since: bus_
       castra bus tail -f --json | jq -c '{seq, payload}'
       castra bus tail --since 1200 -f --json   # every message after seq 1200, then follow
       castra bus tail --since 15m --vm alpha   # alpha's traffic of the last 15 minutes
+
+    Fleet (--fleet, with `castra up --uplink`): every host's messages, from the
+    stream CASTRA, each line with the host it was committed on after the time
+    (--json: `host`, and `stream_seq`, the message's place in the stream). -n
+    counts the stream's messages that pass the filters; --since takes a stream
+    seq, a duration or a time (when the stream stored it); --host keeps one
+    host's, --vm and --topic work as above. The NATS servers and credentials are
+    those the router of --state-root runs its uplink with (its password, if any,
+    from CASTRA_UPLINK_PASSWORD), or --uplink with the --uplink-* options, as for
+    `castra up`; the user needs the permissions of README "Many hosts". It reads
+    through an ephemeral ordered consumer, which the servers remove soon after it
+    ends. No server answering within 5 s is exit status 4.
+
+    \b
+    Fleet examples:
+      castra bus tail --fleet -f               # every host's messages, as they come
+      castra bus tail --fleet -n 50 --host b   # the last 50 committed on host b
+      castra bus tail --fleet --since 10m --vm beta --json | jq -c '{host, seq, topic}'
+      castra bus tail --fleet -f --uplink nats://n1:4222,nats://n2:4222 --uplink-creds ops.creds
     """
     if shared and vm is not None:
         raise click.UsageError("--shared and --vm exclude each other")
@@ -110,6 +153,16 @@ def tail(state_root: Path, shared: bool, vm: str | None, count: int, since: bus_
         raise click.BadParameter("a VM name is not empty", param_hint="--vm")
     if since is not None and click.get_current_context().get_parameter_source("count") is ParameterSource.COMMANDLINE:
         raise click.UsageError("use one of -n and --since: -n shows the last lines, --since those after a point")
+    if fleet:
+        if shared:
+            raise click.UsageError("--shared and --fleet exclude each other: --fleet reads every host's messages")
+        tail_fleet(state_root, uplink_servers, security, hosts, vm, topics, count=count, since=since,
+                   follow=follow, utc=utc, as_json=as_json)
+        return
+    fleet_only = [f"--{name.replace('_', '-')}" for name, value in
+                  (("host", hosts), ("uplink", uplink_servers), *security.items()) if value is not None]
+    if fleet_only:
+        raise click.UsageError(f"{' '.join(fleet_only)} only with --fleet")
     color = stdout_wants_color()
     path = bus_tail.log_path(state_root, vm)
     shown = 0
@@ -160,5 +213,77 @@ def tail(state_root: Path, shared: bool, vm: str | None, count: int, since: bus_
         pass
     except CastraError as exc:
         raise click.ClickException(exc.reason) from None
+    if gaps:
+        raise click.exceptions.Exit(EXIT_GAP)
+
+
+def tail_fleet(state_root: Path, servers: list[str] | None, security: dict[str, str | None], host: str | None,
+               vm: str | None, topics: tuple[str, ...], *, count: int, since: bus_tail.Since | None, follow: bool,
+               utc: bool, as_json: bool) -> None:
+    """``castra bus tail --fleet``: print the fleet's entries (``fleettail``) until done,
+    or with -f until Ctrl-C or SIGTERM, which end it with status 0 (3 after a gap)."""
+    # NATS's client only for --fleet: the local tail starts without it.
+    from castra_zmq import fleettail
+
+    if host is not None:
+        try:
+            check_host_name(host)
+        except CastraError:
+            raise click.BadParameter(f"{host[:80]!r} is not a host name (letters, digits, '.', '_' or '-', "
+                                     "starting with a letter or digit)", param_hint="--host") from None
+    fleet_filter = fleettail.FleetFilter(host, vm, topics)
+    try:
+        settings = fleettail.fleet_settings(state_root, servers, **security)
+    except CastraError as exc:
+        raise click.ClickException(exc.reason) from None
+    color = stdout_wants_color()
+    shown = 0
+    gaps: list[Expired] = []
+
+    def notify(note: str) -> None:
+        click.echo(f"castra bus tail: {printable(note)}", err=True)
+
+    def on_gap(gap: Expired) -> None:
+        gaps.append(gap)
+        notify(f"messages after stream seq {gap.since} are no longer in the stream (aged out): the oldest left "
+               f"is stream seq {gap.oldest}; going on from there")
+
+    def caught_up() -> None:
+        if shown == 0 and (count > 0 or since is not None) and not as_json:
+            no_entries_note()
+
+    async def run() -> None:
+        nonlocal shown
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # even when the shell started it with SIGINT ignored
+            loop.add_signal_handler(signum, task.cancel)
+        connection = None
+        try:
+            connection = await fleettail.connect(settings, notify)
+            entries = fleettail.fleet_entries(connection, fleet_filter, count=count, since=since, follow=follow,
+                                              notify=notify, on_gap=on_gap, caught_up=caught_up)
+            async with contextlib.aclosing(entries):
+                async for entry in entries:
+                    click.echo(json_for_terminal(fleettail.json_line(entry)) if as_json
+                               else format_record(entry.record, color, utc, host=entry.origin.host))
+                    shown += 1
+        except asyncio.CancelledError:  # Ctrl-C or SIGTERM: the normal end of a follow
+            if sys.version_info >= (3, 11):
+                task.uncancel()
+        finally:
+            if connection is not None:
+                with contextlib.suppress(*fleettail.NATS_FAILURES):
+                    await asyncio.wait_for(connection.close(), 2)
+
+    try:
+        asyncio.run(run())
+    except fleettail.FleetUnreachable as exc:
+        click.echo(f"Error: {printable(exc.reason)}", err=True)
+        raise click.exceptions.Exit(EXIT_UNREACHABLE) from None
+    except CastraError as exc:
+        raise click.ClickException(printable(exc.reason)) from None
+    except fleettail.NATS_FAILURES as exc:
+        raise click.ClickException(f"NATS: {printable(fleettail.describe(exc))}") from None
     if gaps:
         raise click.exceptions.Exit(EXIT_GAP)

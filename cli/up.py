@@ -8,26 +8,13 @@ from pathlib import Path
 
 import click
 
-from castra_zmq.config import DEFAULTS, LOG_LEVELS, Settings, check_uplink_servers
+from castra_zmq.config import DEFAULTS, LOG_LEVELS, Settings
 from castra_zmq.errors import CastraError
 from castra_zmq.runtime import setup_logging
 from castra_zmq.supervisor import Supervisor
 from castra_zmq.terminal import wants_color
-from castra_zmq.uplinkconnect import PASSWORD_ENV
 
-from .options import state_root_option
-
-# Made absolute: the roles may not run where `castra up` was started.
-uplink_file = click.Path(dir_okay=False, resolve_path=True)
-
-
-def split_servers(_ctx, _param, value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    try:
-        return check_uplink_servers([url.strip() for url in value.split(",")])
-    except CastraError as exc:
-        raise click.BadParameter(exc.reason) from None
+from .options import split_servers, state_root_option, uplink_security_options
 
 
 @click.command()
@@ -87,18 +74,7 @@ def split_servers(_ctx, _param, value: str | None) -> list[str] | None:
 @click.option("--host-name",
               help="This host's name in the fleet, with --uplink: its uploads go under castra.v1.<name>. "
                    "[default: this machine's host name]")
-@click.option("--uplink-creds", type=uplink_file, metavar="FILE",
-              help="NATS credentials: a .creds file (user JWT and seed) or a user nkey seed (SU...). "
-                   "Needs the nkeys package (pip install 'nats-py[nkeys]').")
-@click.option("--uplink-user", metavar="NAME",
-              help=f"NATS user name; its password is read from {PASSWORD_ENV}, never from the command "
-                   "line (which every local user can read).")
-@click.option("--uplink-tls-ca", type=uplink_file, metavar="FILE",
-              help="PEM CA certificates the NATS servers' certificates must chain to [default: the "
-                   "system's].")
-@click.option("--uplink-tls-cert", type=uplink_file, metavar="FILE",
-              help="PEM client certificate for NATS servers that verify clients (with --uplink-tls-key).")
-@click.option("--uplink-tls-key", type=uplink_file, metavar="FILE", help="The key of --uplink-tls-cert (PEM).")
+@uplink_security_options
 def up(state_root: Path, identities_file: str | None, **options) -> None:
     """Start the router (proxy, journal, status, bridge) and supervise it.
 

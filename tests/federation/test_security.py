@@ -10,6 +10,7 @@ Real processes and sockets on 127.0.0.1; every wait has a deadline.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -194,3 +195,28 @@ def test_connect_options_pass_credentials_through(tmp_path):
         assert connect_options(settings, {}) == {"nkeys_seed": str(seed)}
     except ConfigError as exc:  # the nkeys package is an extra
         assert "pip install 'nats-py[nkeys]'" in exc.reason
+
+
+def test_a_hosts_own_credentials_let_it_tail_the_fleet(hosts):
+    """``castra bus tail --fleet`` on a host reaches NATS as its router's uplink does
+    (``run/router.json``, the password from the environment), and its ephemeral
+    consumer needs no more than ``uplink_permissions``."""
+    a_seqs = host_publish(hosts["a"], "tail-a", 2)
+    b_seqs = host_publish(hosts["b"], "tail-b", 2)
+    for there, topic, seqs in (("b", "tail-a", a_seqs), ("a", "tail-b", b_seqs)):
+        def arrived(there=there, topic=topic):
+            return [line["origin"]["seq"] for line in hosts[there].read_log() if line["topic"] == topic]
+        wait_for(lambda arrived=arrived, seqs=seqs: arrived() == seqs, timeout=15, what=f"{topic} in the stream")
+    done = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "bus", "tail", "--fleet", "--json",
+                           "--state-root", str(hosts["a"].state_root), "--topic", "tail-*"],
+                          env=dict(os.environ, **{PASSWORD_ENV: PASSWORDS["a"]}), capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted((line["host"], line["seq"]) for line in lines) == sorted(
+        [("a", seq) for seq in a_seqs] + [("b", seq) for seq in b_seqs])
+    refused = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "bus", "tail", "--fleet",
+                              "--state-root", str(hosts["a"].state_root)],
+                             env=dict(os.environ, **{PASSWORD_ENV: "wrong"}), capture_output=True, text=True,
+                             timeout=30, check=False)
+    assert refused.returncode == 4 and "authorization violation" in refused.stderr.lower(), refused.stderr
