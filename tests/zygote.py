@@ -49,6 +49,7 @@ def _preload() -> None:
 
     for command in ("main", "bus", "publish", "status", "tail", "up"):  # main's group loads them lazily
         importlib.import_module(f"castra_zmq.cli.{command}")
+    importlib.import_module("castra_zmq.fleettail")  # tail --fleet's, with nats-py
     from castra_zmq.supervisor import ROLES, UPLINK
 
     preload((*ROLES, UPLINK))
@@ -296,9 +297,10 @@ def castra_command(argv: list[str], **streams) -> Command:
     return _zygote.run(argv, **streams)
 
 
-def run_castra(argv: list[str], input: str | None = None, timeout: float = 30, env=None) -> subprocess.CompletedProcess:
+def run_castra(argv: list[str], input: str | None = None, timeout: float = 30, env=None,
+               text: bool = True) -> subprocess.CompletedProcess:
     """``subprocess.run([python, -m, castra_zmq.cli.main, *argv], input=input,
-    capture_output=True, text=True, timeout=timeout)``, forked from the zygote."""
+    capture_output=True, text=text, timeout=timeout)``, forked from the zygote."""
     command = castra_command(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
@@ -307,7 +309,9 @@ def run_castra(argv: list[str], input: str | None = None, timeout: float = 30, e
         command.kill()
         command.wait(5)
         raise
-    return subprocess.CompletedProcess(argv, command.returncode, out.decode(), err.decode())
+    if text:
+        out, err = out.decode(), err.decode()
+    return subprocess.CompletedProcess(argv, command.returncode, out, err)
 
 
 def main(fd: int) -> None:

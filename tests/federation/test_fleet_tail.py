@@ -14,7 +14,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from bench.natscluster import free_ports
 from castra_zmq.client import publish
 
 from ..conftest import Lines, Router, host_publish, wait_for
+from ..zygote import castra_command, run_castra
 from .test_uplink import delete_stream
 
 pytestmark = pytest.mark.timeout(120)
@@ -52,9 +52,8 @@ def fleet(nats_cluster):
 
 def fleet_tail(router: Router, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """``castra bus tail --fleet`` on ``router``'s state root (NATS as its uplink has it)."""
-    return subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "bus", "tail", "--fleet",
-                           "--state-root", str(router.state_root), *args],
-                          capture_output=True, timeout=timeout, check=False)
+    return run_castra(["bus", "tail", "--fleet", "--state-root", str(router.state_root), *args],
+                      timeout=timeout, text=False)
 
 
 def crossed(fleet, topic: str, origin: str, count: int) -> None:
@@ -105,10 +104,9 @@ def test_messages_of_two_hosts_appear_with_their_host(fleet):
 
 def test_follow_prints_new_messages_of_every_host_and_stops_on_sigint(fleet, nats_cluster):
     # Explicit servers, as on a machine without a router.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "castra_zmq.cli.main", "bus", "tail", "--fleet", "-f", "-n", "0", "--json",
-         "--topic", "ft-follow", "--state-root", str(fleet["a"].state_root.parent / "none"),
-         "--uplink", nats_cluster.uplink_option],
+    process = castra_command(
+        ["bus", "tail", "--fleet", "-f", "-n", "0", "--json", "--topic", "ft-follow",
+         "--state-root", str(fleet["a"].state_root.parent / "none"), "--uplink", nats_cluster.uplink_option],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         stdout, stderr = Lines(process.stdout), Lines(process.stderr)

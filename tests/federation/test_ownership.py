@@ -14,7 +14,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from castra_zmq.ownership import (
 
 from ..conftest import Router, host_publish, wait_for
 from ..guest import connect_bus
+from ..zygote import run_castra
 from .test_uplink import delete_stream, query
 
 pytestmark = pytest.mark.timeout(120)
@@ -222,8 +222,7 @@ def test_a_late_copy_of_what_the_old_host_had_is_not_delivered_live(fleet):
 
 
 def castra_status(router: Router, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "status", "--fleet", "--state-root",
-                           str(router.state_root), *args], check=False, capture_output=True, text=True, timeout=20)
+    return run_castra(["status", "--fleet", "--state-root", str(router.state_root), *args], timeout=20)
 
 
 def fleet_json(router: Router) -> dict:

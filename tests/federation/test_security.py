@@ -30,6 +30,7 @@ from castra_zmq.uplinkconnect import PASSWORD_ENV, connect_options
 
 from ..conftest import Router, host_publish, wait_for
 from ..guest import connect_bus
+from ..zygote import run_castra
 from .test_uplink import query
 
 pytestmark = pytest.mark.timeout(120)
@@ -210,16 +211,12 @@ def test_a_hosts_own_credentials_let_it_tail_the_fleet(hosts):
         def arrived(there=there, topic=topic):
             return [line["origin"]["seq"] for line in hosts[there].read_log() if line["topic"] == topic]
         wait_for(lambda arrived=arrived, seqs=seqs: arrived() == seqs, timeout=15, what=f"{topic} in the stream")
-    done = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "bus", "tail", "--fleet", "--json",
-                           "--state-root", str(hosts["a"].state_root), "--topic", "tail-*"],
-                          env=dict(os.environ, **{PASSWORD_ENV: PASSWORDS["a"]}), capture_output=True, text=True,
-                          timeout=30, check=False)
+    done = run_castra(["bus", "tail", "--fleet", "--json", "--state-root", str(hosts["a"].state_root),
+                       "--topic", "tail-*"], env=dict(os.environ, **{PASSWORD_ENV: PASSWORDS["a"]}))
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert sorted((line["host"], line["seq"]) for line in lines) == sorted(
         [("a", seq) for seq in a_seqs] + [("b", seq) for seq in b_seqs])
-    refused = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "bus", "tail", "--fleet",
-                              "--state-root", str(hosts["a"].state_root)],
-                             env=dict(os.environ, **{PASSWORD_ENV: "wrong"}), capture_output=True, text=True,
-                             timeout=30, check=False)
+    refused = run_castra(["bus", "tail", "--fleet", "--state-root", str(hosts["a"].state_root)],
+                         env=dict(os.environ, **{PASSWORD_ENV: "wrong"}))
     assert refused.returncode == 4 and "authorization violation" in refused.stderr.lower(), refused.stderr
