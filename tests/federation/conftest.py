@@ -7,13 +7,18 @@ wheel (the ``test`` extra) is not installed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bench.natscluster import NatsCluster, find_nats_server
+from castra_zmq.uplinkconnect import PASSWORD_ENV
+
+from ..conftest import Router, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -30,3 +35,39 @@ def nats_cluster():
     finally:
         cluster.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def uplinked_routers(cluster: NatsCluster, hosts, prefix: str, ready: Callable[[dict[str, Router]], None],
+                     user: Callable[[str], tuple[str, str]] | None = None):
+    """Routers on state roots of their own, one per host of ``hosts`` in that order,
+    each uplinked to ``cluster`` as its host name (``yield from`` it in a module
+    fixture, which gets ``{host: Router}``); ``ready(routers)`` waits until the module
+    may start. ``user(host)``: its NATS user and password (the password through
+    ``PASSWORD_ENV``, read by that router only, at its start)."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    routers: dict[str, Router] = {}
+    try:
+        for host in hosts:
+            args = ["--uplink", cluster.uplink_option, "--host-name", host]
+            if user is not None:
+                name, os.environ[PASSWORD_ENV] = user(host)
+                args += ["--uplink-user", name]
+            try:
+                routers[host] = Router(directory / host, *args).start()
+            finally:
+                os.environ.pop(PASSWORD_ENV, None)
+        ready(routers)
+        yield routers
+    finally:
+        for router in routers.values():
+            router.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def each_log_says(text: str) -> Callable[[dict[str, Router]], None]:
+    """A ``ready`` for ``uplinked_routers``: wait until every router's log has ``text``."""
+    def ready(routers: dict[str, Router]) -> None:
+        for router in routers.values():
+            wait_for(lambda router=router: text in router.log_text(), timeout=20, interval=0.1,
+                     what=f"{text!r} in its log")
+    return ready

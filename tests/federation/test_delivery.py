@@ -13,11 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import tempfile
 import threading
-from pathlib import Path
 
 import nats
 import pytest
@@ -27,6 +24,7 @@ from castra_zmq.federation import STREAM_NAME, consumer_config, consumer_name, o
 
 from ..conftest import Router, host_publish, restarted, wait_for
 from ..guest import connect_bus
+from .conftest import uplinked_routers
 from .test_uplink import delete_stream, query
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,19 +36,11 @@ def fleet(nats_cluster):
     """Three routers on state roots of their own, each uplinked as its host name,
     once each one's consumer is there (it starts at the host's epoch)."""
     delete_stream(nats_cluster)
-    directory = Path(tempfile.mkdtemp(prefix="czfed", dir="/tmp"))
-    routers: dict[str, Router] = {}
-    try:
-        for host in HOSTS:
-            routers[host] = Router(directory / host, "--uplink", nats_cluster.uplink_option,
-                                   "--host-name", host).start()
+    def each_consumer_there(_routers) -> None:
         wait_for(lambda: consumers(nats_cluster) == {consumer_name(host) for host in HOSTS}, timeout=20,
                  interval=0.1, what="a consumer for each host")
-        yield routers
-    finally:
-        for router in routers.values():
-            router.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+
+    yield from uplinked_routers(nats_cluster, HOSTS, "czfed", each_consumer_there)
 
 
 def consumers(nats_cluster) -> set[str]:

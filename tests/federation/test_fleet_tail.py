@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -25,6 +22,7 @@ from castra_zmq.client import publish
 
 from ..conftest import Lines, Router, host_publish, wait_for
 from ..zygote import castra_command, run_castra
+from .conftest import each_log_says, uplinked_routers
 from .test_uplink import delete_stream
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,20 +32,7 @@ HOSTS = ("a", "b")
 @pytest.fixture(scope="module")
 def fleet(nats_cluster):
     delete_stream(nats_cluster)
-    directory = Path(tempfile.mkdtemp(prefix="czft", dir="/tmp"))
-    routers: dict[str, Router] = {}
-    try:
-        for host in HOSTS:
-            routers[host] = Router(directory / host, "--uplink", nats_cluster.uplink_option,
-                                   "--host-name", host).start()
-        for router in routers.values():
-            wait_for(lambda router=router: "downloading consumer=" in router.log_text(), timeout=20,
-                     what="its download started")
-        yield routers
-    finally:
-        for router in routers.values():
-            router.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from uplinked_routers(nats_cluster, HOSTS, "czft", each_log_says("downloading consumer="))
 
 
 def fleet_tail(router: Router, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import nats.js.errors
 import pytest
@@ -35,6 +32,7 @@ from castra_zmq.ownership import (
 from ..conftest import Router, host_publish, wait_for
 from ..guest import connect_bus
 from ..zygote import run_castra
+from .conftest import each_log_says, uplinked_routers
 from .test_uplink import delete_stream, query
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,20 +43,7 @@ HOSTS = ("a", "b", "c")
 def fleet(nats_cluster):
     delete_stream(nats_cluster)
     delete_buckets(nats_cluster)
-    directory = Path(tempfile.mkdtemp(prefix="czown", dir="/tmp"))
-    routers: dict[str, Router] = {}
-    try:
-        for host in HOSTS:
-            routers[host] = Router(directory / host, "--uplink", nats_cluster.uplink_option,
-                                   "--host-name", host).start()
-        for router in routers.values():
-            wait_for(lambda router=router: "watching VM owners" in router.log_text(), timeout=20, interval=0.1,
-                     what="the uplink watching the owners")
-        yield routers
-    finally:
-        for router in routers.values():
-            router.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from uplinked_routers(nats_cluster, HOSTS, "czown", each_log_says("watching VM owners"))
 
 
 def delete_buckets(nats_cluster) -> None:

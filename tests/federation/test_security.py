@@ -28,9 +28,10 @@ from castra_zmq.federation import STREAM_NAME, uplink_permissions
 from castra_zmq.statusview import collect_status
 from castra_zmq.uplinkconnect import PASSWORD_ENV, connect_options
 
-from ..conftest import Router, host_publish, wait_for
+from ..conftest import host_publish, wait_for
 from ..guest import connect_bus
 from ..zygote import run_castra
+from .conftest import each_log_says, uplinked_routers
 from .test_uplink import query
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,24 +58,8 @@ def guarded_cluster():
 @pytest.fixture(scope="module")
 def hosts(guarded_cluster):
     """Routers ``a`` and ``b``, each as its own NATS user, ``a`` first: it makes the stream."""
-    directory = Path(tempfile.mkdtemp(prefix="czsec", dir="/tmp"))
-    routers: dict[str, Router] = {}
-    try:
-        for host, password in PASSWORDS.items():
-            os.environ[PASSWORD_ENV] = password  # inherited by this router only: read at its start
-            try:
-                routers[host] = Router(directory / host, "--uplink", guarded_cluster.uplink_option,
-                                       "--host-name", host, "--uplink-user", f"castra-{host}").start()
-            finally:
-                del os.environ[PASSWORD_ENV]
-        for router in routers.values():
-            wait_for(lambda router=router: "downloading consumer=" in router.log_text(), timeout=20,
-                     what="its download started")
-        yield routers
-    finally:
-        for router in routers.values():
-            router.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from uplinked_routers(guarded_cluster, PASSWORDS, "czsec", each_log_says("downloading consumer="),
+                                user=lambda host: (f"castra-{host}", PASSWORDS[host]))
 
 
 def test_hosts_with_their_own_permissions_share_messages(hosts, guarded_cluster):
