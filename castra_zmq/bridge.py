@@ -56,6 +56,7 @@ from .wire import (
     MAX_FRAME,
     MAX_TOPIC,
     MESSAGE_TOO_LARGE,
+    PAYLOAD_ALWAYS_FITS,
     SUBSCRIBE_ALL,
     CommitBatch,
     CommitResult,
@@ -259,6 +260,8 @@ class Bridge:
 
     def too_large(self, vm: str, topic: str, payload: msgspec.Raw) -> bool:
         """Whether its delivery would be over ``MAX_FRAME``, under the seq it would get."""
+        if len(payload) <= PAYLOAD_ALWAYS_FITS:
+            return False
         seq = self.log.seq + len(self.messages) + 1
         return delivery_bytes(topic, sender_of(vm), len(payload), seq) > MAX_FRAME
 
@@ -356,12 +359,14 @@ class Bridge:
                     self.failure = None
                 if moved:
                     self.origins.advance(moved)
-                self.distribute(ts_ms, batch.first_seq, messages, waiting)
-                self.send_lines(batch.lines)
+                bus_sent = self.distribute(ts_ms, batch.first_seq, messages, waiting)
+                bus_sent |= self.send_lines(batch.lines)
                 if topics.COMMITTED in self.subscriptions:  # the uplink's: it uploads what is committed
                     self.bus.send_multipart([topics.COMMITTED, b"%d" % self.log.seq])
+                    bus_sent = True
+                if bus_sent:  # a send can take the edge of the FD for a notice that came meanwhile
+                    self.read_subscriptions()
         self.send_host_results()
-        self.read_subscriptions()  # a send can take the edge of the FD for a notice that came meanwhile
         now = time.monotonic()
         if self.published and now >= self.next_publish_event:
             self.next_publish_event = now + _PUBLISH_EVENT_INTERVAL
@@ -387,9 +392,10 @@ class Bridge:
                 [item for item, kept in zip(origins, keep) if kept], moved)
 
     def distribute(self, ts_ms: int, first_seq: int, messages: list[Message],
-                   waiting: list[GuestPublish | HostPublish]) -> None:
-        """Answer and deliver a committed batch."""
+                   waiting: list[GuestPublish | HostPublish]) -> bool:
+        """Answer and deliver a committed batch; True if it sent on the bus."""
         send = self.bus.send_multipart
+        sent = False
         for seq, (vm, topic, payload), waiter in zip(itertools.count(first_seq), messages, waiting):
             self.answer(waiter, seq, None)
             sender = sender_of(vm)
@@ -403,8 +409,10 @@ class Bridge:
                                  waiter.origin if isinstance(waiter, HostPublish) else None)
                 if host_wants:
                     send([topics.bus(topic), sender.encode(), body])
+                    sent = True
             if not (isinstance(waiter, HostPublish) and waiter.origin is not None):
                 self.published[vm] += 1  # status counts this host's VMs' publishes, not the fleet's
+        return sent
 
     def answer(self, waiter: GuestPublish | HostPublish, seq: int | None, reason: str | None) -> None:
         if isinstance(waiter, GuestPublish):
@@ -413,29 +421,39 @@ class Bridge:
         else:
             self.host_results[waiter.peer].append(CommitResult(corr=waiter.corr, seq=seq, reason=reason))
 
-    def send_lines(self, lines: list[bytes]) -> None:
+    def send_lines(self, lines: list[bytes]) -> bool:
         """Pass the committed lines on to the journal, for the per-VM logs: in
         messages of at most ``bus_frame_bytes_max`` (the proxy's limit), sent once
         one is full or ``_LINES_DELAY`` after its first line. A message per commit
         would wake the proxy and the journal once per commit, which cost them more
         CPU per ack than the commit itself. Dropped when the proxy's queue is full:
-        the journal fills a gap in seqs from ``bus.log``."""
+        the journal fills a gap in seqs from ``bus.log``. True if it sent."""
         limit = self.settings.bus_frame_bytes_max
+        sent = False
         for line in lines:
             if self.unsent_bytes + len(line) > limit:
-                self.flush_lines()
+                sent |= self.flush_lines()
             self.unsent_lines.append(line)
             self.unsent_bytes += len(line)
         if self.unsent_lines and self.lines_flush is None:
-            self.lines_flush = asyncio.get_running_loop().call_later(_LINES_DELAY, self.flush_lines)
+            self.lines_flush = asyncio.get_running_loop().call_later(_LINES_DELAY, self.flush_lines_later)
+        return sent
 
-    def flush_lines(self) -> None:
+    def flush_lines(self) -> bool:
+        """Send the unsent lines now; True if there were any."""
         if self.lines_flush is not None:
             self.lines_flush.cancel()
             self.lines_flush = None
-        if self.unsent_lines:
-            self.bus.send_multipart([topics.LOG, b"".join(self.unsent_lines)])
-            self.unsent_lines, self.unsent_bytes = [], 0
+        if not self.unsent_lines:
+            return False
+        self.bus.send_multipart([topics.LOG, b"".join(self.unsent_lines)])
+        self.unsent_lines, self.unsent_bytes = [], 0
+        return True
+
+    def flush_lines_later(self) -> None:
+        """``_LINES_DELAY`` after the first unsent line, outside any commit."""
+        if self.flush_lines():
+            self.read_subscriptions()  # as after a commit's sends
 
     # -- host tools -------------------------------------------------------------------
 

@@ -273,6 +273,7 @@ def delivery_bytes(topic: str, sender: str, payload_bytes: int, seq: int) -> int
     return _delivery_envelope_bytes(topic, sender) + payload_bytes + len(str(seq))
 
 
+
 MESSAGE_TOO_LARGE = "message too large"
 """The reason a publish is refused when its delivery would not fit in a guest frame."""
 
@@ -312,6 +313,11 @@ decode_handover_request = msgspec.json.Decoder(HandoverRequest).decode
 decode_delivery = msgspec.json.Decoder(Delivery).decode
 decode_log_record = msgspec.json.Decoder(LogRecord).decode
 _log_lines_decoder = msgspec.json.Decoder(list[LogRecord])
+
+
+PAYLOAD_ALWAYS_FITS = MAX_FRAME - delivery_bytes("\x01" * MAX_TOPIC, "vm:" + "\x01" * MAX_NAME, 0, 2**63 - 1)
+"""A payload of at most this many bytes fits in a delivery of any topic, sender and
+seq (each character of the widest escaped as ``\\u0001``): most need no ``delivery_bytes``."""
 
 
 def decode_log_lines(data: bytes) -> list[LogRecord]:

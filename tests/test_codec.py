@@ -23,6 +23,8 @@ from castra_zmq.handshake import MAX_LINE, MAX_NAME, parse_hello, take_line, val
 from castra_zmq.logfiles import log_file_name, vm_from_file_name
 from castra_zmq.wire import (
     MAX_FRAME,
+    MAX_TOPIC,
+    PAYLOAD_ALWAYS_FITS,
     Acknowledge,
     FrameRejected,
     Heartbeat,
@@ -30,6 +32,8 @@ from castra_zmq.wire import (
     Subscribe,
     Unsubscribe,
     decode_guest_frame,
+    delivery_bytes,
+    json_encode,
 )
 
 FAST = settings(deadline=None)  # examples: the profile's (conftest.py)
@@ -628,3 +632,18 @@ def test_vm_alpha_frame_is_not_a_prefix_of_vm_alpha2_frame():
        st.text(min_size=1, max_size=5).filter(lambda t: "\x00" not in t))
 def test_topic_frames_never_prefix_another_topic(topic, suffix):
     assert not topics.bus(topic + suffix).startswith(topics.bus(topic))
+
+
+def test_no_character_is_wider_in_json_than_the_one_payload_always_fits_assumes():
+    """PAYLOAD_ALWAYS_FITS counts 6 bytes a character (``\\u0001``): every code
+    point that may be in a topic or a VM name encodes to at most that: all of the
+    first 4,096 (where JSON's escapes are), then one in 13 (every encoded width)."""
+    codes = itertools.chain(range(0x1000), range(0x1000, 0x110000, 13))
+    assert max(len(json_encode(chr(code))) - 2 for code in codes if not 0xD800 <= code < 0xE000) <= 6
+
+
+@FAST
+@given(st.text(min_size=1, max_size=MAX_TOPIC), st.text(min_size=1, max_size=MAX_NAME),
+       st.integers(0, 2**63 - 1))
+def test_a_payload_that_always_fits_fits_any_delivery(topic, name, seq):
+    assert delivery_bytes(topic, "vm:" + name, PAYLOAD_ALWAYS_FITS, seq) <= MAX_FRAME
