@@ -35,22 +35,19 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import msgspec
 import nats.js.errors
 import zmq
-import zmq.asyncio
 from loguru import logger
 
-from . import runtime, topics
 from .config import Settings
 from .errors import CastraError
 from .events import (
+    AnyEvent,
     EventKind,
     JournalEvent,
     SessionCloseEvent,
     SessionOpenEvent,
     SessionsEvent,
-    decode_event,
     now_ms,
 )
 from .federation import host_key
@@ -81,7 +78,6 @@ from .statustable import FleetView, FleetVm
 from .tail import seq_at_time
 from .wire import HANDOVER_VERB, json_encode
 
-_DRAIN_MAX = 1024  # bus messages read per wake-up before the loop gets a turn
 _TRACK_INTERVAL_S = 0.5  # how often the mark tracker follows bus.log
 _RELEASES_MAX = 4096  # releases kept until the bucket takes them (the oldest dropped: a VM not owned here)
 _TURN_MIN_S = 0.05  # between reconcile turns (each may write state/fleet.json)
@@ -117,55 +113,39 @@ class MarkTracker:
         return dict(self.marks.marks)
 
 
+LOCAL_SESSION_EVENTS = (EventKind.SESSION_OPEN, EventKind.SESSION_CLOSE, EventKind.SESSIONS)
+"""The bridge's events ``LocalSessions`` follows, beside the committed seq."""
+
+
 class LocalSessions:
     """The VMs with a bus session on this host, from the bridge's events; the seq
     ``bus.log`` stood at when each one's last session closed."""
 
-    def __init__(self, settings: Settings, tracker: MarkTracker, changed: asyncio.Event):
-        self.context = zmq.asyncio.Context()
-        self.bus = self.context.socket(zmq.SUB)
-        self.bus.linger = 0
-        self.bus.rcvhwm = settings.hwm_for(settings.bus_frame_bytes_max)
-        for kind in (EventKind.SESSION_OPEN, EventKind.SESSION_CLOSE, EventKind.SESSIONS, EventKind.JOURNAL):
-            self.bus.subscribe(topics.event(kind.value))
-        self.bus.subscribe(topics.COMMITTED)
-        self.bus.connect(settings.endpoints.subscribe)
-        self.queued = zmq.Socket.shadow(self.bus.underlying)
+    def __init__(self, tracker: MarkTracker, changed: asyncio.Event):
         self.tracker = tracker
         self.changed = changed
         self.sessions: dict[str, set[str]] = {}  # vm -> its open sessions' tokens
         self.released: dict[str, Release] = {}  # vm -> where the log stood when its last session closed
         self.committed = 0  # the last committed seq the bus told (no close to come is below it)
+        self.tracked = time.monotonic()  # when the tracker last followed the log
         self.synced = False  # a whole session sync seen: ``sessions`` holds every VM connected here
         self.sync_round: int | None = None
         self.sync_parts: dict[str, set[str]] = {}
         self.sync_seen = 0
 
-    async def watch(self) -> None:
-        """Follow the events; every ``_TRACK_INTERVAL_S`` move the tracker on to the
-        committed seq (no close still to come is below it), so a close reads
-        little of the log, not all that came since the last one."""
-        tracked = time.monotonic()
-        while True:
-            self.handle(await self.bus.recv_multipart())
-            for parts in runtime.ready_messages(self.queued, _DRAIN_MAX):
-                self.handle(parts)
-            if time.monotonic() - tracked >= _TRACK_INTERVAL_S:
-                self.tracker.marks_at(self.committed)
-                tracked = time.monotonic()
+    def observe(self, committed: int | None, event: AnyEvent | None) -> None:
+        """One bus message (``buswatch``). Every ``_TRACK_INTERVAL_S`` the tracker
+        moves on to the committed seq (no close still to come is below it), so a
+        close reads little of the log, not all that came since the last one."""
+        if committed is not None:
+            self.committed = max(self.committed, committed)
+        else:
+            self.take_event(event)
+        if time.monotonic() - self.tracked >= _TRACK_INTERVAL_S:
+            self.tracker.marks_at(self.committed)
+            self.tracked = time.monotonic()
 
-    def handle(self, parts: list[bytes]) -> None:
-        if len(parts) != 2:
-            return
-        topic, body = parts
-        try:
-            if topic == topics.COMMITTED:
-                self.committed = max(self.committed, int(body))
-                return
-            event = decode_event(body)
-        except (CastraError, msgspec.DecodeError, ValueError) as exc:
-            logger.warning("dropped malformed bus message", reason=str(exc))
-            return
+    def take_event(self, event: AnyEvent) -> None:
         match event:
             case SessionOpenEvent():
                 self.sessions.setdefault(event.vm, set()).add(event.session)
@@ -214,10 +194,6 @@ class LocalSessions:
     def wanted(self) -> set[str]:
         return {vm for vm, tokens in self.sessions.items() if tokens}
 
-    def close_socket(self) -> None:
-        self.bus.close(linger=0)
-        self.context.term()
-
 
 class HandoverLink:
     """Asks the bridge to deliver what a VM claimed from a release was sent while
@@ -260,7 +236,7 @@ class Claims:
         self.fleet_path = settings.endpoints.fleet
         self.changed = asyncio.Event()
         self.tracker = MarkTracker(settings)
-        self.local = LocalSessions(settings, self.tracker, self.changed)
+        self.local = LocalSessions(self.tracker, self.changed)
         self.handover = HandoverLink(settings)
         # vm -> its record and revision: as watched, and as this host wrote it (the
         # watch may tell an older revision after that: it is not taken).
@@ -457,5 +433,4 @@ class Claims:
         self.fleet_written, self.fleet_dirty = now, False
 
     def close(self) -> None:
-        self.local.close_socket()
         self.handover.close()

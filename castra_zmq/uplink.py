@@ -13,7 +13,7 @@ is, to the stream ``CASTRA`` under ``castra.v1.<host>.<topic tokens>``
 
 * **From the log, up to the committed seq.** The bridge sends the seq of
   ``bus.log`` into the proxy right after each commit (``topics.COMMITTED``, once
-  fsynced), and on each health tick; this role listens to both (``CommitWatch``)
+  fsynced), and on each health tick; this role listens to both (``CommitWatch``, fed by ``buswatch``)
   only to learn how far ``bus.log`` is committed, and reads the lines from the log. So a line
   of a commit that failed and was cut back is never uploaded, the proxy dropping a
   message only delays an upload, and a NATS outage only delays it too: the local
@@ -55,16 +55,15 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
-import zmq
-import zmq.asyncio
 from loguru import logger
 
-from . import runtime, topics
-from .claims import Claims
+from . import runtime
+from .buswatch import BusWatch
+from .claims import LOCAL_SESSION_EVENTS, Claims
 from .config import Settings, settings_from_env
 from .downlink import DeliveryFailed, Downlink
 from .errors import CastraError
-from .events import EventKind, JournalEvent, decode_event, now_ms
+from .events import AnyEvent, EventKind, JournalEvent, now_ms
 from .federation import (
     STREAM_NAME,
     STREAM_REPLICAS,
@@ -90,7 +89,6 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
 _REQUEST_TIMEOUT = 2.0  # a JetStream publish or lookup; past it the session starts again
 _CONNECT_TIMEOUT = 2.0
 _READ_BYTES = 64 * 1024  # of bus.log at a time
-_DRAIN_MAX = 1024  # bus messages the commit watch reads per wake-up before it yields
 # What nats-py raises for a server it cannot reach, a timeout or a refusal.
 NATS_FAILURES = (nats.errors.Error, OSError, asyncio.TimeoutError)
 
@@ -102,44 +100,18 @@ class UplinkState(msgspec.Struct):
 
 
 class CommitWatch:
-    """How far ``bus.log`` is committed, from what the bridge sends on the bus: the
-    log's seq after each commit (``seq``), sent once fsynced, and its health event
-    with it (``evt\\0journal\\0``, every ``health_interval``), which tells even when
-    the proxy dropped a ``seq`` message or the bridge did not see this subscription yet."""
+    """How far ``bus.log`` is committed, from what the bridge sends on the bus
+    (``buswatch``): the log's seq after each commit, sent once fsynced, and its
+    health event with it (``evt\\0journal\\0``, every ``health_interval``), which
+    tells even when the proxy dropped a ``seq`` message or the bridge did not see
+    the subscription yet."""
 
-    def __init__(self, settings: Settings):
-        self.context = zmq.asyncio.Context()
-        self.bus = self.context.socket(zmq.SUB)
-        self.bus.linger = 0
-        self.bus.rcvhwm = settings.hwm_for(settings.bus_frame_bytes_max)
-        self.bus.subscribe(topics.COMMITTED)
-        self.bus.subscribe(topics.event(EventKind.JOURNAL.value))
-        self.bus.connect(settings.endpoints.subscribe)
-        self.queued = zmq.Socket.shadow(self.bus.underlying)  # the same socket, read without a future
+    def __init__(self) -> None:
         self.seq: int | None = None  # unknown until the bridge's first word
         self.changed = asyncio.Event()
 
-    async def watch(self) -> None:
-        """A ``seq`` message comes with every commit: once awake, what else is
-        queued is read at once, not a future and a loop turn each."""
-        while True:
-            self.handle(await self.bus.recv_multipart())
-            for parts in runtime.ready_messages(self.queued, _DRAIN_MAX):
-                self.handle(parts)
-
-    def handle(self, parts: list[bytes]) -> None:
-        if len(parts) != 2:
-            return
-        topic, body = parts
-        try:
-            if topic == topics.COMMITTED:
-                seq = int(body)
-            else:
-                event = decode_event(body)
-                seq = event.seq if isinstance(event, JournalEvent) else None
-        except (CastraError, msgspec.DecodeError, ValueError) as exc:
-            logger.warning("dropped malformed bus message", reason=str(exc))
-            return
+    def observe(self, committed: int | None, event: AnyEvent | None) -> None:
+        seq = event.seq if isinstance(event, JournalEvent) else committed
         if seq is not None and (self.seq is None or seq > self.seq):
             self.seq = seq
             self.changed.set()
@@ -151,10 +123,6 @@ class CommitWatch:
             await self.changed.wait()
         return self.seq
 
-    def close(self) -> None:
-        self.bus.close(linger=0)
-        self.context.term()
-
 
 class Uplink:
     def __init__(self, settings: Settings):
@@ -163,9 +131,10 @@ class Uplink:
         self.host = settings.host_name
         self.servers = settings.uplink_servers
         self.epoch = self.load_epoch()
-        self.commits = CommitWatch(settings)
+        self.commits = CommitWatch()
         self.downlink = Downlink(settings)
         self.claims = Claims(settings, lambda: self.epoch)
+        self.bus = BusWatch(settings, (EventKind.JOURNAL, *LOCAL_SESSION_EVENTS), [self.commits, self.claims.local])
         self.connect_options = connect_options(settings)
         self.health = HealthReport(settings)
         self.connection: nats.NATS | None = None
@@ -195,7 +164,7 @@ class Uplink:
     # -- life cycle ---------------------------------------------------------------------
 
     async def serve(self) -> None:
-        watch = asyncio.gather(self.commits.watch(), self.claims.local.watch())
+        watch = asyncio.ensure_future(self.bus.watch())
         logger.info("uplink ready", host=self.host, epoch=self.epoch, servers=",".join(self.servers))
         runtime.notify_ready()
         halves = [asyncio.create_task(self.keep_going("upload", self.upload_session, lambda: self.uploads)),
@@ -217,7 +186,7 @@ class Uplink:
             await asyncio.gather(stop, watch, *halves, return_exceptions=True)
             if self.connection is not None:
                 await self.connection.close()
-            self.commits.close()
+            self.bus.close()
             self.downlink.close()
             self.claims.close()
             self.health.close()
