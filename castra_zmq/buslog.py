@@ -407,12 +407,17 @@ class VmLogs:
             self.rebuild()
         skip = max(0, self.seq + 1 - first_seq)
         writes: dict[AppendFile, bytearray] = collections.defaultdict(bytearray)
+        # A commit has few distinct senders and topics: their files are looked up once.
+        routes: dict[tuple[str, str], list[AppendFile]] = {}
         try:
             for (vm, topic, _), line in itertools.islice(zip(messages, lines), skip, None):
-                for name in files_of(vm, topic):
-                    handle = self.file(name, keep=writes, sender=name == vm)
-                    if handle is not None:
-                        writes[handle] += line
+                handles = routes.get((vm, topic))
+                if handles is None:
+                    handles = routes[vm, topic] = [
+                        handle for name in files_of(vm, topic)
+                        if (handle := self.file(name, keep=writes, sender=name == vm)) is not None]
+                for handle in handles:
+                    writes[handle] += line
             self._write(writes)
         except OSError as exc:
             raise write_failed(exc) from exc

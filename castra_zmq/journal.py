@@ -37,7 +37,7 @@ from .errors import ConfigError, LogWriteFailed
 from .events import EventKind, HandshakeEvent, JournalEvent, SessionsEvent, decode_event
 from .handshake import is_vm_name
 from .identity import load_identities
-from .wire import decode_log_record
+from .wire import decode_log_lines
 
 _MESSAGES_PER_TURN = 10_000  # then the stop signal and the checkpoint tick get their turn
 
@@ -106,12 +106,16 @@ class Journal:
                 self.handle_event(parts[1])
 
     def file(self, data: bytes) -> None:
-        """File one ``log`` message: whole lines of one commit, in seq order."""
-        lines = [line + b"\n" for line in data.split(b"\n")[:-1]]
+        """File one ``log`` message: whole lines of commits, in seq order."""
         try:
-            records = [decode_log_record(line) for line in lines]
+            records = decode_log_lines(data)
         except msgspec.DecodeError as exc:
             logger.warning("dropped malformed log message", reason=str(exc))
+            return
+        # A line ends only at its newline: compact JSON has no raw \r or \n.
+        lines = data.splitlines(keepends=True)
+        if not records or len(lines) != len(records):
+            logger.warning("dropped malformed log message", reason="not whole lines of records")
             return
         messages: list[Message] = [(record.vm, record.topic, record.payload) for record in records]
         self.guard(lambda: self.vm_logs.append(records[0].seq, messages, lines))

@@ -428,6 +428,25 @@ def test_malformed_journal_socket_message_is_dropped_and_logged(bus_router, fram
     assert_router_intact(bus_router)
 
 
+@pytest.mark.parametrize("body", [b"not json\n", b'{"seq":1}\n', b'[1,2]\n{"seq":2}\n', b""],
+                         ids=["not-json", "not-a-record", "two-lines-one-array", "empty"])
+def test_malformed_log_message_on_the_bus_is_dropped_by_the_journal(bus_router, body):
+    """A local peer of the proxy may send ``log`` messages that are not whole log
+    lines: the journal logs and drops them, and goes on filing the real ones."""
+    warnings = bus_router.log_text().count("dropped malformed log message")
+    with zmq.Context() as context, context.socket(zmq.PUB) as sock:
+        sock.linger = 1000
+        sock.connect(f"ipc://{bus_router.state_root}/run/bus-in.sock")
+        deadline = time.monotonic() + 5  # a PUB drops what it sends before the proxy subscribes it
+        while (bus_router.log_text().count("dropped malformed log message") == warnings
+               and time.monotonic() < deadline):
+            sock.send_multipart([b"log\0", body])
+            time.sleep(0.1)
+    assert bus_router.log_text().count("dropped malformed log message") > warnings
+    assert client.publish("after", 1, state_root=bus_router.state_root, timeout=3) > 0
+    assert_router_intact(bus_router)
+
+
 def test_publish_id_over_1024_characters_gets_error_ack_and_no_ack_exceeds_the_frame_limit(bus_router):
     """The ack echoes the id: an id of ~65 KB would make an ack over 65,536 bytes,
     which guests reject. Longer ids are refused; the longest id allowed, all
