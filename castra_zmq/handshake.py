@@ -92,7 +92,11 @@ def validate_vm_name(name: str) -> str:
         raise HandshakeError("missing vm name")
     if len(name) > MAX_NAME:
         raise HandshakeError("vm name too long")
-    if any(unicodedata.category(ch) in FORBIDDEN_CATEGORIES for ch in name):
+    if name.isascii():  # ASCII's only forbidden category is Cc: what isprintable() refuses there
+        forbidden = not name.isprintable()
+    else:
+        forbidden = any(unicodedata.category(ch) in FORBIDDEN_CATEGORIES for ch in name)
+    if forbidden:
         raise HandshakeError("invalid vm name")
     if name.lower() == HOST_SENDER:
         raise HandshakeError("reserved vm name")

@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 from castra_zmq import topics
 from castra_zmq.errors import FrameError, HandshakeError
 from castra_zmq.framing import FrameDecoder, encode_frame
-from castra_zmq.handshake import MAX_LINE, MAX_NAME, parse_hello, take_line, validate_vm_name
+from castra_zmq.handshake import (
+    FORBIDDEN_CATEGORIES,
+    MAX_LINE,
+    MAX_NAME,
+    is_vm_name,
+    parse_hello,
+    take_line,
+    validate_vm_name,
+)
 from castra_zmq.logfiles import log_file_name, vm_from_file_name
 from castra_zmq.wire import (
     MAX_FRAME,
@@ -647,3 +655,11 @@ def test_no_character_is_wider_in_json_than_the_one_payload_always_fits_assumes(
        st.integers(0, 2**63 - 1))
 def test_a_payload_that_always_fits_fits_any_delivery(topic, name, seq):
     assert delivery_bytes(topic, "vm:" + name, PAYLOAD_ALWAYS_FITS, seq) <= MAX_FRAME
+
+
+@pytest.mark.parametrize("code", range(128))
+def test_an_ascii_character_is_refused_in_a_vm_name_exactly_when_its_category_is_forbidden(code):
+    """validate_vm_name checks ASCII names with isprintable(), others by category."""
+    name = f"a{chr(code)}b"
+    forbidden = unicodedata.category(chr(code)) in FORBIDDEN_CATEGORIES
+    assert is_vm_name(name) == (not forbidden)
