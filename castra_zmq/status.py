@@ -4,9 +4,9 @@ It follows session events on the bus (``evt``), answers queries on a ROUTER sock
 (``run/status.sock``) and writes an atomic snapshot (``state/status.json``) at most
 every ``snapshot_interval``, so ``castra status`` never blocks and a restart loses
 nothing. The bridge's periodic ``sessions`` event is authoritative for which
-sessions are open: a session is only shown open while that sync is fresh, so a
-killed bridge cannot leave VMs looking connected. The table itself is
-``statustable``.
+sessions are open, and a session is only shown open while the bridge is heard
+from (that sync, or its health event every tick), so a killed bridge cannot
+leave VMs looking connected. The table itself is ``statustable``.
 """
 
 from __future__ import annotations

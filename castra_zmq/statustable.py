@@ -84,7 +84,10 @@ class StatusTable(msgspec.Struct, kw_only=True):
 
     vms: dict[str, VmRecord] = {}
     journal: JournalHealth = msgspec.field(default_factory=JournalHealth)
-    bridge_sync_ms: int | None = None
+    # The bridge's last session sync or health event: its sessions are shown open
+    # while it is fresh (a killed bridge cannot leave VMs looking connected). With
+    # many guests a sync comes only every few health ticks; the health event, every one.
+    bridge_seen_ms: int | None = None
     handshake_fresh_ms: int = 45_000
     stale_after_ms: int = 2_000  # how old a bridge sync or journal health may get
     refused_handshakes: int = 0  # since the state root was made; they leave no record
@@ -217,7 +220,7 @@ def _fresh(now: int, then: int | None, limit_ms: int) -> bool:
 
 def view(table: StatusTable, now: int) -> StatusView:
     """The status as of ``now`` (unix ms), from a live table or a snapshot."""
-    bridge_live = _fresh(now, table.bridge_sync_ms, table.stale_after_ms)
+    bridge_live = _fresh(now, table.bridge_seen_ms, table.stale_after_ms)
     vms = []
     for record in sorted(table.vms.values(), key=lambda r: r.name):
         open_session = record.session_open and bridge_live
@@ -284,6 +287,7 @@ def apply_event(table: StatusTable, event: Event) -> None:
         case JournalEvent():
             table.journal = JournalHealth(state=event.outcome, reason=event.reason, seq=event.seq,
                                           seen_ms=event.ts_ms)
+            table.bridge_seen_ms = event.ts_ms
         case SessionsEvent():
             apply_sessions(table, event)
         case UplinkEvent():
@@ -353,9 +357,9 @@ def refresh_sessions(record: VmRecord) -> None:
 def apply_sessions(table: StatusTable, event: SessionsEvent) -> None:
     """One part of the bridge's session sync: its sessions are open. Once every
     part of a sync came, a session that none of them listed is closed; a sync
-    with a part lost closes nothing (the next one, half a second later, will).
+    with a part lost closes nothing (the next one will).
     One VM's sessions may be spread over several parts."""
-    table.bridge_sync_ms = event.ts_ms
+    table.bridge_seen_ms = event.ts_ms
     sync_round = event.sync_round or event.ts_ms
     if sync_round != table.sync_round:
         table.sync_round = sync_round

@@ -49,7 +49,7 @@ def collect_status(state_root: os.PathLike | str, timeout: float = 0.25, fleet: 
         if pid is None:
             # No router, no bridge: no session is open, whatever the file says, and
             # only a fresh handshake keeps a VM reachable.
-            table.bridge_sync_ms = None
+            table.bridge_seen_ms = None
         result = view(table, now_ms())
         if pid is None:
             result.journal = None

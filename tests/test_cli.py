@@ -375,7 +375,7 @@ def test_status_without_router_exits_0_and_shows_a_stale_vm_from_the_snapshot(st
     endpoints.prepare()
     old = VmRecord(name="old", capabilities=["bus-v1"], bus_protocol="bus-v1", session="s1", session_open=True,
                    topics=["t"], last_handshake_ms=now_ms() - 120_000)
-    write_snapshot(endpoints, StatusTable(vms={"old": old}, bridge_sync_ms=now_ms()))
+    write_snapshot(endpoints, StatusTable(vms={"old": old}, bridge_seen_ms=now_ms()))
 
     status = status_json(state_root)
     [vm] = status["vms"]

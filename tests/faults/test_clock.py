@@ -18,7 +18,7 @@ def test_timestamps_from_the_future_give_zero_ages_not_negative_ones():
         vms={"alpha": VmRecord(name="alpha", last_handshake_ms=future, last_publish_ms=future,
                                last_heartbeat_ms=future, session="s", session_open=True)},
         journal=JournalHealth(state="ok", seen_ms=future),
-        bridge_sync_ms=future,
+        bridge_seen_ms=future,
     )
     [vm] = view(table, now).vms
     assert vm.last_handshake_age_ms == vm.last_publish_age_ms == vm.last_heartbeat_age_ms == 0

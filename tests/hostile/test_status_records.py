@@ -119,9 +119,21 @@ def test_sessions_of_one_vm_make_one_record_open_while_any_is():
     assert (row.sessions, row.session, row.bus_subscribed) == (0, None, False)
 
 
+def test_sessions_stay_open_between_syncs_while_the_bridge_reports_its_health():
+    """With thousands of guests the bridge syncs every few seconds, but its health
+    event comes every tick: sessions are shown open until the bridge goes quiet."""
+    table = StatusTable(stale_after_ms=2000)
+    apply_event(table, event(EventKind.SESSION_OPEN, vm="alpha", session="s-alpha", bus_protocol="bus-v1"))
+    sync(table, "alpha")
+    for tick in range(1, 11):  # 5 s of health events, no sync
+        apply_event(table, event(EventKind.JOURNAL, NOW + 500 * tick, outcome="ok", seq=0))
+    assert view(table, NOW + 5000).vms[0].bus_subscribed
+    assert not view(table, NOW + 7001).vms[0].bus_subscribed  # the bridge went quiet
+
+
 def test_a_snapshot_of_an_older_router_is_mended_by_the_first_sync():
     old = VmRecord(name="old", session="s1", session_open=True, topics=["t"], last_handshake_ms=NOW)
-    table = StatusTable(vms={"old": old}, bridge_sync_ms=NOW)
+    table = StatusTable(vms={"old": old}, bridge_seen_ms=NOW)
     assert view(table, NOW).vms[0].sessions == 1
     sync(table, ts_ms=NOW + 500)
     assert not table.vms["old"].session_open and table.vms["old"].last_reason == "session lost"
