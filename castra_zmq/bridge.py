@@ -643,7 +643,8 @@ class Bridge:
 
     async def sweep(self) -> None:
         """Heartbeat timeouts, and on each health tick the log's health for
-        status, rotation of ``bus.log`` and (see ``sync_sessions``) the session sync."""
+        status and rotation of ``bus.log``; the session sync on every tick, or
+        every few with many guests (``_SYNCED_SESSIONS_PER_TICK``)."""
         tick = min(0.25, self.settings.health_interval)
         next_health = next_sync = 0.0
         while True:
