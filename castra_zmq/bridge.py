@@ -169,6 +169,7 @@ class Bridge:
         self.bus.sndhwm = settings.hwm_for(settings.bus_frame_bytes_max)
         self.bus.connect(endpoints.publish)
         self.subscriptions: set[bytes] = set()  # the bus's, as the bus socket sees them
+        self.subscriptions_unread = False  # a read of them is scheduled (see read_subscriptions_soon)
         self.host_wanted: dict[str, bool] = {}  # topic -> does a host tool subscribe to it
         # Host tools publish here (DEALER -> ROUTER) and get their results back on it.
         self.host = self.context.socket(zmq.ROUTER)
@@ -332,7 +333,7 @@ class Bridge:
 
     def emit(self, kind: EventKind, **fields) -> None:
         self.bus.send_multipart(event_message(kind, **fields))
-        self.read_subscriptions()  # a send can take the edge of the FD for a notice that came meanwhile
+        self.read_subscriptions_soon()
 
     # -- the commit -------------------------------------------------------------------
 
@@ -369,8 +370,8 @@ class Bridge:
                 if topics.COMMITTED in self.subscriptions:  # the uplink's: it uploads what is committed
                     self.bus.send_multipart([topics.COMMITTED, b"%d" % self.log.seq])
                     bus_sent = True
-                if bus_sent:  # a send can take the edge of the FD for a notice that came meanwhile
-                    self.read_subscriptions()
+                if bus_sent:
+                    self.read_subscriptions_soon()
         self.send_host_results()
         now = time.monotonic()
         if self.published and now >= self.next_publish_event:
@@ -458,7 +459,7 @@ class Bridge:
     def flush_lines_later(self) -> None:
         """``_LINES_DELAY`` after the first unsent line, outside any commit."""
         if self.flush_lines():
-            self.read_subscriptions()  # as after a commit's sends
+            self.read_subscriptions_soon()
 
     # -- host tools -------------------------------------------------------------------
 
@@ -580,8 +581,17 @@ class Bridge:
         finally:
             probe.close()
 
+    def read_subscriptions_soon(self) -> None:
+        """After sends on the bus socket: a send can take the edge of its FD for a
+        subscription notice that came meanwhile, so the notices are read at the end
+        of this loop turn, once however many sends it made (ZMQ_EVENTS costs 5 us)."""
+        if not self.subscriptions_unread:
+            self.subscriptions_unread = True
+            asyncio.get_running_loop().call_soon(self.run_reader, self.read_subscriptions)
+
     def read_subscriptions(self) -> None:
         """Follow the bus's subscriptions (unread, their notices would pile up)."""
+        self.subscriptions_unread = False
         while self.bus.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             notice = self.bus.recv(zmq.NOBLOCK)
             if notice[:1] == b"\x01":
