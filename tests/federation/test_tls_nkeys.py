@@ -160,16 +160,23 @@ def test_nkey_users_over_tls_and_mutual_tls_share_messages(hosts, secure_cluster
     assert "permission" not in text and "unreachable" not in text
 
 
-@pytest.mark.parametrize(("case", "node", "args", "log_line", "reason"), [
-    ("no CA: the system's do not know the test CA", TLS_NODE, [], "NATS unreachable; retrying",
-     "certificate verify failed"),
-    ("no client certificate for the node that requires one", VERIFYING_NODE, ["--uplink-tls-ca", "{ca}"],
-     "NATS unreachable; retrying", "certificate required"),
-    ("an nkey the servers do not know", TLS_NODE, ["--uplink-tls-ca", "{ca}", "--uplink-creds", "{stranger}"],
-     "NATS refused the uplink's credentials; retrying", "Authorization Violation"),
+# A server that wants a client certificate and gets none ends the connection after the
+# TLS 1.3 handshake, which the client had completed: the uplink sees the connection
+# end (which of these depends on timing), the server's log says why.
+CONNECTION_ENDED = ("connection lost", "broken pipe", "connection reset", "certificate required")
+
+
+@pytest.mark.parametrize(("node", "args", "log_line", "reasons"), [
+    pytest.param(TLS_NODE, [], "NATS unreachable; retrying", ("certificate verify failed",),
+                 id="no CA option: the system's CAs do not know the servers'"),
+    pytest.param(VERIFYING_NODE, ["--uplink-tls-ca", "{ca}"], "NATS unreachable; retrying", CONNECTION_ENDED,
+                 id="no client certificate for the node that requires one"),
+    pytest.param(TLS_NODE, ["--uplink-tls-ca", "{ca}", "--uplink-creds", "{stranger}"],
+                 "NATS refused the uplink's credentials; retrying", ("nats: 'Authorization Violation'",),
+                 id="an nkey the servers do not know"),
 ])
 def test_refused_connection_says_why_local_bus_keeps_acking(secure_cluster, files, router_factory,
-                                                            case, node, args, log_line, reason):
+                                                            node, args, log_line, reasons):
     stranger, _ = files.user_seed("stranger.nk")  # its public key is in no server's config
     args = [arg.format(ca=files.ca_pem, stranger=stranger) for arg in args]
     router = router_factory("--uplink", node_url(secure_cluster, node), "--host-name", "c", *args)
@@ -178,7 +185,10 @@ def test_refused_connection_says_why_local_bus_keeps_acking(secure_cluster, file
             assert gamma.publish({"n": n})["status"] == "ok"
     wait_for(lambda: log_line in router.log_text(), timeout=10, what=f"{log_line!r} in the log")
     line = next(line for line in router.log_text().splitlines() if log_line in line)
-    assert reason.lower() in line.lower(), line
+    assert any(reason in line.lower() for reason in map(str.lower, reasons)), line
     status = wait_for(lambda: (status := collect_status(router.state_root).uplink)
                       and status.upload_lag_messages == 3 and status, what="status with 3 not uploaded")
-    assert status.state == "disconnected" and reason.lower() in status.reason.lower(), status.reason
+    assert status.state == "disconnected", status
+    assert any(reason in status.reason.lower() for reason in map(str.lower, reasons)), status.reason
+    # Every line of the router's log is one of its own, none of asyncio's about TLS.
+    assert "eof_received" not in router.log_text()
