@@ -5,19 +5,20 @@ and its users are known by their public nkeys (made here with ``nkeys``), each
 host's allowed only ``federation.uplink_permissions``, plus a password admin for
 the test's own look-ups.
 
-What is not tested: a ``.creds`` file (a user JWT), which needs an operator and
-its account JWTs on the servers; the bare seed takes the same path in nats-py
-but for the JWT.
+What is not tested: a ``.creds`` file (a user JWT and its seed), which needs an
+operator and its accounts' JWTs on the servers: only a bare seed signs in here.
 
 Real processes and sockets on 127.0.0.1; every wait has a deadline.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import ssl
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from castra_zmq.statusview import collect_status
 
 from ..conftest import Router, host_publish, wait_for
 from ..guest import connect_bus
+from ..zygote import run_castra
 from .conftest import each_log_says
 from .test_uplink import query
 
@@ -150,36 +152,65 @@ def test_nkey_users_over_tls_and_mutual_tls_share_messages(hosts, secure_cluster
         wait_for(lambda arrived=arrived, there=there: arrived() == seqs[there], timeout=15,
                  what=f"{there}'s messages in {here}'s bus.log")
         status = wait_for(lambda here=here: (status := collect_status(hosts[here].state_root).uplink)
-                          and status.upload_lag_messages == 0 and status, what=f"{here} with nothing to upload")
+                          and status.upload_lag_messages == 0 and status, timeout=15,
+                          what=f"{here} with nothing to upload")
         assert status.state == "connected" and status.reason is None
     for host in seqs:
         async def last(js, host=host):
             return await js.get_last_msg(STREAM_NAME, origin_filter(host))
         assert query(secure_cluster, last).headers[HEADER_ORIGIN_SEQ] == str(seqs[host][-1])
     text = (hosts["a"].log_text() + hosts["b"].log_text()).lower()
-    assert "permission" not in text and "unreachable" not in text
+    assert "permission" not in text
+    # The fleet tail on b reaches NATS as b's uplink does: its seed, the CA, its certificate.
+    done = run_castra(["bus", "tail", "--fleet", "--json", "--state-root", str(hosts["b"].state_root),
+                       "--topic", "over-*"])
+    assert done.returncode == 0, done.stderr
+    assert sorted((line["host"], line["seq"]) for line in map(json.loads, done.stdout.splitlines())) == [
+        (host, seq) for host in ("a", "b") for seq in seqs[host]]
 
 
 # A server that wants a client certificate and gets none ends the connection after the
 # TLS 1.3 handshake, which the client had completed: the uplink sees the connection
 # end (which of these depends on timing), the server's log says why.
 CONNECTION_ENDED = ("connection lost", "broken pipe", "connection reset", "certificate required")
+# Routers the servers refuse, by case: the node, the options beside --uplink and
+# --host-name, the line the uplink logs, the reasons it may give, and what the
+# node's log says (when the uplink cannot know).
+REFUSALS = {
+    "no CA option: the system's CAs do not know the servers'": (
+        TLS_NODE, [], "NATS unreachable; retrying", ("certificate verify failed",), None),
+    "no client certificate for the node that requires one": (
+        VERIFYING_NODE, ["--uplink-tls-ca", "{ca}"], "NATS unreachable; retrying", CONNECTION_ENDED,
+        "TLS handshake error: tls: client didn't provide a certificate"),
+    "an nkey the servers do not know": (
+        TLS_NODE, ["--uplink-tls-ca", "{ca}", "--uplink-creds", "{stranger}"],
+        "NATS refused the uplink's credentials; retrying", ("nats: 'Authorization Violation'",), None),
+}
 
 
-@pytest.mark.parametrize(("node", "args", "log_line", "reasons"), [
-    pytest.param(TLS_NODE, [], "NATS unreachable; retrying", ("certificate verify failed",),
-                 id="no CA option: the system's CAs do not know the servers'"),
-    pytest.param(VERIFYING_NODE, ["--uplink-tls-ca", "{ca}"], "NATS unreachable; retrying", CONNECTION_ENDED,
-                 id="no client certificate for the node that requires one"),
-    pytest.param(TLS_NODE, ["--uplink-tls-ca", "{ca}", "--uplink-creds", "{stranger}"],
-                 "NATS refused the uplink's credentials; retrying", ("nats: 'Authorization Violation'",),
-                 id="an nkey the servers do not know"),
-])
-def test_refused_connection_says_why_local_bus_keeps_acking(secure_cluster, files, router_factory,
-                                                            node, args, log_line, reasons):
+@pytest.fixture(scope="module")
+def refused_routers(secure_cluster, files):
+    """One router (host ``c``) for each case of ``REFUSALS``, started side by side."""
     stranger, _ = files.user_seed("stranger.nk")  # its public key is in no server's config
-    args = [arg.format(ca=files.ca_pem, stranger=stranger) for arg in args]
-    router = router_factory("--uplink", node_url(secure_cluster, node), "--host-name", "c", *args)
+    directory = Path(tempfile.mkdtemp(prefix="cztlsf", dir="/tmp"))
+    routers = {case: Router(directory / f"c{index}", "--uplink", node_url(secure_cluster, node), "--host-name", "c",
+                            *(arg.format(ca=files.ca_pem, stranger=stranger) for arg in args))
+               for index, (case, (node, args, *_)) in enumerate(REFUSALS.items())}
+    try:
+        with ThreadPoolExecutor(len(routers)) as pool:
+            for started in [pool.submit(router.start) for router in routers.values()]:
+                started.result()
+        yield routers
+    finally:
+        for router in routers.values():
+            router.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refused_connection_says_why_local_bus_keeps_acking(refused_routers, secure_cluster, case):
+    node, _, log_line, reasons, server_log = REFUSALS[case]
+    router = refused_routers[case]
     with connect_bus(router.port, "gamma") as gamma:
         for n in range(3):
             assert gamma.publish({"n": n})["status"] == "ok"
@@ -187,8 +218,11 @@ def test_refused_connection_says_why_local_bus_keeps_acking(secure_cluster, file
     line = next(line for line in router.log_text().splitlines() if log_line in line)
     assert any(reason in line.lower() for reason in map(str.lower, reasons)), line
     status = wait_for(lambda: (status := collect_status(router.state_root).uplink)
-                      and status.upload_lag_messages == 3 and status, what="status with 3 not uploaded")
+                      and status.upload_lag_messages == 3 and status, timeout=15,
+                      what="status with 3 not uploaded")
     assert status.state == "disconnected", status
     assert any(reason in status.reason.lower() for reason in map(str.lower, reasons)), status.reason
     # Every line of the router's log is one of its own, none of asyncio's about TLS.
     assert "eof_received" not in router.log_text()
+    if server_log is not None:
+        assert server_log in secure_cluster.nodes[node].log_path.read_text()
