@@ -20,7 +20,10 @@ starts, instead of an uplink failing in its restart loop; the uplink calls it
 again for its connection. Which combinations make sense is checked in
 ``Settings.validate``.
 
-Runs in: the supervisor (``castra up``: the check) and the uplink role.
+``quiet_tls_eof_warning`` keeps a bare asyncio warning that TLS connections to NATS
+cause off stderr, where every line is the process's own.
+
+Runs in: the supervisor (``castra up``: the check), the uplink role and ``castra bus tail --fleet``.
 """
 
 from __future__ import annotations
