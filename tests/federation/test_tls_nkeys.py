@@ -18,7 +18,6 @@ import os
 import shutil
 import ssl
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,9 +27,8 @@ from castra_zmq.federation import HEADER_ORIGIN_SEQ, STREAM_NAME, origin_filter,
 from castra_zmq.statusview import collect_status
 
 from ..conftest import Router, host_publish, wait_for
-from ..guest import connect_bus
 from ..zygote import run_castra
-from .conftest import each_log_says
+from .conftest import check_refused_uplink, each_log_says, start_side_by_side
 from .test_uplink import query
 
 nkeys = pytest.importorskip("nkeys", reason="pip install 'nats-py[nkeys]' (the test extra)")
@@ -197,9 +195,7 @@ def refused_routers(secure_cluster, files):
                             *(arg.format(ca=files.ca_pem, stranger=stranger) for arg in args))
                for index, (case, (node, args, *_)) in enumerate(REFUSALS.items())}
     try:
-        with ThreadPoolExecutor(len(routers)) as pool:
-            for started in [pool.submit(router.start) for router in routers.values()]:
-                started.result()
+        start_side_by_side(routers.values())
         yield routers
     finally:
         for router in routers.values():
@@ -210,19 +206,6 @@ def refused_routers(secure_cluster, files):
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refused_connection_says_why_local_bus_keeps_acking(refused_routers, secure_cluster, case):
     node, _, log_line, reasons, server_log = REFUSALS[case]
-    router = refused_routers[case]
-    with connect_bus(router.port, "gamma") as gamma:
-        for n in range(3):
-            assert gamma.publish({"n": n})["status"] == "ok"
-    wait_for(lambda: log_line in router.log_text(), timeout=10, what=f"{log_line!r} in the log")
-    line = next(line for line in router.log_text().splitlines() if log_line in line)
-    assert any(reason in line.lower() for reason in map(str.lower, reasons)), line
-    status = wait_for(lambda: (status := collect_status(router.state_root).uplink)
-                      and status.upload_lag_messages == 3 and status, timeout=15,
-                      what="status with 3 not uploaded")
-    assert status.state == "disconnected", status
-    assert any(reason in status.reason.lower() for reason in map(str.lower, reasons)), status.reason
-    # Every line of the router's log is one of its own, none of asyncio's about TLS.
-    assert "eof_received" not in router.log_text()
+    check_refused_uplink(refused_routers[case], log_line, reasons)
     if server_log is not None:
         assert server_log in secure_cluster.nodes[node].log_path.read_text()
