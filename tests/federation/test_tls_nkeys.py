@@ -5,8 +5,8 @@ and its users are known by their public nkeys (made here with ``nkeys``), each
 host's allowed only ``federation.uplink_permissions``, plus a password admin for
 the test's own look-ups.
 
-What is not tested: a ``.creds`` file (a user JWT and its seed), which needs an
-operator and its accounts' JWTs on the servers: only a bare seed signs in here.
+A ``.creds`` file (a user JWT and its seed) needs servers in operator mode, which
+take no ``authorization`` block: ``test_creds.py``.
 
 Real processes and sockets on 127.0.0.1; every wait has a deadline.
 """
