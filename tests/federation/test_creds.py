@@ -93,8 +93,9 @@ def test_a_creds_user_uploads_with_its_own_permissions(host_a, operator_cluster)
     wait_for(lambda: query(operator_cluster, last_origin_seq) == str(seqs[-1]), timeout=15, interval=0.1,
              what="a's last message in the stream")
     status = wait_for(lambda: (status := collect_status(host_a.state_root).uplink)
-                      and status.upload_lag_messages == 0 and status, timeout=15, what="nothing left to upload")
-    assert status.state == "connected" and status.reason is None
+                      and status.state == "connected" and status.upload_lag_messages == 0 and status,
+                      timeout=15, what="connected with nothing to upload")
+    assert status.reason is None
     assert "permission" not in host_a.log_text().lower()
 
 
