@@ -139,9 +139,9 @@ def tls_block(cert_file: Path, key_file: Path, client_ca_file: Path | None = Non
 
 class NatsCluster:
     """Three nodes of ``server`` (a nats-server binary); ``stop``/``kill``/``restart``
-    one of them by index. With ``authorization`` (a config block for every node) or
-    ``tls`` (each node's ``tls`` block, by index: ``tls_block``), clients use
-    ``client_options``."""
+    one of them by index. With ``authorization`` (every node's auth config: an
+    ``authorization`` block, or operator mode's lines) or ``tls`` (each node's
+    ``tls`` block, by index: ``tls_block``), clients use ``client_options``."""
 
     def __init__(self, server: str, directory: Path, size: int = 3, authorization: str = "",
                  client_options: dict | None = None, tls: list[str] | None = None):
