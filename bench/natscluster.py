@@ -55,14 +55,14 @@ def free_ports(count: int) -> list[int]:
 
 
 class NatsNode:
-    def __init__(self, server: str, name: str, directory: Path, ports: list[int], authorization: str = ""):
+    def __init__(self, server: str, name: str, directory: Path, ports: list[int], client_config: str = ""):
         self.server = server  # the nats-server binary
         # Its own per cluster: a route to a port another cluster took meanwhile (tests
         # run clusters side by side) is refused instead of joining the two.
         self.cluster_name = f"castra-{directory.name}"
         self.name = name
         self.directory = directory
-        self.authorization = authorization
+        self.client_config = client_config  # what its clients may and must do: authorization, tls blocks
         self.client_port, self.cluster_port, self.monitor_port = ports
         self.process: subprocess.Popen | None = None
         self.log_path = directory / f"{name}.log"
@@ -81,7 +81,7 @@ class NatsNode:
             f"http: 127.0.0.1:{self.monitor_port}\n"
             f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, max_file_store: 16GB }}\n'
             f'cluster {{ name: "{self.cluster_name}", listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}\n'
-            f"{self.authorization}\n"
+            f"{self.client_config}\n"
         )
         return config
 
@@ -112,27 +112,44 @@ class NatsNode:
             self.process.wait(_STOP_TIMEOUT)
 
 
-def authorization(users: dict[str, tuple[str, dict | None]]) -> str:
-    """An ``authorization`` block: user -> (password, permissions or None for all)."""
-    entries = []
-    for user, (password, permissions) in users.items():
-        entry = {"user": user, "password": password}
-        if permissions is not None:
-            entry["permissions"] = {verb: {"allow": subjects} for verb, subjects in permissions.items()}
-        entries.append(json.dumps(entry))  # quoted: "$JS..." is not a config variable
-    return f"authorization {{ users: [{', '.join(entries)}] }}"
+def authorization(users: dict[str, tuple[str, dict | None]], nkeys: dict[str, dict | None] | None = None) -> str:
+    """An ``authorization`` block: user -> (password, permissions or None for all),
+    and users known by their public nkey (``U...``) -> permissions or None."""
+    entries = [{"user": user, "password": password, "permissions": permissions}
+               for user, (password, permissions) in users.items()]
+    entries += [{"nkey": nkey, "permissions": permissions} for nkey, permissions in (nkeys or {}).items()]
+    for entry in entries:
+        if entry["permissions"] is None:
+            del entry["permissions"]
+        else:
+            entry["permissions"] = {verb: {"allow": subjects} for verb, subjects in entry["permissions"].items()}
+    # quoted JSON: "$JS..." is not a config variable
+    return f"authorization {{ users: [{', '.join(json.dumps(entry) for entry in entries)}] }}"
+
+
+def tls_block(cert_file: Path, key_file: Path, client_ca_file: Path | None = None) -> str:
+    """A ``tls`` block for clients: the server's certificate and key; with
+    ``client_ca_file``, clients must show a certificate that chains to it."""
+    settings = {"cert_file": str(cert_file), "key_file": str(key_file),
+                "timeout": 5}  # the handshake's, in seconds (default 2): margin for a loaded machine
+    if client_ca_file is not None:
+        settings.update(ca_file=str(client_ca_file), verify=True)
+    return f"tls {json.dumps(settings)}"
 
 
 class NatsCluster:
     """Three nodes of ``server`` (a nats-server binary); ``stop``/``kill``/``restart``
-    one of them by index. With ``authorization`` (a config block), clients use
-    ``client_options``."""
+    one of them by index. With ``authorization`` (every node's auth config: an
+    ``authorization`` block, or operator mode's lines) or ``tls`` (each node's
+    ``tls`` block, by index: ``tls_block``), clients use ``client_options``."""
 
     def __init__(self, server: str, directory: Path, size: int = 3, authorization: str = "",
-                 client_options: dict | None = None):
+                 client_options: dict | None = None, tls: list[str] | None = None):
         self.client_options = client_options or {}
         ports = free_ports(3 * size)
-        self.nodes = [NatsNode(server, f"n{index + 1}", directory, ports[3 * index:3 * index + 3], authorization)
+        tls = tls or [""] * size
+        self.nodes = [NatsNode(server, f"n{index + 1}", directory, ports[3 * index:3 * index + 3],
+                               f"{authorization}\n{tls[index]}")
                       for index in range(size)]
         self.configs = [node.write_config([peer for peer in self.nodes if peer is not node]) for node in self.nodes]
 

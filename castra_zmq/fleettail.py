@@ -60,7 +60,7 @@ from .owner import read_router_info
 from .replay import Expired
 from .subscriptions import topic_patterns
 from .tail import Since
-from .uplinkconnect import connect_options
+from .uplinkconnect import connect_options, quiet_tls_eof_warning
 from .wire import LogRecord, Origin
 
 _CONNECT_DEADLINE = 5.0  # seconds for the first connection, every server tried
@@ -159,6 +159,7 @@ async def connect(settings: Settings, notify: Notify) -> nats.NATS:
     failure when none answers within ``_CONNECT_DEADLINE``. Later losses and
     reconnections are told through ``notify``."""
     options = connect_options(settings)
+    quiet_tls_eof_warning()
     failures: list[BaseException] = []
     connected = False
 

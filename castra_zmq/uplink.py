@@ -81,7 +81,7 @@ from .federation import (
 )
 from .replay import Cursor, Expired
 from .statefs import read_regular, replace_file
-from .uplinkconnect import connect_options
+from .uplinkconnect import connect_options, quiet_tls_eof_warning
 from .uplinkhealth import HealthReport, committed_ms
 from .wire import LogRecord, decode_log_record
 
@@ -394,6 +394,7 @@ async def run(settings: Settings) -> None:
 def main() -> None:
     runtime.setup_logging("uplink")
     runtime.die_with_parent()
+    quiet_tls_eof_warning()
     asyncio.run(run(settings_from_env()))
     logger.info("uplink stopped")
     runtime.skip_final_collection()

@@ -20,12 +20,16 @@ starts, instead of an uplink failing in its restart loop; the uplink calls it
 again for its connection. Which combinations make sense is checked in
 ``Settings.validate``.
 
-Runs in: the supervisor (``castra up``: the check) and the uplink role.
+``quiet_tls_eof_warning`` keeps a bare asyncio warning that TLS connections to NATS
+cause off stderr, where every line is the process's own.
+
+Runs in: the supervisor (``castra up``: the check), the uplink role and ``castra bus tail --fleet``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import stat
 from collections.abc import Mapping
@@ -41,6 +45,7 @@ _FILE_BYTES_MAX = 1024 * 1024  # a creds file is about 1 KiB, a CA bundle a few 
 _CREDS_JWT = b"-----BEGIN NATS USER JWT-----"
 _CREDS_SEED = b"-----BEGIN USER NKEY SEED-----"
 _USER_SEED_PREFIX = b"SU"  # an nkey seed of a user: "S" (seed) then "U" (user)
+_TLS_EOF_WARNING = "returning true from eof_received() has no effect when using ssl"
 
 
 def connect_options(settings: Settings, environ: Mapping[str, str] = os.environ) -> dict[str, object]:
@@ -117,3 +122,16 @@ def read_file(path: Path, option: str, *, secret: bool = False) -> bytes:
     if secret and stat.S_IMODE(info.st_mode) & 0o077:
         logger.warning("file with secrets is readable by other users", path=str(path), option=option)
     return content
+
+
+def quiet_tls_eof_warning() -> None:
+    """Keep asyncio's ``returning true from eof_received() has no effect when using
+    ssl`` off stderr. nats-py reads through asyncio's streams, whose protocol answers
+    a peer's end of the connection so, and over TLS asyncio writes that line, bare,
+    each time a server ends a connection (a refused client: at every retry, twice a
+    second), while the uplink logs the event itself, with its reason."""
+    logging.getLogger("asyncio").addFilter(_not_tls_eof_warning)
+
+
+def _not_tls_eof_warning(record: logging.LogRecord) -> bool:
+    return record.getMessage() != _TLS_EOF_WARNING

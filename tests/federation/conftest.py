@@ -10,15 +10,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from bench.natscluster import NatsCluster, find_nats_server
+from castra_zmq.statusview import collect_status
 from castra_zmq.uplinkconnect import PASSWORD_ENV
 
 from ..conftest import Router, wait_for
+from ..guest import connect_bus
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +74,29 @@ def each_log_says(text: str) -> Callable[[dict[str, Router]], None]:
             wait_for(lambda router=router: text in router.log_text(), timeout=20, interval=0.1,
                      what=f"{text!r} in its log")
     return ready
+
+
+def start_side_by_side(routers: Iterable[Router]) -> None:
+    """Start ``routers`` at once (each waits about 0.3 s for its roles, mostly idle)."""
+    routers = list(routers)
+    with ThreadPoolExecutor(len(routers)) as pool:
+        for started in [pool.submit(router.start) for router in routers]:
+            started.result()
+
+
+def check_refused_uplink(router: Router, log_line: str, reasons: tuple[str, ...]) -> None:
+    """For a router whose uplink NATS refuses: a guest's publishes are acked all the
+    same; the uplink logs ``log_line`` and ``castra status`` says ``disconnected``,
+    each with one of ``reasons`` (case aside); nothing is uploaded."""
+    with connect_bus(router.port, "gamma") as gamma:
+        for n in range(3):
+            assert gamma.publish({"n": n})["status"] == "ok"
+    wait_for(lambda: log_line in router.log_text(), timeout=10, what=f"{log_line!r} in the log")
+    line = next(line for line in router.log_text().splitlines() if log_line in line)
+    assert any(reason.lower() in line.lower() for reason in reasons), line
+    status = wait_for(lambda: (status := collect_status(router.state_root).uplink)
+                      and status.upload_lag_messages == 3 and status, timeout=15, what="status with 3 not uploaded")
+    assert status.state == "disconnected", status
+    assert any(reason.lower() in status.reason.lower() for reason in reasons), status.reason
+    # Every line of the router's log is one of its own, none of asyncio's about TLS.
+    assert "eof_received" not in router.log_text()
