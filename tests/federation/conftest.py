@@ -84,6 +84,21 @@ def start_side_by_side(routers: Iterable[Router]) -> None:
             started.result()
 
 
+def routers_side_by_side(prefix: str, args: dict[str, list[str]]):
+    """One router per case of ``args`` (its ``castra up`` arguments), on state roots
+    of their own, started side by side (``yield from`` it in a module fixture, which
+    gets ``{case: Router}``); stopped and removed after."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    routers = {case: Router(directory / f"r{index}", *case_args) for index, (case, case_args) in enumerate(args.items())}
+    try:
+        start_side_by_side(routers.values())
+        yield routers
+    finally:
+        for router in routers.values():
+            router.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def check_refused_uplink(router: Router, log_line: str, reasons: tuple[str, ...]) -> None:
     """For a router whose uplink NATS refuses: a guest's publishes are acked all the
     same; the uplink logs ``log_line`` and ``castra status`` says ``disconnected``,

@@ -22,7 +22,7 @@ from castra_zmq.federation import HEADER_ORIGIN_SEQ, STREAM_NAME, origin_filter,
 from castra_zmq.statusview import collect_status
 
 from ..conftest import Router, host_publish, wait_for
-from .conftest import check_refused_uplink, each_log_says, start_side_by_side
+from .conftest import check_refused_uplink, each_log_says, routers_side_by_side
 from .test_uplink import query
 
 pytest.importorskip("nkeys", reason="pip install 'nats-py[nkeys]' (the test extra)")
@@ -110,17 +110,9 @@ def refused_routers(operator_cluster, account, creds_dir):
     """One router (host ``c``) for each case of ``REFUSALS``, started side by side."""
     creds = {"stranger": Operator().account("castra").user_creds(creds_dir / "stranger.creds", "castra-c"),
              "expired": account.user_creds(creds_dir / "expired.creds", "castra-c", expires_s=-60)}
-    directory = Path(tempfile.mkdtemp(prefix="czcredf", dir="/tmp"))
-    routers = {case: Router(directory / name, "--uplink", operator_cluster.uplink_option, "--host-name", "c",
-                            "--uplink-creds", str(creds[name]))
-               for case, name in REFUSALS.items()}
-    try:
-        start_side_by_side(routers.values())
-        yield routers
-    finally:
-        for router in routers.values():
-            router.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from routers_side_by_side("czcredf", {
+        case: ["--uplink", operator_cluster.uplink_option, "--host-name", "c", "--uplink-creds", str(creds[name])]
+        for case, name in REFUSALS.items()})
 
 
 @pytest.mark.parametrize("case", REFUSALS)

@@ -28,7 +28,7 @@ from castra_zmq.statusview import collect_status
 
 from ..conftest import Router, host_publish, wait_for
 from ..zygote import run_castra
-from .conftest import check_refused_uplink, each_log_says, start_side_by_side
+from .conftest import check_refused_uplink, each_log_says, routers_side_by_side
 from .test_uplink import query
 
 nkeys = pytest.importorskip("nkeys", reason="pip install 'nats-py[nkeys]' (the test extra)")
@@ -192,17 +192,10 @@ REFUSALS = {
 def refused_routers(secure_cluster, files):
     """One router (host ``c``) for each case of ``REFUSALS``, started side by side."""
     stranger, _ = files.user_seed("stranger.nk")  # its public key is in no server's config
-    directory = Path(tempfile.mkdtemp(prefix="cztlsf", dir="/tmp"))
-    routers = {case: Router(directory / f"c{index}", "--uplink", node_url(secure_cluster, node), "--host-name", "c",
-                            *(arg.format(ca=files.ca_pem, stranger=stranger) for arg in args))
-               for index, (case, (node, args, *_)) in enumerate(REFUSALS.items())}
-    try:
-        start_side_by_side(routers.values())
-        yield routers
-    finally:
-        for router in routers.values():
-            router.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from routers_side_by_side("cztlsf", {
+        case: ["--uplink", node_url(secure_cluster, node), "--host-name", "c",
+               *(arg.format(ca=files.ca_pem, stranger=stranger) for arg in args)]
+        for case, (node, args, *_) in REFUSALS.items()})
 
 
 @pytest.mark.parametrize("case", REFUSALS)
