@@ -446,22 +446,25 @@ def test_d_host_subscriber_that_never_reads(bench):
 
 
 def test_e_host_tool_that_never_reads_its_replies_during_guest_publishes(bench):
-    """A DEALER on the host socket sends 200 messages of 1,024 small publishes and
-    never reads the replies, while two guests publish 60 KB messages for at most 5 s:
-    the bridge drops the replies past its queue for the tool."""
+    """A DEALER on the host socket sends 112 messages of 1,024 small publishes with
+    wide corrs (3.9 MB of replies) and never reads the replies, while two guests
+    publish 60 KB messages for at most 5 s: the bridge drops the replies past its
+    queue for the tool."""
     router = bench.router
     deaf = zmq.Context.instance().socket(zmq.DEALER)
     deaf.linger = 0
     deaf.rcvhwm = 1
     deaf.connect(ipc(router, "journal.sock"))
     deadline = time.monotonic() + 60
-    batch = json.dumps([{"corr": n, "vm": "host", "topic": "deaf", "deadline": deadline, "payload": n}
+    # Corrs as wide as a tool may send (int64): each result of a reply is then about
+    # 34 bytes, not 19, so fewer publishes make the same bytes of replies.
+    batch = json.dumps([{"corr": 10**18 + n, "vm": "host", "topic": "deaf", "deadline": deadline, "payload": n}
                         for n in range(1024)]).encode()
     try:
         # Its replies take one more queue of the bridge's.
         with bench.flood("e: host tool never reads its replies", bounds(bridge_bound(2) + QUEUE_BYTES // KIB)) as flood:
             with PipelinedLoad(router.port, PUBLISHER_VMS, pad=PAD, window=16, limit=30) as load:
-                for _ in range(200):
+                for _ in range(112):
                     deaf.send_multipart([b"", batch])
                 deadline = time.monotonic() + 5.0
                 while load.total_acks() < 3000 and time.monotonic() < deadline:
