@@ -125,6 +125,9 @@ REPLAY_VMS = [f"replay{n}" for n in range(LOAD_GUESTS)]
 LISTED = ["bystander", "deaf60000", f"deaf{MAX_ID}", "storm", "mailer", *LOAD_VMS, *IDLE_VMS, *PUBLISHER_VMS,
           *REPLAY_VMS]
 PAD = "x" * 60_000  # a ~60 KB payload
+# Flood (i): what each guest resumes over, 15 MB; 4 guests, 60 MB in all: twice
+# BRIDGE_LOAD, had the bridge read the log for them as fast as it can.
+REPLAYED = 256
 
 
 # -- measuring ----------------------------------------------------------------------------
@@ -575,17 +578,17 @@ def test_h_journal_stopped_under_pipelined_guest_load(bench):
 
 
 def test_i_replays_to_guests_that_never_read(bench):
-    """4 guests resume (bus-v2) over about 40 MB of 60 KB messages and
-    never read. A replay reads the log only while what waits for its guest is under
-    half its subscriber queue, so the bridge holds about one queue per guest (the
-    bound of flood (h)), not the 40 MB; each guest is reset (``slow_consumer``, or
-    its heartbeat timeout when that comes first)."""
+    """4 guests resume (bus-v2) over about 15 MB of 60 KB messages each (60 MB in
+    all, twice the bridge's bound) and never read. A replay reads the log only while
+    what waits for its guest is under half its subscriber queue, so the bridge holds
+    about one queue per guest (the bound of flood (h)), not the 60 MB; each guest is
+    reset (``slow_consumer``, or its heartbeat timeout when that comes first)."""
     router = bench.router
     # From where the earlier floods left the log: scanning their lines would take
     # longer than the module's 3 s heartbeat timeout.
     since = last_seq(router.logs / "bus.log")
-    HostPublisher(router, "replayed").run(700, 60.0)  # before the flood: its memory is not the replay's
-    with bench.flood("i: resume over 40 MB, never read", bounds(BRIDGE_LOAD)) as flood:
+    HostPublisher(router, "replayed").run(REPLAYED, 60.0)  # before the flood: its memory is not the replay's
+    with bench.flood("i: resume over 15 MB, never read", bounds(BRIDGE_LOAD)) as flood:
         guests = []
         try:
             for vm in REPLAY_VMS:
@@ -600,7 +603,7 @@ def test_i_replays_to_guests_that_never_read(bench):
                 wait_for(lambda vm=vm: log_has(router, f"vm={vm} ", "reason=slow_consumer")
                          or log_has(router, f"vm={vm} ", "reason=heartbeat_timeout"), timeout=15,
                          what=f"{vm} reset (slow_consumer or heartbeat_timeout)")
-            flood.note = "4 guests x 700 messages of 60 KB to replay"
+            flood.note = f"4 guests x {REPLAYED} messages of 60 KB to replay"
             flood.check()
         finally:
             for guest in guests:
