@@ -167,7 +167,10 @@ class Command:
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # exited and reaped since (Popen.send_signal ignores it too)
+                pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
