@@ -593,8 +593,7 @@ def test_an_impossible_state_root_is_an_error_not_a_traceback(tmp_path, command,
     """Issue 12, defect 3: `Error: ...` and exit 1, or for a root that merely does not
     exist (nothing can be made in /proc) what a missing root means to that command."""
     root = impossible_roots(tmp_path)[where]
-    result = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", *command, "--state-root", root], check=False,
-                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    result = run_castra([*command, "--state-root", root])
     assert "Traceback" not in result.stderr
     if command[0] == "up" or where == "under-a-file":
         assert result.returncode == 1, result

@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import struct
-import subprocess
 import threading
 import time
 
@@ -37,7 +36,7 @@ from castra_zmq.guest import (
 from castra_zmq.replay import segments
 
 from .conftest import host_publish, wait_for
-from .test_guest import GUEST_CLI, Child, environment, guest_env
+from .test_guest import GUEST_CLI, Child, environment, guest_env, run
 
 # -- pure: the answer line, topics, positions ------------------------------------------------
 
@@ -588,8 +587,7 @@ def test_agent_restart_with_a_state_file_prints_each_message_once(router, tmp_pa
 
 
 def test_agent_help_documents_the_state_file():
-    result = subprocess.run([*GUEST_CLI, "agent", "--help"], env=environment(), capture_output=True, timeout=30,
-                            check=False)
+    result = run([*GUEST_CLI, "agent", "--help"], environment())
     assert result.returncode == 0
     assert b"--state-file PATH" in result.stdout and b"/var/lib/castra-guest/<vm>.json" in result.stdout
     assert b"castra-guest agent --subscribe vm:alpha --state-file /var/lib/castra-guest/alpha.json" in result.stdout

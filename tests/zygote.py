@@ -16,6 +16,10 @@ pid, and once the child has exited (a pidfd per child) its status, as
 ``Popen.returncode`` gives it (``-N``: killed by signal N). ``Command`` offers the
 members of ``subprocess.Popen`` the tests use.
 
+The guest command (``python -m castra_zmq.guest``, stdlib only) is forked the same
+way (``guest_command``): ``tests/test_guest.py`` starts about sixty of them, each
+0.15 s of CPU as a fresh interpreter.
+
 Tests of what only a fresh interpreter shows (the ``castra`` console script, import
 errors, ``python -m`` itself) start one the usual way.
 """
@@ -34,6 +38,7 @@ import threading
 from pathlib import Path
 
 _MODULE = "castra_zmq.cli.main"
+GUEST_MODULE = "castra_zmq.guest"
 _MESSAGE_MAX = 1 << 20  # one command: its argv and environment
 
 
@@ -50,13 +55,15 @@ def _preload() -> None:
     for command in ("main", "bus", "publish", "status", "tail", "up"):  # main's group loads them lazily
         importlib.import_module(f"castra_zmq.cli.{command}")
     importlib.import_module("castra_zmq.fleettail")  # tail --fleet's, with nats-py
+    importlib.import_module(GUEST_MODULE)
     from castra_zmq.supervisor import ROLES, UPLINK
 
     preload((*ROLES, UPLINK))
 
 
 def _run_child(command: dict, streams: list[int]) -> None:
-    """In the forked child: become ``python -m castra_zmq.cli.main <argv>``. Never returns."""
+    """In the forked child: become ``python -m <module> <argv>`` (``castra_zmq.cli.main``
+    or ``castra_zmq.guest``). Never returns."""
     code = 1
     try:
         for target, fd in enumerate(streams):
@@ -67,14 +74,17 @@ def _run_child(command: dict, streams: list[int]) -> None:
         os.environ.update(command["env"])
         if command["sigint_ignored"]:  # as a shell starts `cmd &`: Python then keeps SIG_IGN
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if command["new_session"]:  # Popen(start_new_session=True)
+            os.setsid()
         # As ``python -m``: the module is ``__main__`` and argv[0] its file (click
         # names the program from both: "python -m castra_zmq.cli.main").
-        module = sys.modules[_MODULE]
+        module = sys.modules[command["module"]]
         sys.modules["__main__"] = module
         sys.argv = [module.__file__, *command["argv"]]
         try:
-            module.main()
-            code = 0
+            # castra_zmq.cli.main raises SystemExit; castra_zmq.guest's main returns
+            # the status (``sys.exit(main())`` under ``__main__``).
+            code = module.main() or 0
         except SystemExit as exit_:  # what the interpreter makes of it
             if exit_.code is None or isinstance(exit_.code, int):
                 code = exit_.code or 0
@@ -157,7 +167,10 @@ class Command:
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # exited and reaped since (Popen.send_signal ignores it too)
+                pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -239,17 +252,20 @@ class Zygote:
             command.exited.set()
 
     def run(self, argv: list[str], *, stdin=None, stdout=None, stderr=None, env=None, cwd=None,
-            sigint_ignored: bool = False) -> Command:
-        """Start ``castra <argv>``. ``stdin``/``stdout``/``stderr``: ``None`` (this
-        process's), ``subprocess.PIPE``, ``subprocess.DEVNULL``, a file object or a
-        descriptor, as with Popen; ``sigint_ignored``: started with SIGINT ignored."""
+            sigint_ignored: bool = False, new_session: bool = False, module: str = _MODULE) -> Command:
+        """Start ``python -m <module> <argv>`` (``castra <argv>`` by default).
+        ``stdin``/``stdout``/``stderr``: ``None`` (this process's), ``subprocess.PIPE``,
+        ``subprocess.DEVNULL``, a file object or a descriptor, as with Popen;
+        ``sigint_ignored``: started with SIGINT ignored; ``new_session``: in a session
+        (and process group) of its own."""
         mine, theirs = [], []
         for target, how in enumerate((stdin, stdout, stderr)):
             ours, child = _stream(target, how)
             mine.append(ours)
             theirs.append(child)
         command_text = json.dumps({"argv": list(argv), "env": dict(os.environ if env is None else env),
-                                   "cwd": str(cwd or os.getcwd()), "sigint_ignored": sigint_ignored}).encode()
+                                   "cwd": str(cwd or os.getcwd()), "sigint_ignored": sigint_ignored,
+                                   "new_session": new_session, "module": module}).encode()
         try:
             with self.lock, self.started_event:
                 socket.send_fds(self.channel, [command_text], [fd for fd, _ in theirs])
@@ -297,14 +313,22 @@ def castra_command(argv: list[str], **streams) -> Command:
     return _zygote.run(argv, **streams)
 
 
-def run_castra(argv: list[str], input: str | None = None, timeout: float = 30, env=None,
-               text: bool = True) -> subprocess.CompletedProcess:
-    """``subprocess.run([python, -m, castra_zmq.cli.main, *argv], input=input,
-    capture_output=True, text=text, timeout=timeout)``, forked from the zygote."""
+def guest_command(argv: list[str], **streams) -> Command:
+    """``python -m castra_zmq.guest <argv>`` (``castra-guest``), forked from the zygote."""
+    return castra_command(argv, module=GUEST_MODULE, **streams)
+
+
+def run_castra(argv: list[str], input: str | bytes | None = None, timeout: float = 30, env=None,
+               text: bool = True, module: str = _MODULE, cwd=None) -> subprocess.CompletedProcess:
+    """``subprocess.run([python, -m, <module>, *argv], input=input, capture_output=True,
+    text=text, timeout=timeout, cwd=cwd)``, forked from the zygote (``castra <argv>``
+    by default)."""
     command = castra_command(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, module=module, cwd=cwd)
+    if isinstance(input, str):
+        input = input.encode()
     try:
-        out, err = command.communicate(input.encode() if input is not None else None, timeout)
+        out, err = command.communicate(input, timeout)
     except subprocess.TimeoutExpired:
         command.kill()
         command.wait(5)

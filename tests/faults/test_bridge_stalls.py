@@ -33,7 +33,8 @@ def test_stalled_journal_does_not_grow_the_bridge(router_factory):
     idle = role_rss_kib(router)
     vms = [f"load{n}" for n in range(8)]
     with PipelinedLoad(router.port, vms, pad="x" * 60_000, limit=60) as load:
-        wait_for(lambda: load.total_acks() >= 2000, timeout=30, what="load under way")
+        # Two windows of every guest answered: the load is under way.
+        wait_for(lambda: load.total_acks() >= 2 * 64 * len(vms), timeout=30, what="load under way")
         peak = role_rss_kib(router)
         journal = router.role_pid("journal")
         os.kill(journal, signal.SIGSTOP)
@@ -89,7 +90,8 @@ def test_shutdown_under_load_answers_every_publish_it_took(router_factory):
     router = router_factory()
     vms = [f"term{n}" for n in range(8)]
     with PipelinedLoad(router.port, vms, pad="x" * 1000, limit=60) as load:
-        wait_for(lambda: load.total_acks() >= 2000, timeout=30, what="load under way")
+        # Two windows of every guest answered: the load is under way.
+        wait_for(lambda: load.total_acks() >= 2 * 64 * len(vms), timeout=30, what="load under way")
         assert router.stop() == 0
         assert load.wait_ended(10)
     committed = committed_ids(router)

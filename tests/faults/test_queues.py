@@ -140,6 +140,12 @@ def test_host_subscriber_that_never_reads_is_disconnected_and_the_proxy_stays_wi
     events.close()
 
 
+# A corr as wide as a host tool may send (int64): each result of a reply,
+# ``[corr,seq,null]``, is then about 34 bytes, not 21, so fewer publishes make the
+# same bytes of replies.
+WIDE_CORR = 10**18
+
+
 def host_batch(first_corr: int, count: int) -> bytes:
     """One host message of ``count`` small publishes."""
     deadline = time.monotonic() + 30
@@ -148,15 +154,15 @@ def host_batch(first_corr: int, count: int) -> bytes:
 
 
 def test_host_tool_that_never_reads_its_replies_leaves_the_bridge_within_budget(router_factory):
-    """300 messages of 1,024 publishes (6 MB of replies) from a tool that reads
-    none: the bridge drops the replies past its queue for the tool, says so, and
-    guests are still acked."""
+    """180 messages of 1,024 publishes with wide corrs (6 MB of replies, 1.5 times
+    the 4 MiB queue) from a tool that reads none: the bridge drops the replies past
+    its queue for the tool, says so, and guests are still acked."""
     router = start_router(router_factory)
     before = role_rss_kib(router, "bridge")
     peak = before
     idle = idle_socket(zmq.DEALER, ipc(router, "journal.sock"))
-    for message in range(300):
-        idle.send_multipart([b"", host_batch(message * 1024, 1024)])
+    for message in range(180):
+        idle.send_multipart([b"", host_batch(WIDE_CORR + message * 1024, 1024)])
         if message % 20 == 0:
             peak = max(peak, role_rss_kib(router, "bridge"))
     wait_for(lambda: "answers dropped" in router.log_text(), timeout=30, what="the dropped answers logged")

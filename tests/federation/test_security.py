@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nats
@@ -131,9 +130,8 @@ def test_wrong_password_logged_local_bus_keeps_working(guarded_cluster, router_f
 
 
 def castra_up(state_root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "up", "--state-root", str(state_root),
-                           "--port", "0", *args], check=False, capture_output=True, text=True, timeout=30,
-                          env={**{k: v for k, v in os.environ.items() if k != PASSWORD_ENV}, **(env or {})})
+    return run_castra(["up", "--state-root", str(state_root), "--port", "0", *args],
+                      env={**{k: v for k, v in os.environ.items() if k != PASSWORD_ENV}, **(env or {})})
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
-import sys
 
 from castra_zmq.events import EVENT_TYPES, Event, EventKind, SessionInfo, split_sessions
 from castra_zmq.statustable import (
@@ -22,6 +20,7 @@ from castra_zmq.wire import json_encode
 
 from ..conftest import wait_for
 from ..guest import Guest
+from ..zygote import run_castra
 
 NOW = 1_800_000_000_000
 
@@ -146,8 +145,8 @@ MALFORMED_HELLOS = [b"hello\n", b"helo vm:x\n", b"hello vm:\xff\xfe\n", b"hello 
 
 
 def status_json(state_root) -> dict:
-    result = subprocess.run([sys.executable, "-m", "castra_zmq.cli.main", "status", "--json", "--state-root", str(state_root)],
-                            capture_output=True, timeout=30, check=True)
+    result = run_castra(["status", "--json", "--state-root", str(state_root)])
+    assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
