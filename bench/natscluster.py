@@ -127,13 +127,17 @@ def authorization(users: dict[str, tuple[str, dict | None]], nkeys: dict[str, di
     return f"authorization {{ users: [{', '.join(json.dumps(entry) for entry in entries)}] }}"
 
 
-def tls_block(cert_file: Path, key_file: Path, client_ca_file: Path | None = None) -> str:
+def tls_block(cert_file: Path, key_file: Path, client_ca_file: Path | None = None,
+              handshake_first: bool = False) -> str:
     """A ``tls`` block for clients: the server's certificate and key; with
-    ``client_ca_file``, clients must show a certificate that chains to it."""
+    ``client_ca_file``, clients must show a certificate that chains to it; with
+    ``handshake_first``, clients start TLS before the server says anything."""
     settings = {"cert_file": str(cert_file), "key_file": str(key_file),
                 "timeout": 5}  # the handshake's, in seconds (default 2): margin for a loaded machine
     if client_ca_file is not None:
         settings.update(ca_file=str(client_ca_file), verify=True)
+    if handshake_first:
+        settings["handshake_first"] = True
     return f"tls {json.dumps(settings)}"
 
 

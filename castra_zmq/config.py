@@ -86,6 +86,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     uplink_tls_ca: str | None = None
     uplink_tls_cert: str | None = None
     uplink_tls_key: str | None = None
+    uplink_tls_first: bool | None = None  # True: TLS before anything else (never plain text)
 
     @property
     def endpoints(self) -> Endpoints:
@@ -146,7 +147,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return {SETTINGS_ENV: msgspec.json.encode(self).decode()}
 
 
-UPLINK_SECURITY = ("uplink_creds", "uplink_user", "uplink_tls_ca", "uplink_tls_cert", "uplink_tls_key")
+UPLINK_SECURITY = ("uplink_creds", "uplink_user", "uplink_tls_ca", "uplink_tls_cert", "uplink_tls_key",
+                   "uplink_tls_first")
 _NATS_URL = re.compile(r"nats://[^\s/,@]+:[0-9]{1,5}")
 
 

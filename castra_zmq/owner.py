@@ -36,6 +36,7 @@ class UplinkInfo(msgspec.Struct):
     uplink_tls_ca: str | None = None
     uplink_tls_cert: str | None = None
     uplink_tls_key: str | None = None
+    uplink_tls_first: bool | None = None
 
 
 class RouterInfo(msgspec.Struct):

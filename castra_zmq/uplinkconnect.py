@@ -12,7 +12,9 @@ Security).
   the uplink process alone.
 * ``--uplink-tls-ca FILE`` (the servers' CA, instead of the system's),
   ``--uplink-tls-cert FILE --uplink-tls-key FILE`` (a client certificate, for
-  servers that verify clients).
+  servers that verify clients), ``--uplink-tls-first`` (the TLS handshake before
+  anything else: servers with ``tls { handshake_first: true }``; without it TLS
+  starts only when the server's first line asks for it).
 
 ``connect_options`` reads and checks every file, so ``castra up`` refuses a
 missing, unreadable or malformed one with the option's name, before any process
@@ -60,8 +62,13 @@ def connect_options(settings: Settings, environ: Mapping[str, str] = os.environ)
         options.update(user=settings.uplink_user, password=password)
     elif password:
         raise ConfigError(f"{PASSWORD_ENV} is set but --uplink-user is not: whose password is it?")
-    if settings.uplink_tls_ca is not None or settings.uplink_tls_cert is not None:
+    if settings.uplink_tls_ca is not None or settings.uplink_tls_cert is not None or settings.uplink_tls_first:
         options["tls"] = tls_context(settings)
+    if settings.uplink_tls_first:
+        # nats-py otherwise starts TLS only once the server's INFO asks for it: a server
+        # (or anyone between) that does not ask would get the CONNECT, and a password
+        # in it, in plain text.
+        options["tls_handshake_first"] = True
     return options
 
 

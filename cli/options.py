@@ -69,6 +69,9 @@ _UPLINK_SECURITY_OPTIONS = (
     click.option("--uplink-tls-cert", type=_uplink_file, metavar="FILE",
                  help="PEM client certificate for NATS servers that verify clients (with --uplink-tls-key)."),
     click.option("--uplink-tls-key", type=_uplink_file, metavar="FILE", help="The key of --uplink-tls-cert (PEM)."),
+    click.option("--uplink-tls-first", is_flag=True, flag_value=True, default=None,
+                 help="TLS from the first byte, so that nothing (a password included) is ever sent in plain "
+                      "text; the NATS servers need `tls { handshake_first: true }` (nats-server 2.10.4+)."),
 )
 
 

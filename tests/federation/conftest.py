@@ -117,7 +117,8 @@ def check_refused_uplink(router: Router, log_line: str, reasons: tuple[str, ...]
     line = next(line for line in router.log_text().splitlines() if log_line in line)
     assert any(reason.lower() in line.lower() for reason in reasons), line
     status = wait_for(lambda: (status := collect_status(router.state_root).uplink)
-                      and status.upload_lag_messages == 3 and status, timeout=15, what="status with 3 not uploaded")
+                      and status.upload_lag_messages == 3 and status.reason and status, timeout=15,
+                      what="status with 3 not uploaded, and why")
     assert status.state == "disconnected", status
     assert any(reason.lower() in status.reason.lower() for reason in reasons), status.reason
     # Every line of the router's log is one of its own, none of asyncio's about TLS.

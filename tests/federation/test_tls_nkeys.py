@@ -27,6 +27,7 @@ from castra_zmq.federation import HEADER_ORIGIN_SEQ, STREAM_NAME, origin_filter,
 from castra_zmq.statusview import collect_status
 
 from ..conftest import Router, host_publish, wait_for
+from ..guest import connect_bus
 from ..zygote import run_castra
 from .conftest import check_refused_uplink, each_log_says, routers_side_by_side, started_cluster
 from .test_uplink import query
@@ -195,3 +196,40 @@ def test_refused_connection_says_why_local_bus_keeps_acking(refused_routers, sec
     check_refused_uplink(refused_routers[case], log_line, reasons)
     if server_log is not None:
         assert server_log in secure_cluster.nodes[node].log_path.read_text()
+
+
+# -- TLS from the first byte ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_first_routers(files):
+    """A cluster whose nodes take TLS first (``handshake_first``: they say nothing
+    before the handshake), and a router with ``--uplink-tls-first`` and one without."""
+    tls = [tls_block(files.server_pem, files.server_key, handshake_first=True)] * 3
+    clusters = started_cluster("czntlsfirst", tls=tls,
+                               client_options={"tls": files.admin_tls(), "tls_handshake_first": True})
+    cluster = next(clusters)
+    options = ["--uplink", node_url(cluster, TLS_NODE), "--uplink-tls-ca", str(files.ca_pem)]
+    routers = routers_side_by_side("cztlsfirstr", {"first": [*options, "--host-name", "a", "--uplink-tls-first"],
+                                                   "after INFO": [*options, "--host-name", "c"]})
+    try:
+        yield next(routers)
+    finally:
+        routers.close()
+        clusters.close()
+
+
+def test_tls_first_uploads_and_a_router_waiting_for_info_is_not_let_in(tls_first_routers):
+    """With --uplink-tls-first the uplink opens with the TLS handshake and uploads;
+    without it, it waits for the server's INFO line (to start TLS when that asks),
+    which a TLS-first server never sends in plain text: no byte of it, credentials
+    included, leaves unencrypted, and the local bus acks all the same."""
+    first = tls_first_routers["first"]
+    with connect_bus(first.port, "alpha") as alpha:
+        assert alpha.publish({"n": 1})["status"] == "ok"
+    status = wait_for(lambda: (status := collect_status(first.state_root).uplink)
+                      and status.state == "connected" and status.upload_lag_messages == 0 and status,
+                      timeout=20, what="the TLS-first uplink connected with nothing left to upload")
+    assert status.server is not None
+    # It waits for an INFO line until its connect timeout.
+    check_refused_uplink(tls_first_routers["after INFO"], "NATS unreachable; retrying", ("timeout",))
