@@ -35,7 +35,7 @@ from . import topics
 from .config import DEFAULTS
 from .endpoints import Endpoints, default_state_root
 from .errors import PublishFailed, RouterUnavailable
-from .handshake import HOST_SENDER
+from .handshake import HOST_SENDER, sender_of
 from .owner import router_pid
 from .replay import Expired  # noqa: F401 - raised by follow: client.Expired
 from .subscriptions import topic_patterns
@@ -272,9 +272,8 @@ class _LogReader:
                 self._notify(f"skipped a line that is not a bus log record ({exc}): {line[:60]!r}")
                 continue
             if self.wanted.match(record.topic):
-                sender = HOST_SENDER if record.vm == HOST_SENDER else "vm:" + record.vm
-                found.append(Delivery(topic=record.topic, sender=sender, ts_ms=record.ts_ms, seq=record.seq,
-                                      payload=record.payload))
+                found.append(Delivery(topic=record.topic, sender=sender_of(record.vm), ts_ms=record.ts_ms,
+                                      seq=record.seq, payload=record.payload))
         return found
 
     def close(self) -> None:

@@ -31,10 +31,7 @@ import collections
 import time
 from typing import TYPE_CHECKING
 
-import msgspec
-
-from .replay import origin_start
-from .wire import HandoverRequest, Origin
+from .wire import HandoverRequest, LogRecord, Origin
 
 if TYPE_CHECKING:  # the bridge imports this module, and needs no NATS client
     from .ownership import VmOwner
@@ -42,9 +39,6 @@ if TYPE_CHECKING:  # the bridge imports this module, and needs no NATS client
 HANDOVERS_MAX = 1024  # pending in the bridge, one per VM; the oldest goes first
 HANDOVER_TTL_S = 300.0  # a handover no session of its VM took by then is dropped
 HANDOVER_MARGIN_MS = 60_000  # read from this long before the release (clock skew, downloads behind)
-
-_decode_origin = msgspec.json.Decoder(Origin).decode
-_ORIGIN_VALUE = len(b',"origin":')
 
 
 def handover_request(vm: str, released: VmOwner, host: str, epoch: int, after: int) -> HandoverRequest:
@@ -66,17 +60,11 @@ class Handover:
         self.request = request
         self.received = received  # monotonic
 
-    def wants(self, line: bytes, seq: int) -> bool:
-        """Whether a ``vm:<vm>`` line (seq ``seq``) is beyond the marks: the old
-        host had not committed it."""
-        start = origin_start(line)
-        if start is None:
-            return seq > self.request.local_upto
-        try:
-            origin = _decode_origin(line[start + _ORIGIN_VALUE:-2])  # the line ends with "}}\n"
-        except msgspec.DecodeError:
-            return True
-        return not self.had(origin)
+    def wants(self, record: LogRecord) -> bool:
+        """Whether a ``vm:<vm>`` line is beyond the marks: the old host had not committed it."""
+        if record.origin is None:
+            return record.seq > self.request.local_upto
+        return not self.had(record.origin)
 
     def had(self, origin: Origin) -> bool:
         """Whether the old host had committed the message of ``origin`` (another

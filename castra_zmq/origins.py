@@ -34,9 +34,9 @@ from pathlib import Path
 import msgspec
 from loguru import logger
 
-from .replay import ORIGIN_KEY, READ_CHUNK, Cursor, Expired
+from .replay import ORIGIN_KEY, READ_CHUNK, Cursor, Expired, records_with
 from .statefs import read_regular, replace_file
-from .wire import Origin, decode_log_record, json_encode
+from .wire import Origin, json_encode
 
 Mark = tuple[int, int]  # (epoch, seq) of an origin host
 
@@ -115,21 +115,18 @@ def follow(marks: OriginMarks, cursor: Cursor, last_seq: int) -> int:
     read = 0
     while cursor.after < last_seq:
         try:
-            lines = cursor.read(last_seq, READ_CHUNK)
+            block = cursor.read_block(last_seq, READ_CHUNK)
         except Expired as gone:  # rotated away: their origins are only in the checkpoint, if anywhere
             logger.bind(reason=str(gone)).warning("origins of rotated lines not known",
                                                   first=gone.since + 1, last=gone.oldest - 1)
             cursor.after, cursor.place = gone.oldest - 1, None
             continue
-        if not lines:
+        if not block:
             break
-        read += len(lines)
-        for line in lines:
-            if ORIGIN_KEY in line:  # a payload may hold it too: the decode tells
-                try:
-                    origin = decode_log_record(line).origin
-                except msgspec.DecodeError:
-                    continue  # not ours to judge here: BusLog reports a bad last line
-                if origin is not None:
-                    marks.note(origin)
+        read += block.count(b"\n")
+        # A payload may hold the key too: the decode tells. A line that is not a
+        # record is not ours to judge here: BusLog reports a bad last line.
+        for record in records_with(block, (ORIGIN_KEY,))[0]:
+            if record.origin is not None:
+                marks.note(record.origin)
     return read

@@ -14,9 +14,20 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from castra_zmq.buslog import encode_lines
-from castra_zmq.replay import Cursor, Expired, offset_after, segments, ts_ms_of_line
+from castra_zmq.replay import (
+    Cursor,
+    Expired,
+    offset_after,
+    records_with,
+    segments,
+    topic_needles,
+    ts_ms_of_line,
+)
+from castra_zmq.subscriptions import topic_patterns
 
 from .conftest import Router, host_publish, shared_router, wait_for
 from .guest import Guest
@@ -74,6 +85,50 @@ def test_cursor_expires_when_the_old_lines_are_gone(tmp_path):
         Cursor(tmp_path, 5).read(20)
     assert caught.value.oldest == 11
     assert len(Cursor(tmp_path, 10).read(20)) == 10
+
+
+def test_cursor_reads_on_after_the_file_it_read_was_rotated_or_replaced(tmp_path):
+    first = write_log(tmp_path / "bus.log", 1, 100)
+    cursor = Cursor(tmp_path, 0)
+    read = cursor.read(100, max_bytes=3_000)
+    os.rename(tmp_path / "bus.log", tmp_path / "bus.log.1")  # rotated: its rest is read from the copy
+    second = write_log(tmp_path / "bus.log", 101, 100)
+    while lines := cursor.read(200, max_bytes=3_000):
+        read += lines
+    assert read == first + second
+    # Replaced by a file of other lines at the same name (a restore): found again by seq.
+    os.unlink(tmp_path / "bus.log.1")
+    os.rename(tmp_path / "bus.log", tmp_path / "old")
+    write_log(tmp_path / "bus.log", 201, 10)
+    assert cursor.read(210) == (tmp_path / "bus.log").read_bytes().splitlines(keepends=True)
+
+
+topic_names = st.sampled_from(["t", "t.a", "t.ab", "u", "vm:beta", "vm:be", "é", 'q"t', "\\x", "\x01"])
+payloads = st.sampled_from([b'{"n":1}', b'{"topic":"t","payload":1}', b'["\\",\\"topic\\":\\"t\\",\\"payload\\":"]',
+                            b'{"k":",\\"topic\\":\\"u"}', b'"vm:beta"', b"null"])
+pattern_sets = st.lists(st.sampled_from(["t", "t.*", "t.a", "u", "vm:beta", "vm:*", "*", "é", 'q"*', "\\*",
+                                          "\x01", "nothing"]), max_size=4)
+
+
+@given(st.lists(st.tuples(topic_names, payloads), max_size=30), pattern_sets)
+def test_records_with_finds_every_line_of_the_topics_wanted(messages, patterns):
+    lines = encode_lines(1_000, 1, [("alpha", topic, msgspec.Raw(payload)) for topic, payload in messages])
+    wanted = topic_patterns(patterns)
+    records, bad = records_with(b"".join(lines), topic_needles(wanted))
+    assert bad == []
+    # More may be found (a needle in a payload), never fewer, in order; the topics tell.
+    found = [record.seq for record in records]
+    assert found == sorted(set(found))
+    assert [seq for seq in found if wanted.match(records[found.index(seq)].topic)] == [
+        seq for seq, (topic, _) in enumerate(messages, 1) if wanted.match(topic)]
+
+
+def test_records_with_leaves_out_a_line_that_is_not_a_record(tmp_path):
+    lines = encode_lines(1_000, 1, [("alpha", "t", msgspec.Raw(b"1"))] * 3)
+    records, bad = records_with(lines[0] + b'{"not":"a record","topic":"t","payload":1}\n' + b"".join(lines[1:]),
+                                topic_needles(topic_patterns(["t"])))
+    assert [record.seq for record in records] == [1, 2, 3]
+    assert bad == [b'{"not":"a record","topic":"t","payload":1}\n']
 
 
 # -- a router ---------------------------------------------------------------------------

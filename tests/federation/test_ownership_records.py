@@ -30,7 +30,7 @@ from castra_zmq.ownership import (
     vm_key,
     vm_of_key,
 )
-from castra_zmq.wire import HandoverRequest
+from castra_zmq.wire import HandoverRequest, LogRecord, decode_log_record
 
 vm_names = st.text(min_size=1, max_size=128).filter(is_vm_name)
 
@@ -103,6 +103,10 @@ def log_line(seq: int, origin: tuple[str, int, int] | None = None, payload: byte
     return line + b"}\n"
 
 
+def log_record(seq: int, origin: tuple[str, int, int] | None = None, payload: bytes = b'{"n":1}') -> LogRecord:
+    return decode_log_record(log_line(seq, origin, payload))
+
+
 def test_a_handover_request_marks_each_hosts_messages_the_old_host_had():
     released = VmOwner("a", 5, OwnerState.RELEASED, 9000, Release(40, {"b": (7, 12), "c": (3, 30)}))
     request = handover_request("beta", released, "b", 7, 100)
@@ -117,14 +121,14 @@ def test_a_handover_request_marks_each_hosts_messages_the_old_host_had():
 
 def test_a_handover_wants_the_lines_beyond_the_marks():
     handover = Handover(HandoverRequest("beta", 100, 12, {"a": (5, 40), "c": (3, 30)}), 0.0)
-    assert not handover.wants(log_line(12), 12) and handover.wants(log_line(13), 13)  # this host's
-    assert not handover.wants(log_line(200, ("a", 5, 40)), 200)
-    assert handover.wants(log_line(201, ("a", 5, 41)), 201)
-    assert handover.wants(log_line(202, ("a", 6, 1)), 202)  # a's next epoch
-    assert not handover.wants(log_line(203, ("c", 2, 999)), 203)  # c's older epoch
-    assert handover.wants(log_line(204, ("d", 1, 1)), 204)  # a host the old one had nothing of
+    assert not handover.wants(log_record(12)) and handover.wants(log_record(13))  # this host's
+    assert not handover.wants(log_record(200, ("a", 5, 40)))
+    assert handover.wants(log_record(201, ("a", 5, 41)))
+    assert handover.wants(log_record(202, ("a", 6, 1)))  # a's next epoch
+    assert not handover.wants(log_record(203, ("c", 2, 999)))  # c's older epoch
+    assert handover.wants(log_record(204, ("d", 1, 1)))  # a host the old one had nothing of
     # A payload that looks like an origin is not one.
-    assert handover.wants(log_line(14, payload=b'{"origin":{"host":"a","epoch":5,"seq":1}}'), 14)
+    assert handover.wants(log_record(14, payload=b'{"origin":{"host":"a","epoch":5,"seq":1}}'))
 
 
 def test_pending_handovers_are_bounded_one_per_vm(monkeypatch):

@@ -20,8 +20,7 @@ from castra_zmq.federation import (
     upload_headers,
 )
 from castra_zmq.origins import OriginMarks, read_origin_checkpoint, rebuild
-from castra_zmq.replay import origin_start
-from castra_zmq.resume import line_fields
+from castra_zmq.replay import ORIGIN_KEY, records_with
 from castra_zmq.wire import Origin, PublishRequest, decode_log_record, json_encode
 
 TS_MS = 1796149291016
@@ -54,12 +53,12 @@ def test_a_host_publish_without_origin_encodes_as_before():
     b'[{"origin":{"host":"h","epoch":1,"seq":2}}]',
     b'{"k": 1}',
 ])
-def test_origin_start_and_line_fields_find_the_payload(payload):
-    local, remote = encode_lines(TS_MS, 3, [("alpha", "t", RAW(payload))] * 2, [None, Origin("b", 9, 4)])
-    assert origin_start(local) is None
-    assert line_fields(local).payload == payload
-    assert remote[origin_start(remote):] == b',"origin":{"host":"b","epoch":9,"seq":4}}\n'
-    assert line_fields(remote).payload == payload
+def test_reading_remote_lines_by_origin_key_finds_each_payload_and_origin(payload):
+    lines = encode_lines(TS_MS, 3, [("alpha", "t", RAW(payload))] * 2, [None, Origin("b", 9, 4)])
+    records, bad = records_with(b"".join(lines), (ORIGIN_KEY,))
+    assert bad == [] and [bytes(record.payload) for record in records] == [payload] * len(records)
+    assert records[-1].origin == Origin("b", 9, 4)
+    assert all(record.origin is None for record in records[:-1])  # the local line, if its payload held the key
 
 
 json_values = st.recursive(
@@ -71,11 +70,11 @@ json_values = st.recursive(
 
 
 @given(json_values, st.booleans())
-def test_line_fields_payload_is_exactly_the_payload(value, remote):
+def test_a_remote_lines_payload_reads_back_exactly(value, remote):
     payload = json_encode(value)
-    [line] = encode_lines(TS_MS, 1, [("alpha", "t", RAW(payload))], [Origin("h", 1, 2) if remote else None])
-    assert (origin_start(line) is not None) == remote
-    assert line_fields(line).payload == payload
+    lines = encode_lines(TS_MS, 1, [("alpha", "t", RAW(payload))], [Origin("h", 1, 2) if remote else None])
+    [record] = records_with(b"".join(lines), None)[0]
+    assert bytes(record.payload) == payload and (record.origin is not None) == remote
 
 
 # -- marks -------------------------------------------------------------------------------
