@@ -19,7 +19,7 @@ subscribed to ``vm:<vm>`` (now, or when it subscribes) takes it: a catch-up
 session subscribed, and queues the lines the handover wants, in seq order before
 what comes live after them; lines after that seq come live as usual, so none is
 delivered twice, and a later one the old host had (this host's download
-behind) is not delivered live either. Its reading and queueing are a resume's: steps of 32 KiB, only
+behind) is not delivered live either. Its reading and queueing are a resume's: steps of 1 ms, only
 while the guest's outbound queue has room.
 
 Runs in: the uplink (the request) and the bridge (the delivery).
