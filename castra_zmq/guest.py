@@ -228,6 +228,11 @@ class Positions:
         self.last: dict = dict(known or {})
         self.log = log  # the router log the seqs belong to (its ``log=``); None: not told
         self.version = 0
+        # A subscription made on this log with no position (``start``), while nothing
+        # past its start came: [the start, the last seq at or below it taken]. Only a
+        # handover (PROTOCOL.md 8.2.1: the VM moved here) sends such seqs, in order
+        # and before anything later; not kept in the state file.
+        self.started: dict = {}
 
     def move_to(self, log: str | None) -> bool:
         """The router's log is ``log`` (None: it does not say). Positions taken on
@@ -238,6 +243,7 @@ class Positions:
         dropped = bool(self.last) and self.log is not None
         if dropped:
             self.last.clear()
+            self.started.clear()
         self.log = log
         self.version += 1
         return dropped
@@ -247,7 +253,16 @@ class Positions:
             self.last[subscription] = seq
             self.version += 1
 
+    def start(self, subscription: str, seq: int) -> None:
+        """``subscription`` was made with no position, when this log ended at ``seq``:
+        its position, unless messages after it came first."""
+        held = self.last.get(subscription)
+        if held is None or held <= seq:
+            self.set(subscription, seq)
+            self.started[subscription] = [seq, -1 if held is None else held]
+
     def forget(self, subscription: str) -> None:
+        self.started.pop(subscription, None)
         if self.last.pop(subscription, None) is not None:
             self.version += 1
 
@@ -257,22 +272,34 @@ class Positions:
         With ``dedupe`` (a bus-v2 session, whose replays can repeat messages) it goes
         only if one of the ``subscriptions`` matching ``topic`` has no position or
         one below ``seq``; each matching subscription's position then becomes
-        max(position, seq). Without (bus-v1: nothing is replayed, and a host whose
-        log started again must not have its messages dropped) it always goes, and
-        the matching positions become ``seq``. A message that no subscription
-        matches (one in flight when its topic was unsubscribed) goes, and changes
-        nothing.
+        max(position, seq); one at or below them goes if it is a handover's (one of
+        them was ``started`` above it, and it is past the last taken there). Without
+        (bus-v1: nothing is replayed, and a host whose log started again must not
+        have its messages dropped) it always goes, and the matching positions become
+        ``seq``. A message that no subscription matches (one in flight when its
+        topic was unsubscribed) goes, and changes nothing.
         """
         matching = [s for s in subscriptions if topic_matches(s, topic)]
         if dedupe:
             if matching and all(self.last.get(s, -1) >= seq for s in matching):
-                return False
+                return self._handed_over(matching, seq)
             for s in matching:
                 self.set(s, max(self.last.get(s, seq), seq))
+                if seq > self.started.get(s, (seq,))[0]:
+                    self.started.pop(s)  # live now: no handover's line comes after
         else:
             for s in matching:
                 self.set(s, seq)
         return True
+
+    def _handed_over(self, matching: list, seq: int) -> bool:
+        taken = False
+        for s in matching:
+            started = self.started.get(s)
+            if started is not None and started[1] < seq <= started[0]:
+                started[1] = seq
+                taken = True
+        return taken
 
 
 # -- the state file (pure but for the file itself) ---------------------------------------------
@@ -870,7 +897,8 @@ class GuestSession:
             return
         if sent == FROM_NOW:  # a subscription's first position: where the log ends now
             with self._state:
-                self._set_position(topic, since)
+                self._positions.start(topic, since)
+                self._dirty.set()
             return
         log.warning("%s: the host's log ends at seq %d, before this guest's position %d (a new log?): "
                     "resuming from seq %d", topic, since, sent, since)

@@ -18,8 +18,10 @@ import threading
 import time
 
 import pytest
+import zmq
 
 from castra_zmq import guest, handshake, session
+from castra_zmq.endpoints import Endpoints
 from castra_zmq.guest import (
     GuestSession,
     GuestTimeout,
@@ -34,6 +36,7 @@ from castra_zmq.guest import (
     topic_matches,
 )
 from castra_zmq.replay import segments
+from castra_zmq.wire import HANDOVER_VERB, HandoverRequest, json_encode
 
 from .conftest import host_publish, wait_for
 from .test_guest import GUEST_CLI, Child, environment, guest_env, run
@@ -107,6 +110,29 @@ def test_positions_without_dedupe_follow_a_bus_v1_host():
     positions.forget("vm:a")
     positions.forget("vm:a")
     assert positions.last == {} and positions.version == version + 2
+
+
+def test_a_handovers_lines_below_a_fresh_position_are_taken_once():
+    """A VM that moved here gets what was sent to it meanwhile (a handover, PROTOCOL.md
+    8.2.1) at seqs below where this log ended when it subscribed: they go, once each,
+    until something past that comes; a subscription with a position of its own takes none."""
+    positions = Positions({"news": 40})
+    positions.start("vm:a", 100)
+    assert positions.last["vm:a"] == 100
+    subscriptions = ["vm:a", "news"]
+    assert positions.take("vm:a", 61, subscriptions) and positions.take("vm:a", 90, subscriptions)
+    assert not positions.take("vm:a", 61, subscriptions) and not positions.take("vm:a", 75, subscriptions)
+    assert positions.take("vm:a", 100, subscriptions) and not positions.take("vm:a", 100, subscriptions)
+    assert not positions.take("news", 30, subscriptions)  # not started here: a repeat
+    assert positions.take("vm:a", 101, subscriptions) and positions.started == {}  # live: none after
+    assert not positions.take("vm:a", 95, subscriptions)
+    assert positions.last == {"vm:a": 101, "news": 40}
+    assert positions.take("t", 40, ["t"])  # a handover's line came before the ack was read
+    positions.start("t", 50)
+    assert not positions.take("t", 40, ["t"]) and positions.take("t", 45, ["t"]) and positions.last["t"] == 50
+    positions = Positions(log="one log")
+    positions.start("u", 10)
+    assert positions.move_to("another log") and positions.started == {}
 
 
 def test_since_is_checked_before_it_is_sent():
@@ -605,6 +631,27 @@ def test_agent_state_file_default_needs_a_writable_directory(tmp_path, monkeypat
     assert state_file() == str(tmp_path / "alpha.json")
     assert state_file("--no-state-file") is None
     assert state_file("--state-file", "/x.json") == "/x.json"
+
+
+def test_a_vm_that_moved_here_gets_its_handover_through_the_library(router):
+    """What the uplink asks when a VM moves here (PROTOCOL.md 8.2.1), sent to the
+    bridge as the uplink sends it: the lines of vm:<vm> the host it left had not
+    committed. They are at seqs below where this log ends when the library
+    subscribes (its first position here), and still reach the application, once."""
+    sent = host_publish(router, "vm:mover", 3)
+    request = HandoverRequest("mover", after=sent[0] - 1, local_upto=0)
+    with zmq.Context() as context, context.socket(zmq.DEALER) as uplink:
+        uplink.linger = 1000
+        uplink.connect(Endpoints(router.state_root).journal)
+        uplink.send_multipart([b"", HANDOVER_VERB, json_encode(request)])
+    wait_for(lambda: "handover kept for the VM's next session" in router.log_text(), timeout=10,
+             what="the bridge has the handover")
+    with GuestSession("127.0.0.1", router.port, "mover", subscribe=["vm:mover"], **quick()) as bus:
+        assert [m["seq"] for m in receive_all(bus, 3)] == sent
+        live = host_publish(router, "vm:mover", 1, start=3)
+        assert [m["seq"] for m in receive_all(bus, 1)] == live
+        assert_nothing_more(bus)
+        assert bus.duplicates == 0
 
 
 def test_a_reboot_before_any_message_loses_nothing(router, tmp_path):
