@@ -143,6 +143,8 @@ class Catchup:
             if self.cursor.after >= head:
                 connection.catchup = None  # live from the next commit on
                 connection.log.info("replay done", replayed=self.replayed, seq=head)
+                if self.handover is not None:
+                    connection.bridge.handover_sent(connection, self.handover)
             elif not lines:  # committed lines not found yet (a rotation under way)
                 self.retry_later()
                 return
