@@ -35,6 +35,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import msgspec
 import nats.js.errors
 import zmq
 from loguru import logger
@@ -53,7 +54,7 @@ from .events import (
     now_ms,
 )
 from .federation import host_key
-from .handover import HANDOVER_MARGIN_MS, PendingHandover, PendingHandovers, handover_request
+from .handover import HANDOVER_MARGIN_MS, PendingHandover, PendingHandovers, decode_pending, handover_request
 from .origins import OriginMarks, follow, read_origin_checkpoint
 from .ownership import (
     ALIVE_INTERVAL_S,
@@ -83,7 +84,7 @@ from .ownership import (
     vm_of_key,
 )
 from .replay import BUS_LOG, Cursor
-from .statefs import replace_file
+from .statefs import read_regular, replace_file
 from .statustable import FleetView, FleetVm
 from .tail import seq_at_time
 from .wire import HANDOVER_VERB, HandoverRequest, json_encode
@@ -123,8 +124,8 @@ class MarkTracker:
         return dict(self.marks.marks)
 
 
-LOCAL_SESSION_EVENTS = (EventKind.SESSION_OPEN, EventKind.SESSION_CLOSE, EventKind.SESSIONS, EventKind.HANDOVER)
-"""The bridge's events ``LocalSessions`` and ``HandoverLink`` follow, beside the committed seq and health."""
+LOCAL_SESSION_EVENTS = (EventKind.SESSION_OPEN, EventKind.SESSION_CLOSE, EventKind.SESSIONS)
+"""The bridge's events ``LocalSessions`` follows, beside the committed seq."""
 
 
 class LocalSessions:
@@ -210,11 +211,14 @@ class HandoverLink:
     it moved (``handover``; ``run/journal.sock``, PROTOCOL.md 8.2.1), and keeps
     each request until the bridge reports it delivered or dropped
     (``HandoverEvent``): a restarted bridge (another ``started_ms`` in its health
-    event) is sent them all again. Follows the bus as a ``buswatch`` observer."""
+    event) is sent them all again. They are kept in ``state/handovers.json`` too,
+    so a restarted uplink sends them again to the bridge it finds. Follows the bus
+    as a ``buswatch`` observer."""
 
     def __init__(self, settings: Settings):
         self.logs_dir = settings.endpoints.logs_dir
-        self.pending = PendingHandovers()
+        self.path = settings.endpoints.handovers
+        self.pending = self.load()
         self.bridge_started: int | None = None  # the bridge's started_ms, as last seen
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.DEALER)
@@ -232,6 +236,7 @@ class HandoverLink:
             return
         request = handover_request(vm, released, host, epoch, after, claim)
         self.pending.add(request, released.since_ms)
+        self.save()
         if self.send(request):
             log.info("handover asked", after=after, released_by=released.host, release_seq=released.release.seq,
                      claim=claim)
@@ -255,8 +260,27 @@ class HandoverLink:
                 if requests:
                     logger.bind(reason="the bridge restarted" if restarted else "the bridge seen first").info(
                         "handovers asked again", count=sent)
+                if self.pending.dirty:
+                    self.save()
             case HandoverEvent(outcome=HandoverOutcome.DELIVERED | HandoverOutcome.DROPPED):
                 self.pending.settle(event.vm, event.claim)
+            case JournalEvent() if self.pending.dirty:  # what settled since the last one: at most one write a tick
+                self.save()
+
+    def load(self) -> PendingHandovers:
+        try:
+            return decode_pending(read_regular(self.path))
+        except FileNotFoundError:
+            return PendingHandovers()
+        except (OSError, msgspec.DecodeError) as exc:
+            logger.bind(reason=str(exc)).warning("pending handovers not read: none kept", path=str(self.path))
+            return PendingHandovers()
+
+    def save(self) -> None:
+        try:
+            replace_file(self.path, self.pending.encode(), sync=False)
+        except OSError as exc:
+            logger.bind(reason=exc.strerror).warning("pending handovers not saved")
 
     def unfinished(self, vm: str) -> PendingHandover | None:
         """``vm``'s request the bridge has not reported delivered or dropped."""
@@ -264,6 +288,8 @@ class HandoverLink:
 
     def forget(self, vm: str) -> None:
         self.pending.discard(vm)
+        if self.pending.dirty:
+            self.save()
 
     def close(self) -> None:
         self.sock.close(linger=0)

@@ -46,10 +46,11 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import msgspec
 
+from .events import now_ms
 from .replay import origin_start
 from .wire import HandoverRequest, Origin
 
@@ -157,25 +158,34 @@ class Handovers:
             del self.handed[request.vm]
 
 
-class PendingHandover(NamedTuple):
+class PendingHandover(msgspec.Struct, frozen=True):
+    """A request the uplink sent, with the release's time (a release carrying it
+    on keeps it) and its claim's (Unix ms: it outlives the uplink, in
+    ``state/handovers.json``)."""
+
     request: HandoverRequest
-    since_ms: int  # the release's (Unix ms), which a release carrying it on keeps
-    claimed: float  # monotonic
+    since_ms: int
+    claimed_ms: int
 
 
 class PendingHandovers:
     """The uplink's requests the bridge has not reported delivered or dropped, by
     VM: at most ``HANDOVERS_MAX``, each for ``HANDOVER_TTL_S`` from its claim (as
-    the bridge holds them)."""
+    the bridge holds them). ``dirty``: changed since last encoded."""
 
-    def __init__(self) -> None:
+    def __init__(self, entries: list[PendingHandover] = ()) -> None:
         self.pending: collections.OrderedDict[str, PendingHandover] = collections.OrderedDict()
+        for entry in entries[-HANDOVERS_MAX:]:
+            self.pending[entry.request.vm] = entry
+        self.dirty = False
+        self.expire()
 
     def add(self, request: HandoverRequest, since_ms: int) -> None:
         self.pending.pop(request.vm, None)
-        self.pending[request.vm] = PendingHandover(request, since_ms, time.monotonic())
+        self.pending[request.vm] = PendingHandover(request, since_ms, now_ms())
         while len(self.pending) > HANDOVERS_MAX:
             self.pending.popitem(last=False)
+        self.dirty = True
 
     def get(self, vm: str) -> PendingHandover | None:
         self.expire()
@@ -187,16 +197,33 @@ class PendingHandovers:
         if pending is None or pending.request.claim != claim:
             return False
         del self.pending[vm]
+        self.dirty = True
         return True
 
     def discard(self, vm: str) -> None:
-        self.pending.pop(vm, None)
+        if self.pending.pop(vm, None) is not None:
+            self.dirty = True
 
     def all(self) -> list[HandoverRequest]:
         self.expire()
         return [pending.request for pending in self.pending.values()]
 
     def expire(self) -> None:
-        limit = time.monotonic() - HANDOVER_TTL_S
-        while self.pending and next(iter(self.pending.values())).claimed < limit:
+        limit = now_ms() - int(HANDOVER_TTL_S * 1000)
+        while self.pending and next(iter(self.pending.values())).claimed_ms < limit:
             self.pending.popitem(last=False)
+            self.dirty = True
+
+    def encode(self) -> bytes:
+        self.dirty = False
+        return _encode_pending(list(self.pending.values()))
+
+
+_encode_pending = msgspec.json.Encoder().encode
+_decode_pending = msgspec.json.Decoder(list[PendingHandover]).decode
+
+
+def decode_pending(data: bytes) -> PendingHandovers:
+    """``state/handovers.json`` as ``PendingHandovers.encode`` wrote it;
+    ``msgspec.DecodeError`` otherwise."""
+    return PendingHandovers(_decode_pending(data))

@@ -79,13 +79,15 @@ def gets_them_once_then_live(fleet, on_b, vm: str) -> None:
     assert payloads(on_b) == [{"n": 4}]
 
 
-@pytest.mark.parametrize("reconnect", ["at_once", "after_the_release"])
+@pytest.mark.parametrize("reconnect", ["at_once", "after_the_release", "uplink_killed_too"])
 def test_a_handover_survives_the_bridge_killed_between_the_claim_and_the_subscribe(fleet, nats_cluster, reconnect):
     """beta's session on b (not subscribed yet) makes b claim it; b's bridge keeps
     the handover in memory and is killed -9. At once: beta's new session, taken by
     the restarted bridge, is still b's VM, and the uplink asks the new bridge again.
     After the release: b released beta with the handover carried on (beta never had
-    it), and claims it again from that release. Either way beta gets m2, m3 once."""
+    it), and claims it again from that release. With b's uplink killed -9 too: the
+    restarted uplink reads the request from state/handovers.json and asks the
+    bridge again. Each way beta gets m2, m3 once."""
     b = fleet["b"]
     vm = f"bridgekill-{reconnect}"
     moved_while_away(fleet, nats_cluster, vm)
@@ -95,6 +97,8 @@ def test_a_handover_survives_the_bridge_killed_between_the_claim_and_the_subscri
         wait_for(lambda: f"handover kept for the VM's next session vm={vm}" in b.log_text(), timeout=10,
                  what="the handover kept by b's bridge")
         pid = b.role_pid("bridge")
+        if reconnect == "uplink_killed_too":
+            os.kill(b.role_pid("uplink"), signal.SIGKILL)
         os.kill(pid, signal.SIGKILL)
         if reconnect == "after_the_release":
             wait_for(lambda: restarted(b, "bridge", pid), timeout=15, what="b's bridge restarted")
@@ -107,9 +111,9 @@ def test_a_handover_survives_the_bridge_killed_between_the_claim_and_the_subscri
             gets_them_once_then_live(fleet, on_b, vm)
     finally:
         first.close()
-    if reconnect == "at_once":  # the uplink asked the restarted bridge again
-        assert any("handovers asked again" in line and "the bridge restarted" in line
-                   for line in b.log_text().splitlines())
+    if reconnect != "after_the_release":  # the uplink asked the restarted bridge again
+        why = "the bridge restarted" if reconnect == "at_once" else "the bridge seen first"
+        assert any("handovers asked again" in line and why in line for line in b.log_text().splitlines())
 
 
 def test_a_vm_taken_over_from_a_host_gone_gets_what_was_sent_meanwhile(fleet, nats_cluster):
