@@ -39,7 +39,15 @@ from . import runtime, topics
 from .buslog import BusLog, Message, log_identity, read_checkpoint, read_seq_floor, write_seq_floor
 from .config import Settings, settings_from_env
 from .errors import LogWriteFailed
-from .events import EVENT_BYTES_MAX, EventKind, HandoverOutcome, SessionInfo, event_message, now_ms, split_sessions
+from .events import (
+    EVENT_BYTES_MAX,
+    EventKind,
+    HandoverOutcome,
+    SessionInfo,
+    event_message,
+    now_ms,
+    split_sessions,
+)
 from .framing import encode_frame
 from .handover import Handover, Handovers
 from .handshake import HOST_SENDER, Hello, is_vm_name, sender_of

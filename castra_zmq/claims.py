@@ -22,6 +22,12 @@ A release carries where ``bus.log`` stood when the VM's last session closed
 every commit before it on the bus, so the tracker is never past a close it has
 yet to see).
 
+Claiming a VM from a release, or taking it over from a host gone (from that
+host's checkpoint, which this host puts every ``CHECKPOINT_INTERVAL_S`` while its
+log moves), asks the bridge for a handover (``HandoverLink``), kept until the
+bridge reports it delivered; a VM released before then carries it on
+(``ownership.carried_release``).
+
 The fleet as this host knows it (``FleetView``) goes to ``state/fleet.json`` on
 each change, for ``castra status --fleet`` (which works with NATS down: the file
 says when it was written, and the uplink's health whether it is connected).
@@ -54,7 +60,13 @@ from .events import (
     now_ms,
 )
 from .federation import host_key
-from .handover import HANDOVER_MARGIN_MS, PendingHandover, PendingHandovers, decode_pending, handover_request
+from .handover import (
+    HANDOVER_MARGIN_MS,
+    PendingHandover,
+    PendingHandovers,
+    decode_pending,
+    handover_request,
+)
 from .origins import OriginMarks, follow, read_origin_checkpoint
 from .ownership import (
     ALIVE_INTERVAL_S,

@@ -23,7 +23,7 @@ behind) is not delivered live either. Its reading and queueing are a resume's: s
 while the guest's outbound queue has room.
 
 **A bridge restart.** The uplink keeps each request it sent (``PendingHandovers``,
-the same bounds) until the bridge reports on the bus (``events.HandoverEvent``)
+the same bounds; also in ``state/handovers.json``, for its own restart) until the bridge reports on the bus (``events.HandoverEvent``)
 that a session was sent all of it, or that it dropped it; it sends them all again
 when the bridge's health event shows another ``started_ms`` (a restarted bridge).
 A request names its claim (``claim``: the claim's revision in ``CASTRA_VMS``): a

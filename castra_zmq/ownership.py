@@ -7,7 +7,9 @@ Two JetStream key-value buckets, replicated like the stream:
 * ``CASTRA_VMS``: ``<vm key>`` -> ``VmOwner`` (JSON): which host owns the VM, since
   when, and, once released, where the releasing host's ``bus.log`` stood when the
   VM's last session there closed (``Release``: the new owner delivers what was sent
-  to the VM beyond that, see ``handover``).
+  to the VM beyond that, see ``handover``). Also, under ``checkpoint_key(host)``
+  (a key no VM has), each host's ``HostCheckpoint``: where its ``bus.log`` stood
+  lately, the release of the VMs taken over from it once it is gone.
 * ``CASTRA_HOSTS``: ``<host token>`` -> ``HostAlive``, put by each uplink every
   ``ALIVE_INTERVAL_S``; the bucket's max age (``ALIVE_TTL_S``) removes the key of a
   host whose uplink stopped. A VM owned by a host without a key is stale: another

@@ -19,6 +19,7 @@ import signal
 import nats.js.errors
 import pytest
 
+from castra_zmq.federation import host_key
 from castra_zmq.ownership import (
     HOSTS_BUCKET,
     OWNERS_BUCKET,
@@ -27,7 +28,6 @@ from castra_zmq.ownership import (
     decode_checkpoint,
     hosts_config,
 )
-from castra_zmq.federation import host_key
 
 from ..conftest import host_publish, restarted, wait_for
 from ..guest import connect_bus

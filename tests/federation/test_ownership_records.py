@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from castra_zmq import handover as handover_module
 from castra_zmq.claims import MarkTracker
-from castra_zmq.events import now_ms
 from castra_zmq.endpoints import Endpoints
+from castra_zmq.events import now_ms
 from castra_zmq.federation import host_key
 from castra_zmq.handover import (
     HANDOVER_TTL_S,
@@ -29,9 +29,9 @@ from castra_zmq.handshake import is_vm_name
 from castra_zmq.ownership import (
     MARKS_MAX,
     ClaimAction,
+    HostCheckpoint,
     OwnershipError,
     OwnerState,
-    HostCheckpoint,
     Release,
     VmOwner,
     carried_release,
