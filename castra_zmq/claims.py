@@ -99,7 +99,7 @@ from .replay import BUS_LOG, Cursor
 from .statefs import read_regular, replace_file
 from .statustable import FleetView, FleetVm
 from .tail import seq_at_time
-from .wire import HANDOVER_VERB, HandoverRequest, json_encode
+from .wire import HANDOVER_VERB, json_encode
 
 _TRACK_INTERVAL_S = 0.5  # how often the mark tracker follows bus.log
 _RELEASES_MAX = 4096  # releases kept until the bucket takes them (the oldest dropped: a VM not owned here)
@@ -232,6 +232,7 @@ class HandoverLink:
         self.path = settings.endpoints.handovers
         self.pending = self.load()
         self.bridge_started: int | None = None  # the bridge's started_ms, as last seen
+        self.unsent: list[str] = []  # VMs whose request found the socket's queue full: sent on the next tick
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.linger = 0
@@ -249,35 +250,44 @@ class HandoverLink:
         request = handover_request(vm, released, host, epoch, after, claim)
         self.pending.add(request, released.since_ms)
         self.save()
-        if self.send(request):
+        self.unsent.append(vm)
+        if self.send_unsent():
             log.info("handover asked", after=after, released_by=released.host, release_seq=released.release.seq,
                      claim=claim)
 
-    def send(self, request: HandoverRequest) -> bool:
-        try:
-            self.sock.send_multipart([b"", HANDOVER_VERB, json_encode(request)], zmq.NOBLOCK)
-        except zmq.Again:
-            logger.bind(vm=request.vm, reason="the bridge is not reading").warning(
-                "handover not sent now: again when the bridge restarts")
-            return False
-        return True
+    def send_unsent(self) -> int:
+        """Send the requests not sent yet, in order, until the socket's queue is
+        full (the bridge not reading: the rest go on the next health tick); how many went."""
+        sent = 0
+        while self.unsent:
+            pending = self.pending.get(self.unsent[0])
+            if pending is not None:
+                try:
+                    self.sock.send_multipart([b"", HANDOVER_VERB, json_encode(pending.request)], zmq.NOBLOCK)
+                except zmq.Again:
+                    logger.bind(reason="the bridge is not reading").warning("handovers not sent now: again in a tick",
+                                                                            count=len(self.unsent))
+                    return sent
+                sent += 1
+            self.unsent.pop(0)
+        return sent
 
     def observe(self, committed: int | None, event: AnyEvent | None) -> None:
         match event:
-            case JournalEvent(started_ms=int(started)) if started != self.bridge_started:
-                restarted = self.bridge_started is not None
-                self.bridge_started = started
-                requests = self.pending.all()
-                sent = sum(self.send(request) for request in requests)
-                if requests:
-                    logger.bind(reason="the bridge restarted" if restarted else "the bridge seen first").info(
-                        "handovers asked again", count=sent)
-                if self.pending.dirty:
+            case JournalEvent(started_ms=int(started)):
+                if started != self.bridge_started:  # all of them again, to a bridge started since
+                    restarted = self.bridge_started is not None
+                    self.bridge_started = started
+                    self.unsent = [request.vm for request in self.pending.all()]
+                    if self.unsent:
+                        logger.bind(reason="the bridge restarted" if restarted else "the bridge seen first").info(
+                            "handovers asked again", count=self.send_unsent())
+                elif self.unsent:
+                    self.send_unsent()
+                if self.pending.dirty:  # what settled since the last tick: at most one write a tick
                     self.save()
             case HandoverEvent(outcome=HandoverOutcome.DELIVERED | HandoverOutcome.DROPPED):
                 self.pending.settle(event.vm, event.claim)
-            case JournalEvent() if self.pending.dirty:  # what settled since the last one: at most one write a tick
-                self.save()
 
     def load(self) -> PendingHandovers:
         try:

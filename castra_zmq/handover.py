@@ -23,9 +23,10 @@ behind) is not delivered live either. Its reading and queueing are a resume's: s
 while the guest's outbound queue has room.
 
 **A bridge restart.** The uplink keeps each request it sent (``PendingHandovers``,
-the same bounds; also in ``state/handovers.json``, for its own restart) until the bridge reports on the bus (``events.HandoverEvent``)
-that a session was sent all of it, or that it dropped it; it sends them all again
-when the bridge's health event shows another ``started_ms`` (a restarted bridge).
+the same bounds; also in ``state/handovers.json``, for its own restart) until the
+bridge reports on the bus (``events.HandoverEvent``) that a session was sent all
+of it, or that it dropped it; it sends them all again when the bridge's health
+event shows another ``started_ms`` (a restarted bridge).
 A request names its claim (``claim``: the claim's revision in ``CASTRA_VMS``): a
 bridge hands a claim to its VM's sessions once. One killed while it delivers may
 deliver it again once restarted (at least once under a crash). A VM released
@@ -36,8 +37,8 @@ the host it left stood, not this host's log (``ownership.carried_release``).
 puts a checkpoint of its log (``ownership.HostCheckpoint``: its seq and marks,
 every ``CHECKPOINT_INTERVAL_S`` while they move) in ``CASTRA_VMS``, and a
 takeover asks for the handover from it as from a release
-(``ownership.checkpoint_release``):
-what the dead host committed after its last checkpoint may come twice.
+(``ownership.checkpoint_release``): what the dead host committed after its last
+checkpoint may come twice.
 
 Runs in: the uplink (the request) and the bridge (the delivery).
 """
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -173,7 +175,7 @@ class PendingHandovers:
     VM: at most ``HANDOVERS_MAX``, each for ``HANDOVER_TTL_S`` from its claim (as
     the bridge holds them). ``dirty``: changed since last encoded."""
 
-    def __init__(self, entries: list[PendingHandover] = ()) -> None:
+    def __init__(self, entries: Sequence[PendingHandover] = ()) -> None:
         self.pending: collections.OrderedDict[str, PendingHandover] = collections.OrderedDict()
         for entry in entries[-HANDOVERS_MAX:]:
             self.pending[entry.request.vm] = entry

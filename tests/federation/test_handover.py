@@ -28,6 +28,7 @@ from castra_zmq.ownership import (
     decode_checkpoint,
     hosts_config,
 )
+from castra_zmq.supervisor import process_runs
 
 from ..conftest import host_publish, restarted, wait_for
 from ..guest import connect_bus
@@ -74,9 +75,14 @@ def in_b(b, topic: str, sent: list[int]) -> None:
 def gets_them_once_then_live(fleet, on_b, vm: str) -> None:
     topic = f"vm:{vm}"
     assert on_b.subscribe(topic)["status"] == "ok"
-    assert payloads(on_b, quiet=2.0) == [{"n": 2}, {"n": 3}]
+    assert payloads(on_b, quiet=2.0) == [{"n": 2}, {"n": 3}], story(fleet["b"], vm)
     host_publish(fleet["c"], topic, 1, start=4)  # and live after it, once
-    assert payloads(on_b) == [{"n": 4}]
+    assert payloads(on_b) == [{"n": 4}], story(fleet["b"], vm)
+
+
+def story(router, vm: str) -> str:
+    """What ``router``'s log says of ``vm`` and its handovers, for a failure's message."""
+    return "\n".join(line for line in router.log_text().splitlines() if f"vm={vm}" in line or "handovers" in line)
 
 
 @pytest.mark.parametrize("reconnect", ["at_once", "after_the_release", "uplink_killed_too"])
@@ -142,9 +148,14 @@ def test_a_vm_taken_over_from_a_host_gone_gets_what_was_sent_meanwhile(fleet, na
             return checkpoint is not None and checkpoint.release.marks.get("c", (0, 0))[1] >= m1
 
         wait_for(checkpoint_past_m1, timeout=20, interval=0.5, what="a's checkpoint covering m1")
+        # As a host that dies: no role may close a session or release a VM (a.kill_9 alone
+        # gives the roles a SIGTERM, and a bridge stopping closes its sessions).
         uplink = a.role_pid("uplink")
+        os.kill(a.process.pid, signal.SIGSTOP)  # its supervisor restarts nothing
+        os.kill(uplink, signal.SIGKILL)
+        os.kill(a.role_pid("bridge"), signal.SIGKILL)
         a.kill_9()
-        wait_for(lambda: not os.path.exists(f"/proc/{uplink}"), timeout=10, what="a's uplink gone")
+        wait_for(lambda: not process_runs(uplink), timeout=10, what="a's uplink gone")
     finally:
         on_a.close()
     in_b(b, topic, host_publish(c, topic, 2, start=2))
