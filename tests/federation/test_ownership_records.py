@@ -216,6 +216,19 @@ def test_a_host_checkpoint_has_a_key_no_vm_has_and_stands_for_a_release():
         decode_checkpoint(b'{"host":"a"}')
 
 
+def test_a_pending_handover_and_a_checkpoint_stay_under_40_kib():
+    """README's bounds: a request of MARKS_MAX + 1 marks of the longest host names
+    (253 characters), the longest VM name (each character 4 bytes of UTF-8) and the
+    largest numbers, as the uplink keeps it, and a checkpoint of MARKS_MAX such marks."""
+    big = 2**63 - 1
+    marks = {f"{n:03d}" + "h" * 250: (big, big) for n in range(MARKS_MAX + 1)}
+    pending = PendingHandovers()
+    pending.add(HandoverRequest("\U0001F600" * 128, big, big, marks, big), since_ms=big)
+    assert len(pending.encode()) < 40 * 1024
+    checkpoint = HostCheckpoint("h" * 253, big, big, release_of(big, marks))
+    assert len(encode_checkpoint(checkpoint)) < 40 * 1024
+
+
 @given(vm_names)
 def test_no_vm_key_is_a_checkpoint_key(vm):
     assert not is_checkpoint_key(vm_key(vm))
