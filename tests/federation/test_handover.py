@@ -122,6 +122,23 @@ def test_a_handover_survives_the_bridge_killed_between_the_claim_and_the_subscri
         assert any("handovers asked again" in line and why in line for line in b.log_text().splitlines())
 
 
+def test_a_handover_from_before_the_oldest_line_left_reads_from_that_line(fleet, nats_cluster):
+    """b's bus.log was rotated away (renamed, then the copy deleted) less than 60 s
+    before the release, so the handover's start is before b's oldest line: it reads
+    from that line on, and the VM's session is not closed as ``replay_expired``."""
+    b = fleet["b"]
+    host_publish(b, "filler", 3)  # lines to rotate away
+    (b.logs / "bus.log").rename(b.logs / "bus.log.1")
+    wait_for(lambda: "bus.log moved away" in b.log_text(), timeout=10, what="b following the rotation")
+    (b.logs / "bus.log.1").unlink()
+    vm = "rotated"
+    moved_while_away(fleet, nats_cluster, vm)
+    with connect_bus(b.port, vm) as on_b:
+        owned_by(nats_cluster, vm, "b")
+        gets_them_once_then_live(fleet, on_b, vm)
+    assert "replay_expired" not in b.log_text()
+
+
 def test_a_vm_taken_over_from_a_host_gone_gets_what_was_sent_meanwhile(fleet, nats_cluster):
     """The module's last test: it kills host a. omega gets m1 on a; a's checkpoint
     covers it; a dies (router and uplink, kill -9) with omega on it; c sends m2, m3;
