@@ -39,7 +39,15 @@ from . import runtime, topics
 from .buslog import BusLog, Message, log_identity, read_checkpoint, read_seq_floor, write_seq_floor
 from .config import Settings, settings_from_env
 from .errors import LogWriteFailed
-from .events import EVENT_BYTES_MAX, EventKind, SessionInfo, event_message, now_ms, split_sessions
+from .events import (
+    EVENT_BYTES_MAX,
+    EventKind,
+    HandoverOutcome,
+    SessionInfo,
+    event_message,
+    now_ms,
+    split_sessions,
+)
 from .framing import encode_frame
 from .handover import Handover, Handovers
 from .handshake import HOST_SENDER, Hello, is_vm_name, sender_of
@@ -61,6 +69,7 @@ from .wire import (
     CommitBatch,
     CommitResult,
     Delivery,
+    HandoverRequest,
     MessageId,
     Origin,
     Publish,
@@ -143,6 +152,7 @@ class Bridge:
         # With an uplink: the other hosts' last messages in bus.log (rebuilt in serve).
         self.origins: OriginMarks | None = None
         self.handovers = Handovers()  # VMs that moved here, for their next session (see handover)
+        self.started_ms = now_ms()  # in each health event: the uplink sees a restart by it
         self.log_publishes = runtime.logs_at(settings, "DEBUG")  # a line per publish: checked once
         # This loop turn's publishes, committed together at its end (see commit).
         self.messages: list[Message] = []
@@ -235,6 +245,8 @@ class Bridge:
         connection.log.info("session open", vm_sessions=len(open_sessions))
 
     def close_session(self, connection: GuestConnection, reason: str) -> None:
+        if connection.catchup is not None and connection.catchup.handover is not None:
+            self.keep_unfinished(connection.catchup.handover)
         connection.catchup = None
         for topic in connection.topics:
             self.subscribers.discard(connection, topic)
@@ -307,25 +319,62 @@ class Bridge:
         if not is_vm_name(request.vm):
             logger.warning("dropped malformed handover", reason="invalid vm name")
             return
+        handed = self.handovers.handed_state(request)
+        if handed is not None:  # sent again by the uplink: it did not see the report yet
+            logger.bind(vm=request.vm, reason="handed to a session already").info("handover not handed again",
+                                                                                  claim=request.claim)
+            if handed:
+                self.emit_handover(request, HandoverOutcome.DELIVERED, reason="handed to a session already")
+            return
         handover = Handover(request, time.monotonic())
         subscribed = [c for c in self.sessions.get(request.vm, ()) if c.own_topic_seq is not None]
         for connection in subscribed:
             self.hand_over(connection, handover)
         if not subscribed:
-            self.handovers.add(request)
-            logger.bind(vm=request.vm).info("handover kept for the VM's next session", after=request.after)
+            self.keep(request)
+
+    def keep(self, request: HandoverRequest, reason: str | None = None) -> None:
+        """Keep ``request`` for its VM's next session subscribed to its topic."""
+        for dropped in self.handovers.add(request):
+            self.drop_handover(dropped, "more than HANDOVERS_MAX pending")
+        logger.bind(vm=request.vm, reason=reason).info("handover kept for the VM's next session",
+                                                       after=request.after, claim=request.claim)
+        self.emit_handover(request, HandoverOutcome.KEPT, reason=reason)
+
+    def keep_unfinished(self, handover: Handover) -> None:
+        """A session closed before all of ``handover`` was sent: the next takes it, from its start."""
+        self.handovers.unhand(handover.request)
+        self.keep(handover.request, reason="its session closed before all of it was sent")
 
     def hand_over(self, connection: GuestConnection, handover: Handover) -> None:
         """Deliver to ``connection`` what its VM was sent while it moved here, and
         from now on none of what it was sent before."""
         upto = connection.own_topic_seq
         connection.moved_from = handover
+        self.handovers.handing(handover.request, done=False)
         connection.log.info("handover: messages sent while the VM moved", after=handover.request.after, upto=upto,
-                            hosts=len(handover.request.marks))
+                            hosts=len(handover.request.marks), claim=handover.request.claim)
         if upto > handover.request.after:
             if connection.catchup is None:
                 connection.catchup = Catchup(connection, self.log.seq)
             connection.catchup.add_handover(handover, upto)
+        else:
+            self.handover_sent(connection, handover)
+
+    def handover_sent(self, connection: GuestConnection, handover: Handover) -> None:
+        """All of ``handover`` is queued for ``connection`` (``Catchup``): the uplink may forget it."""
+        self.handovers.handing(handover.request, done=True)
+        connection.log.info("handover delivered", claim=handover.request.claim)
+        self.emit_handover(handover.request, HandoverOutcome.DELIVERED, session=connection.token)
+
+    def drop_handover(self, handover: Handover, reason: str) -> None:
+        logger.bind(vm=handover.request.vm, reason=reason).info("handover dropped", claim=handover.request.claim)
+        self.emit_handover(handover.request, HandoverOutcome.DROPPED, reason=reason)
+
+    def emit_handover(self, request: HandoverRequest, outcome: HandoverOutcome, session: str | None = None,
+                      reason: str | None = None) -> None:
+        self.emit(EventKind.HANDOVER, vm=request.vm, session=session, reason=reason, outcome=outcome,
+                  claim=request.claim)
 
     def unsubscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.discard(connection, topic)
@@ -688,8 +737,8 @@ class Bridge:
             self.write_seq_floor()
 
     def expire_handovers(self) -> None:
-        for vm in self.handovers.expire():
-            logger.bind(vm=vm, reason="no session subscribed in time").info("handover dropped")
+        for handover in self.handovers.expire():
+            self.drop_handover(handover, "no session subscribed in time")
 
     def save_origins(self) -> None:
         """The other hosts' marks, so that a restart reads only the log after them."""
@@ -745,7 +794,8 @@ class Bridge:
         """The log's health; its seq also shows the journal lines it may have missed
         (so the lines up to it go first)."""
         self.flush_lines()
-        self.emit(EventKind.JOURNAL, outcome="error" if self.failure else "ok", reason=self.failure, seq=self.log.seq)
+        self.emit(EventKind.JOURNAL, outcome="error" if self.failure else "ok", reason=self.failure, seq=self.log.seq,
+                  started_ms=self.started_ms)
 
     def report_dropped_answers(self) -> None:
         """One line per health tick, not one per answer, for host tools not reading."""

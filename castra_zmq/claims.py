@@ -22,6 +22,12 @@ A release carries where ``bus.log`` stood when the VM's last session closed
 every commit before it on the bus, so the tracker is never past a close it has
 yet to see).
 
+Claiming a VM from a release, or taking it over from a host gone (from that
+host's checkpoint, which this host puts every ``CHECKPOINT_INTERVAL_S`` while its
+log moves), asks the bridge for a handover (``HandoverLink``), kept until the
+bridge reports it delivered; a VM released before then carries it on
+(``ownership.carried_release``).
+
 The fleet as this host knows it (``FleetView``) goes to ``state/fleet.json`` on
 each change, for ``castra status --fleet`` (which works with NATS down: the file
 says when it was written, and the uplink's health whether it is connected).
@@ -35,6 +41,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import msgspec
 import nats.js.errors
 import zmq
 from loguru import logger
@@ -44,6 +51,8 @@ from .errors import CastraError
 from .events import (
     AnyEvent,
     EventKind,
+    HandoverEvent,
+    HandoverOutcome,
     JournalEvent,
     SessionCloseEvent,
     SessionOpenEvent,
@@ -51,29 +60,43 @@ from .events import (
     now_ms,
 )
 from .federation import host_key
-from .handover import HANDOVER_MARGIN_MS, handover_request
+from .handover import (
+    HANDOVER_MARGIN_MS,
+    PendingHandover,
+    PendingHandovers,
+    decode_pending,
+    handover_request,
+)
 from .origins import OriginMarks, follow, read_origin_checkpoint
 from .ownership import (
     ALIVE_INTERVAL_S,
+    CHECKPOINT_INTERVAL_S,
     ClaimAction,
     HostAlive,
+    HostCheckpoint,
     OwnershipError,
     OwnerState,
     Release,
     VmOwner,
+    carried_release,
+    checkpoint_key,
+    checkpoint_release,
     claim_action,
     decode_alive,
+    decode_checkpoint,
     decode_owner,
     encode_alive,
+    encode_checkpoint,
     encode_owner,
     hosts_config,
+    is_checkpoint_key,
     owners_config,
     release_of,
     vm_key,
     vm_of_key,
 )
 from .replay import BUS_LOG, Cursor
-from .statefs import replace_file
+from .statefs import read_regular, replace_file
 from .statustable import FleetView, FleetVm
 from .tail import seq_at_time
 from .wire import HANDOVER_VERB, json_encode
@@ -197,32 +220,98 @@ class LocalSessions:
 
 class HandoverLink:
     """Asks the bridge to deliver what a VM claimed from a release was sent while
-    it moved (``handover``; ``run/journal.sock``, PROTOCOL.md 8.2.1). No reply: a
-    request the bridge did not get (it was restarting) is one log line here and
-    the VM gets only what comes live."""
+    it moved (``handover``; ``run/journal.sock``, PROTOCOL.md 8.2.1), and keeps
+    each request until the bridge reports it delivered or dropped
+    (``HandoverEvent``): a restarted bridge (another ``started_ms`` in its health
+    event) is sent them all again. They are kept in ``state/handovers.json`` too,
+    so a restarted uplink sends them again to the bridge it finds. Follows the bus
+    as a ``buswatch`` observer."""
 
     def __init__(self, settings: Settings):
         self.logs_dir = settings.endpoints.logs_dir
+        self.path = settings.endpoints.handovers
+        self.pending = self.load()
+        self.bridge_started: int | None = None  # the bridge's started_ms, as last seen
+        self.unsent: list[str] = []  # VMs whose request found the socket's queue full: sent on the next tick
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.sndhwm = 64
         self.sock.connect(settings.endpoints.journal)
 
-    def send(self, vm: str, released: VmOwner, host: str, epoch: int) -> None:
+    def ask(self, vm: str, released: VmOwner, claim: int, host: str, epoch: int) -> None:
+        """Ask for ``vm``'s handover from ``released``, for this host's claim of revision ``claim``."""
         log = logger.bind(vm=vm)
         try:
             after = seq_at_time(self.logs_dir, BUS_LOG, released.since_ms - HANDOVER_MARGIN_MS)
         except CastraError as exc:
             log.bind(reason=exc.reason).error("handover not asked: bus.log not read")
             return
-        request = handover_request(vm, released, host, epoch, after)
+        request = handover_request(vm, released, host, epoch, after, claim)
+        self.pending.add(request, released.since_ms)
+        self.save()
+        self.unsent.append(vm)
+        if self.send_unsent():
+            log.info("handover asked", after=after, released_by=released.host, release_seq=released.release.seq,
+                     claim=claim)
+
+    def send_unsent(self) -> int:
+        """Send the requests not sent yet, in order, until the socket's queue is
+        full (the bridge not reading: the rest go on the next health tick); how many went."""
+        sent = 0
+        while self.unsent:
+            pending = self.pending.get(self.unsent[0])
+            if pending is not None:
+                try:
+                    self.sock.send_multipart([b"", HANDOVER_VERB, json_encode(pending.request)], zmq.NOBLOCK)
+                except zmq.Again:
+                    logger.bind(reason="the bridge is not reading").warning("handovers not sent now: again in a tick",
+                                                                            count=len(self.unsent))
+                    return sent
+                sent += 1
+            self.unsent.pop(0)
+        return sent
+
+    def observe(self, committed: int | None, event: AnyEvent | None) -> None:
+        match event:
+            case JournalEvent(started_ms=int(started)):
+                if started != self.bridge_started:  # all of them again, to a bridge started since
+                    restarted = self.bridge_started is not None
+                    self.bridge_started = started
+                    self.unsent = [request.vm for request in self.pending.all()]
+                    if self.unsent:
+                        logger.bind(reason="the bridge restarted" if restarted else "the bridge seen first").info(
+                            "handovers asked again", count=self.send_unsent())
+                elif self.unsent:
+                    self.send_unsent()
+                if self.pending.dirty:  # what settled since the last tick: at most one write a tick
+                    self.save()
+            case HandoverEvent(outcome=HandoverOutcome.DELIVERED | HandoverOutcome.DROPPED):
+                self.pending.settle(event.vm, event.claim)
+
+    def load(self) -> PendingHandovers:
         try:
-            self.sock.send_multipart([b"", HANDOVER_VERB, json_encode(request)], zmq.NOBLOCK)
-        except zmq.Again:
-            log.bind(reason="the bridge is not reading").warning("handover not asked")
-            return
-        log.info("handover asked", after=after, released_by=released.host, release_seq=released.release.seq)
+            return decode_pending(read_regular(self.path))
+        except FileNotFoundError:
+            return PendingHandovers()
+        except (OSError, msgspec.DecodeError) as exc:
+            logger.bind(reason=str(exc)).warning("pending handovers not read: none kept", path=str(self.path))
+            return PendingHandovers()
+
+    def save(self) -> None:
+        try:
+            replace_file(self.path, self.pending.encode(), sync=False)
+        except OSError as exc:
+            logger.bind(reason=exc.strerror).warning("pending handovers not saved")
+
+    def unfinished(self, vm: str) -> PendingHandover | None:
+        """``vm``'s request the bridge has not reported delivered or dropped."""
+        return self.pending.get(vm)
+
+    def forget(self, vm: str) -> None:
+        self.pending.discard(vm)
+        if self.pending.dirty:
+            self.save()
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -246,6 +335,8 @@ class Claims:
         self.waited: dict[str, tuple[int, float]] = {}  # vm waiting -> (revision, monotonic time) of the look
         self.turns = 0  # reconcile turns done (progress, for the back-off)
         self.alive_put = 0.0  # monotonic time of the last put of this host's liveness key
+        self.checkpoint_put = 0.0  # monotonic time of the last put of this host's checkpoint
+        self.checkpointed: int | None = None  # the seq that checkpoint is at
         self.fleet_written = 0.0  # monotonic time state/fleet.json was last written
         self.fleet_dirty = True
 
@@ -269,6 +360,8 @@ class Claims:
                 if time.monotonic() - self.alive_put >= ALIVE_INTERVAL_S:
                     await hosts.put(host_key(self.host), encode_alive(HostAlive(self.host, self.epoch(), now_ms())))
                     self.alive_put = time.monotonic()
+                if time.monotonic() - self.checkpoint_put >= CHECKPOINT_INTERVAL_S:
+                    await self.put_checkpoint(owners)
                 await self.reconcile(owners, hosts)
                 self.turns += 1
                 await asyncio.sleep(_TURN_MIN_S)  # a burst of changes is one turn
@@ -295,7 +388,7 @@ class Claims:
     async def watch(self, watcher) -> None:
         """Follow every record of the owners bucket (nats-py's ordered consumer)."""
         async for entry in watcher:
-            if entry is None:  # the records there were at the start are all in
+            if entry is None or is_checkpoint_key(entry.key):  # the start's records all in; a host's checkpoint
                 continue
             try:
                 vm = vm_of_key(entry.key)
@@ -319,6 +412,7 @@ class Claims:
         for vm, (record, revision) in list(self.fleet.items()):
             if vm in self.owned and record.host != self.host and revision > self.owned[vm]:
                 del self.owned[vm]
+                self.handover.forget(vm)
                 logger.bind(vm=vm, reason=f"owned by {record.host}").warning("VM taken over by another host")
         now = time.monotonic()
         for vm in sorted(wanted - self.owned.keys()):
@@ -381,17 +475,32 @@ class Claims:
         elif current.state is OwnerState.RELEASED:
             log.info("VM claimed", released_by=current.host)
             if current.release is not None:
-                self.handover.send(vm, current, self.host, self.epoch())
+                self.handover.ask(vm, current, self.owned[vm], self.host, self.epoch())
         elif current.host == self.host:
             log.info("VM claimed again")
         else:
             log.bind(reason=f"{current.host} not alive").warning("VM taken over from a host gone",
                                                                  previous=current.host)
+            checkpoint = await self.checkpoint_of(owners, current.host)
+            if checkpoint is None:
+                log.bind(reason=f"no checkpoint of {current.host}").warning("taken over with no handover")
+            else:
+                self.handover.ask(vm, checkpoint_release(checkpoint), self.owned[vm], self.host, self.epoch())
 
     async def release(self, owners, vm: str) -> None:
-        release = self.local.released.get(vm) or release_of(self.local.committed,
-                                                            self.tracker.marks_at(self.local.committed))
-        record = VmOwner(self.host, self.epoch(), OwnerState.RELEASED, now_ms(), release)
+        """Release ``vm``: where the log stood when its last session closed, or,
+        its handover not delivered yet, where the host it came from stood
+        (``carried_release``; its time too, for the next handover's margin)."""
+        unfinished = self.handover.unfinished(vm)
+        if unfinished is not None:
+            release, since_ms = carried_release(unfinished.request), unfinished.since_ms
+            logger.bind(vm=vm, reason="its handover was not delivered here").info("release carries the handover on")
+        else:
+            release = self.local.released.get(vm) or release_of(self.local.committed,
+                                                                self.tracker.marks_at(self.local.committed))
+            since_ms = now_ms()
+        self.handover.forget(vm)
+        record = VmOwner(self.host, self.epoch(), OwnerState.RELEASED, since_ms, release)
         try:
             revision = await owners.update(vm_key(vm), encode_owner(record), last=self.owned[vm])
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -402,6 +511,29 @@ class Claims:
         del self.owned[vm]
         self.local.released.pop(vm, None)
         self.fleet_dirty = True
+
+    async def put_checkpoint(self, owners) -> None:
+        """This host's checkpoint, when the log moved since the last one: a
+        takeover after this host is gone hands over from it."""
+        seq = self.local.committed
+        if seq and seq != self.checkpointed:  # 0: the bridge not heard from yet (an uplink just started)
+            release = release_of(seq, self.tracker.marks_at(seq))
+            checkpoint = HostCheckpoint(self.host, self.epoch(), now_ms(), release)
+            await owners.put(checkpoint_key(self.host), encode_checkpoint(checkpoint))
+            self.checkpointed = seq
+        self.checkpoint_put = time.monotonic()
+
+    async def checkpoint_of(self, owners, host: str) -> HostCheckpoint | None:
+        try:
+            entry = await owners.get(checkpoint_key(host))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        try:
+            checkpoint = decode_checkpoint(entry.value)
+        except OwnershipError as exc:
+            logger.bind(reason=exc.reason).warning("skipped a host checkpoint castra did not write", host=host)
+            return None
+        return checkpoint if checkpoint.host == host else None
 
     async def alive(self, hosts, host: str) -> bool:
         try:

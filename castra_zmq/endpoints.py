@@ -54,6 +54,7 @@ class Endpoints:
         self.uplink_state = self.state_dir / "uplink.json"  # the uplink's epoch
         self.origins_checkpoint = self.state_dir / "origins.json"  # other hosts' last messages in bus.log
         self.fleet = self.state_dir / "fleet.json"  # where every VM lives, as the uplink last saw it
+        self.handovers = self.state_dir / "handovers.json"  # the uplink's handovers the bridge has not delivered
         self.lock_file = self.run_dir / "router.lock"
         self.router_info = self.run_dir / "router.json"
         self.publish_socket = self.run_dir / "bus-in.sock"  # proxy XSUB: publishers connect

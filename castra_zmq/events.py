@@ -30,6 +30,7 @@ class EventKind(str, enum.Enum):
     JOURNAL = "journal"  # outcome (ok|error), reason, seq: the bridge's periodic health of bus.log
     PEER = "peer"  # peer, action (disconnect), reason: a subscriber the proxy disconnected
     UPLINK = "uplink"  # reason, host, server, upload and download positions, remote_hosts: the uplink's health
+    HANDOVER = "handover"  # vm, session, reason, outcome (kept|delivered|dropped), claim: a VM that moved here
 
 
 class SessionInfo(msgspec.Struct, array_like=True):
@@ -107,6 +108,7 @@ class JournalEvent(Event, tag=EventKind.JOURNAL.value, kw_only=True):
     reason: str | None = None
     outcome: str  # ok, error
     seq: int | None = None
+    started_ms: int | None = None  # when this bridge process started (unix ms): another value, a restarted bridge
 
 
 class PeerEvent(Event, tag=EventKind.PEER.value, kw_only=True):
@@ -138,9 +140,26 @@ class UplinkEvent(Event, tag=EventKind.UPLINK.value, kw_only=True):
     remote_hosts: list[RemoteHost] = []  # the most recently seen, at most REMOTE_HOSTS_MAX
 
 
+class HandoverOutcome(str, enum.Enum):
+    KEPT = "kept"  # no session of the VM subscribed to vm:<vm> yet: kept for the first that does
+    DELIVERED = "delivered"  # a session was sent all of it (queued to its socket)
+    DROPPED = "dropped"  # no session took it in time, or more than HANDOVERS_MAX were pending
+
+
+class HandoverEvent(Event, tag=EventKind.HANDOVER.value, kw_only=True):
+    """What the bridge did with a handover (``handover``, PROTOCOL.md 8.2.1): the
+    uplink keeps its request until it is ``delivered`` or ``dropped``."""
+
+    vm: str
+    session: str | None = None  # the session it was delivered to
+    reason: str | None = None
+    outcome: HandoverOutcome
+    claim: int  # the request's claim (its revision in CASTRA_VMS): which request this is about
+
+
 AnyEvent = (HandshakeEvent | SessionOpenEvent | SessionCloseEvent | SubscribeEvent | UnsubscribeEvent
             | HeartbeatEvent | PublishEvent | BackpressureEvent | SessionsEvent | JournalEvent | PeerEvent
-            | UplinkEvent)
+            | UplinkEvent | HandoverEvent)
 EVENT_TYPES: dict[EventKind, type[Event]] = {
     EventKind(cls.__struct_config__.tag): cls for cls in AnyEvent.__args__  # type: ignore[attr-defined]
 }

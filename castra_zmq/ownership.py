@@ -7,7 +7,9 @@ Two JetStream key-value buckets, replicated like the stream:
 * ``CASTRA_VMS``: ``<vm key>`` -> ``VmOwner`` (JSON): which host owns the VM, since
   when, and, once released, where the releasing host's ``bus.log`` stood when the
   VM's last session there closed (``Release``: the new owner delivers what was sent
-  to the VM beyond that, see ``handover``).
+  to the VM beyond that, see ``handover``). Also, under ``checkpoint_key(host)``
+  (a key no VM has), each host's ``HostCheckpoint``: where its ``bus.log`` stood
+  lately, the release of the VMs taken over from it once it is gone.
 * ``CASTRA_HOSTS``: ``<host token>`` -> ``HostAlive``, put by each uplink every
   ``ALIVE_INTERVAL_S``; the bucket's max age (``ALIVE_TTL_S``) removes the key of a
   host whose uplink stopped. A VM owned by a host without a key is stale: another
@@ -42,12 +44,15 @@ import re
 import msgspec
 from nats.js.api import KeyValueConfig, StorageType
 
-from .federation import HOSTS_BUCKET, OWNERS_BUCKET, STREAM_REPLICAS, FederationError
+from .federation import HOSTS_BUCKET, OWNERS_BUCKET, STREAM_REPLICAS, FederationError, host_key
 from .handshake import MAX_NAME
-from .wire import Count, HostName
+from .wire import Count, HandoverRequest, HostName
 
 ALIVE_INTERVAL_S = 2.0  # how often an uplink puts its liveness key
 ALIVE_TTL_S = 15.0  # a host's key is gone this long after its last put: its VMs may be taken over
+CHECKPOINT_INTERVAL_S = 5.0  # at most this often an uplink puts its log's checkpoint (only when it moved)
+# A host's checkpoint key in CASTRA_VMS: a VM's key never has a "." (vm_key escapes it).
+CHECKPOINT_KEY_PREFIX = "host."
 OWNER_VALUE_MAX = 64 * 1024  # bytes of one record (a release's marks are its bulk)
 OWNERS_BUCKET_BYTES = 256 * 1024**2
 # A release lists at most this many other hosts' marks (each at most 253 + 45 bytes of JSON).
@@ -94,6 +99,18 @@ class HostAlive(msgspec.Struct, frozen=True):
     ts_ms: Count
 
 
+class HostCheckpoint(msgspec.Struct, frozen=True):
+    """A ``CASTRA_VMS`` record under ``checkpoint_key(host)``: where host ``host``'s
+    ``bus.log`` stood at ``ts_ms`` (its seq, of ``epoch``, and its marks of the
+    other hosts), put every ``CHECKPOINT_INTERVAL_S`` while that moves. A VM taken
+    over from the host once it is gone is handed over from there."""
+
+    host: HostName
+    epoch: Count
+    ts_ms: Count
+    release: Release
+
+
 class ClaimAction(str, enum.Enum):
     CREATE = "create"  # no record: kv.create
     UPDATE = "update"  # this host's, released, or stale: kv.update(last=revision)
@@ -103,6 +120,7 @@ class ClaimAction(str, enum.Enum):
 _encode = msgspec.json.Encoder().encode
 _decode_owner = msgspec.json.Decoder(VmOwner).decode
 _decode_alive = msgspec.json.Decoder(HostAlive).decode
+_decode_checkpoint = msgspec.json.Decoder(HostCheckpoint).decode
 
 
 class OwnershipError(FederationError):
@@ -132,6 +150,23 @@ def encode_owner(owner: VmOwner) -> bytes:
 
 def decode_owner(data: bytes) -> VmOwner:
     return _decoded(_decode_owner, data, "VM record")
+
+
+def checkpoint_key(host: str) -> str:
+    """Host ``host``'s checkpoint key in ``CASTRA_VMS`` (no VM's key has a dot)."""
+    return CHECKPOINT_KEY_PREFIX + host_key(host)
+
+
+def is_checkpoint_key(key: str) -> bool:
+    return key.startswith(CHECKPOINT_KEY_PREFIX)
+
+
+def encode_checkpoint(checkpoint: HostCheckpoint) -> bytes:
+    return _encode(checkpoint)
+
+
+def decode_checkpoint(data: bytes) -> HostCheckpoint:
+    return _decoded(_decode_checkpoint, data, "host checkpoint")
 
 
 def encode_alive(alive: HostAlive) -> bytes:
@@ -164,6 +199,20 @@ def release_of(seq: int, marks: dict[str, Mark]) -> Release:
     ``MARKS_MAX`` of them (the last ones a host was first seen in)."""
     kept = dict(list(marks.items())[-MARKS_MAX:])
     return Release(seq, kept)
+
+
+def carried_release(request: HandoverRequest) -> Release:
+    """The release of a VM leaving this host before its handover ``request`` was
+    delivered: the VM was sent none of it here (it never subscribed to its topic),
+    so the release says what the host it came from had: this host's own lines up
+    to ``local_upto``, the others' (that host's included) up to ``marks``."""
+    return release_of(request.local_upto, dict(request.marks))
+
+
+def checkpoint_release(checkpoint: HostCheckpoint) -> VmOwner:
+    """A host gone released nothing: its last checkpoint stands for the release
+    of each VM taken over from it."""
+    return VmOwner(checkpoint.host, checkpoint.epoch, OwnerState.RELEASED, checkpoint.ts_ms, checkpoint.release)
 
 
 def owners_config() -> KeyValueConfig:

@@ -87,8 +87,17 @@ class Catchup:
     def add_handover(self, handover: Handover, upto: int) -> None:
         """The session's VM moved here: the lines of its topic after the
         handover's start and up to ``upto`` (the seq committed when the session
-        subscribed to it: it got those after live) that the handover wants."""
-        self.read_from(handover.request.after)
+        subscribed to it: it got those after live) that the handover wants. A
+        start before the oldest line left (the log rotated away since) reads from
+        that line: what is gone is no one's to send, and a replay that expired
+        would close the session."""
+        start = handover.request.after
+        oldest = oldest_seq(self.log_path.parent, self.log_path.name, upto)
+        if start < oldest - 1:
+            self.connection.log.bind(reason="rotated away").warning("handover reads from the oldest line left",
+                                                                    after=start, oldest=oldest)
+            start = oldest - 1
+        self.read_from(start)
         self.handover, self.handover_upto = handover, upto
         self.schedule()
 
@@ -145,6 +154,8 @@ class Catchup:
             if self.cursor.after >= head:
                 connection.catchup = None  # live from the next commit on
                 connection.log.info("replay done", replayed=self.replayed, seq=head)
+                if self.handover is not None:
+                    connection.bridge.handover_sent(connection, self.handover)
             elif not block:  # committed lines not found yet (a rotation under way)
                 self.retry_later()
                 return

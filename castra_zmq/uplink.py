@@ -134,7 +134,8 @@ class Uplink:
         self.commits = CommitWatch()
         self.downlink = Downlink(settings)
         self.claims = Claims(settings, lambda: self.epoch)
-        self.bus = BusWatch(settings, (EventKind.JOURNAL, *LOCAL_SESSION_EVENTS), [self.commits, self.claims.local])
+        self.bus = BusWatch(settings, (EventKind.JOURNAL, EventKind.HANDOVER, *LOCAL_SESSION_EVENTS),
+                            [self.commits, self.claims.local, self.claims.handover])
         self.connect_options = connect_options(settings)
         self.health = HealthReport(settings)
         self.connection: nats.NATS | None = None

@@ -239,12 +239,16 @@ class HandoverRequest(msgspec.Struct, frozen=True, gc=False):
     was claimed on this host from a release (``ownership``). Its session is to get
     the messages to ``vm:<vm>`` of ``bus.log`` after seq ``after`` that the host it
     left had not committed when it left: this host's own above ``local_upto``,
-    another host's above that host's mark in ``marks`` (``(epoch, seq)``; none: all)."""
+    another host's above that host's mark in ``marks`` (``(epoch, seq)``; none: all).
+    ``claim``: the revision of this host's claim of ``vm`` in ``CASTRA_VMS``, which
+    names the request (the uplink sends it again to a restarted bridge; a bridge
+    does not hand over a claim twice)."""
 
     vm: str
     after: Count
     local_upto: Count
     marks: dict[HostName, tuple[Count, Count]] = {}
+    claim: Count = 0
 
 
 # A JSON string of a name or topic takes at most 6 bytes per character (``\u001f``).

@@ -11,21 +11,38 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from castra_zmq import handover as handover_module
 from castra_zmq.claims import MarkTracker
 from castra_zmq.endpoints import Endpoints
+from castra_zmq.events import now_ms
 from castra_zmq.federation import host_key
-from castra_zmq.handover import HANDOVER_TTL_S, HANDOVERS_MAX, Handover, Handovers, handover_request
+from castra_zmq.handover import (
+    HANDOVER_TTL_S,
+    HANDOVERS_MAX,
+    Handover,
+    Handovers,
+    PendingHandovers,
+    decode_pending,
+    handover_request,
+)
 from castra_zmq.handshake import is_vm_name
 from castra_zmq.ownership import (
     MARKS_MAX,
     ClaimAction,
+    HostCheckpoint,
     OwnershipError,
     OwnerState,
     Release,
     VmOwner,
+    carried_release,
+    checkpoint_key,
+    checkpoint_release,
     claim_action,
+    decode_checkpoint,
     decode_owner,
+    encode_checkpoint,
     encode_owner,
+    is_checkpoint_key,
     release_of,
     vm_key,
     vm_of_key,
@@ -142,6 +159,83 @@ def test_pending_handovers_are_bounded_one_per_vm(monkeypatch):
     later = time.monotonic() + HANDOVER_TTL_S + 1
     monkeypatch.setattr(time, "monotonic", lambda: later)
     assert len(handovers.expire()) == HANDOVERS_MAX - 1 and not handovers.pending
+
+
+def test_a_claim_handed_to_a_session_is_not_handed_again():
+    handovers = Handovers()
+    request = HandoverRequest("beta", 10, 0, claim=7)
+    assert handovers.handed_state(request) is None
+    handovers.handing(request, done=False)
+    assert handovers.handed_state(request) is False  # being sent
+    assert handovers.handed_state(HandoverRequest("beta", 10, 0, claim=6)) is False  # an older claim
+    assert handovers.handed_state(HandoverRequest("beta", 10, 0, claim=8)) is None  # a newer claim: a new move
+    handovers.handing(request, done=True)
+    assert handovers.handed_state(request) is True
+    handovers.unhand(request)
+    assert handovers.handed_state(request) is None
+    handovers.handing(HandoverRequest("gamma", 1, 0), done=True)  # no claim: not remembered
+    assert "gamma" not in handovers.handed
+
+
+def test_the_uplink_keeps_its_requests_until_settled_bounded(monkeypatch):
+    pending = PendingHandovers()
+    for n in range(HANDOVERS_MAX + 5):
+        pending.add(HandoverRequest(f"vm{n}", n, 0, claim=n + 1), since_ms=1000 + n)
+    assert len(pending.all()) == HANDOVERS_MAX and pending.get("vm0") is None
+    assert not pending.settle("vm10", 99)  # another claim's report
+    assert pending.settle("vm10", 11) and pending.get("vm10") is None
+    assert pending.get("vm11").since_ms == 1011
+    kept = decode_pending(pending.encode())  # state/handovers.json: across an uplink restart
+    assert list(kept.pending.items()) == list(pending.pending.items()) and not kept.dirty
+    later = now_ms() + int(HANDOVER_TTL_S * 1000) + 1
+    monkeypatch.setattr(handover_module, "now_ms", lambda: later)
+    assert pending.all() == [] and pending.dirty
+    assert decode_pending(kept.encode()).pending == {}
+
+
+def test_a_release_carries_on_a_handover_not_delivered():
+    """beta left a (a's seq 2210, c's mark), was claimed by b (epoch 7) and left b
+    before its handover was delivered: b's release says what a had, so the next host
+    hands over the same lines."""
+    released_by_a = VmOwner("a", 5, OwnerState.RELEASED, 1, Release(2210, {"b": (7, 300), "c": (9, 930)}))
+    request = handover_request("beta", released_by_a, "b", 7, after=100, claim=3)
+    carried = carried_release(request)
+    assert carried == Release(300, {"c": (9, 930), "a": (5, 2210)})
+    again = handover_request("beta", VmOwner("b", 7, OwnerState.RELEASED, 1, carried), "d", 2, after=50)
+    assert again.marks == {"c": (9, 930), "a": (5, 2210), "b": (7, 300)} and again.local_upto == 0
+
+
+def test_a_host_checkpoint_has_a_key_no_vm_has_and_stands_for_a_release():
+    key = checkpoint_key("a.example")
+    assert key == "host.a=2Eexample" and is_checkpoint_key(key) and nats.js.kv._is_key_valid(key)
+    with pytest.raises(OwnershipError):
+        vm_of_key(key)
+    checkpoint = HostCheckpoint("a", 5, 1796191219002, Release(2210, {"c": (9, 930)}))
+    assert encode_checkpoint(checkpoint) == (b'{"host":"a","epoch":5,"ts_ms":1796191219002,'
+                                             b'"release":{"seq":2210,"marks":{"c":[9,930]}}}')
+    assert decode_checkpoint(encode_checkpoint(checkpoint)) == checkpoint
+    request = handover_request("beta", checkpoint_release(checkpoint), "b", 7, after=40)
+    assert (request.marks, request.local_upto) == ({"c": (9, 930), "a": (5, 2210)}, 0)
+    with pytest.raises(OwnershipError):
+        decode_checkpoint(b'{"host":"a"}')
+
+
+def test_a_pending_handover_and_a_checkpoint_stay_under_40_kib():
+    """README's bounds: a request of MARKS_MAX + 1 marks of the longest host names
+    (253 characters), the longest VM name (each character 4 bytes of UTF-8) and the
+    largest numbers, as the uplink keeps it, and a checkpoint of MARKS_MAX such marks."""
+    big = 2**63 - 1
+    marks = {f"{n:03d}" + "h" * 250: (big, big) for n in range(MARKS_MAX + 1)}
+    pending = PendingHandovers()
+    pending.add(HandoverRequest("\U0001F600" * 128, big, big, marks, big), since_ms=big)
+    assert len(pending.encode()) < 40 * 1024
+    checkpoint = HostCheckpoint("h" * 253, big, big, release_of(big, marks))
+    assert len(encode_checkpoint(checkpoint)) < 40 * 1024
+
+
+@given(vm_names)
+def test_no_vm_key_is_a_checkpoint_key(vm):
+    assert not is_checkpoint_key(vm_key(vm))
 
 
 def test_the_mark_tracker_gives_the_marks_at_a_seq_not_after_it(tmp_path):

@@ -144,9 +144,12 @@ def uplink_status(router):
 
 
 def caught_up(router):
-    """The uplink's status once it is connected and has uploaded all it knows committed."""
+    """The uplink's status once it is connected and has uploaded all of ``bus.log``
+    as it is now (a status of an earlier health event may say lag 0 at a lower seq)."""
+    last = max((line["seq"] for line in router.read_log()), default=0)
     return wait_for(lambda: (status := uplink_status(router)).state == "connected"
-                    and status.upload_lag_messages == 0 and status, timeout=20, what="the upload caught up")
+                    and status.upload_lag_messages == 0 and (status.committed_seq or 0) >= last and status,
+                    timeout=20, what="the upload caught up")
 
 
 def test_committed_messages_go_up_in_seq_order(uplinked, nats_cluster):
