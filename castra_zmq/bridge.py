@@ -54,7 +54,7 @@ from .handshake import HOST_SENDER, Hello, is_vm_name, sender_of
 from .identity import DEFAULT_POLICY, FORBIDDEN_TOPIC, VM_TOPIC_PREFIX, load_identities
 from .listener import listener_socket
 from .origins import OriginMarks, rebuild
-from .resume import Catchup
+from .resume import Catchup, ReplayTurns
 from .session import CLOSE_LINGER, GuestConnection, Phase, ReadPause
 from .subscriptions import SubscriberIndex
 from .wire import (
@@ -152,6 +152,7 @@ class Bridge:
         # With an uplink: the other hosts' last messages in bus.log (rebuilt in serve).
         self.origins: OriginMarks | None = None
         self.handovers = Handovers()  # VMs that moved here, for their next session (see handover)
+        self.replays = ReplayTurns()  # the sessions' catch-ups, 1 ms a loop turn in all (see resume)
         self.started_ms = now_ms()  # in each health event: the uplink sees a restart by it
         self.log_publishes = runtime.logs_at(settings, "DEBUG")  # a line per publish: checked once
         # This loop turn's publishes, committed together at its end (see commit).

@@ -14,11 +14,13 @@ began got everything up to then; one made during it wants what comes after it.
 A line goes to the guest if one subscription that matches it (and that the guest
 may read) has an ``after`` below its seq.
 
-Cost and memory: a step reads at most ``READ_BYTES_MAX`` of the log at a time (more for one longer line), and
-only while what waits for the guest is under half of its outbound budget (the
-point where its transport pauses: then ``resume_writing`` goes on); steps of
-sessions and guests' frames take turns in the loop. A guest that stops reading
-is dropped as a slow consumer, as for live messages.
+Cost and memory: a catch-up reads at most ``READ_BYTES_MAX`` of the log at a
+time (more for one longer line), and only while what waits for the guest is
+under half of its outbound budget (the point where its transport pauses: then
+``resume_writing`` goes on). All sessions' catch-ups together read for at most
+``STEP_SECONDS`` a loop turn, in turn (``ReplayTurns``): the guests' frames and
+the commits come between. A guest that stops reading is dropped as a slow
+consumer, as for live messages.
 
 Runs in: the bridge.
 """
@@ -26,6 +28,7 @@ Runs in: the bridge.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import TYPE_CHECKING
 
@@ -42,14 +45,14 @@ if TYPE_CHECKING:
 # A step holds the loop from the guests' frames and the commits, so it is short:
 # measured, steps of 256 KiB (20 ms of work, lines then cut apart in Python) took other
 # guests' p99 from 3 to 39 ms; steps of 32 KiB alone to 7 ms but halved the replay's
-# speed, as each waited for a loop turn with its commit. So a step reads for 1 ms: other
-# guests wait at most that per replaying session and loop turn. A read is 32 KiB, or up
-# to 256 KiB while a read takes under a quarter of that: a log of which the session
-# wants few lines is read in fewer, larger reads (measured in-process, a vm:<name>
-# resume where 1 line in 10 is its own: 8.7 -> 6.4 µs a replayed message).
+# speed, as each waited for a loop turn with its commit. So the replays read for 1 ms a
+# loop turn, all sessions' together (``ReplayTurns``). A read is 32 KiB, or up to 256 KiB
+# while a read takes under a quarter of that: a log of which the session wants few
+# lines is read in fewer, larger reads (measured in-process, a vm:<name> resume where
+# 1 line in 10 is its own: 8.7 -> 6.4 µs a replayed message).
 READ_BYTES = 32 * 1024
 READ_BYTES_MAX = 256 * 1024
-STEP_SECONDS = 0.001  # a step reads on while it has taken less than this
+STEP_SECONDS = 0.001  # a loop turn's replays read on while they have taken less than this
 RETRY_DELAY = 0.1  # seconds: a log that cannot be read (being rotated, failing) is read again after it
 REPLAY_EXPIRED = "replay_expired"  # a session's close reason: its log went while it was replayed
 
@@ -58,6 +61,39 @@ def oldest_seq(directory, name: str, head: int) -> int:
     """The seq of the oldest message the logs still hold; ``head + 1`` when none."""
     found = segments(directory, name)
     return found[0][0] if found else head + 1
+
+
+class ReplayTurns:
+    """The bridge's replays, all sessions' together, take at most ``STEP_SECONDS``
+    of a loop turn (and one read past it): each catch-up that has lines to read
+    does one read in turn, round the ring, until that time is used; the next turn
+    goes on where this one stopped. However many sessions resume at once, the
+    other guests wait for one step a turn, not one step per replaying session."""
+
+    def __init__(self) -> None:
+        self.waiting: collections.deque[Catchup] = collections.deque()
+        self.scheduled = False
+
+    def add(self, catchup: Catchup) -> None:
+        """``catchup`` has lines to read: its turn comes (once, however often asked)."""
+        if not catchup.scheduled:
+            catchup.scheduled = True
+            self.waiting.append(catchup)
+            if not self.scheduled:
+                self.scheduled = True
+                asyncio.get_running_loop().call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        deadline = time.monotonic() + STEP_SECONDS
+        while self.waiting and time.monotonic() < deadline:
+            catchup = self.waiting.popleft()
+            catchup.scheduled = False
+            if catchup.step():
+                self.add(catchup)
+        if self.waiting and not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.run)  # after the loop's other work
 
 
 class Catchup:
@@ -69,7 +105,7 @@ class Catchup:
         self.after: dict[str, int] = dict.fromkeys(connection.topics, head)
         self.cursor: Cursor | None = None
         self.read_bytes = READ_BYTES  # the next read's size (see READ_BYTES_MAX)
-        self.scheduled = False
+        self.scheduled = False  # waiting for its turn (``ReplayTurns``)
         self.replayed = 0
         self.wanted_topics: WantedTopics | None = None
         # A VM that moved here (``handover``): its topic's lines from the handover's
@@ -117,51 +153,47 @@ class Catchup:
         self.after.pop(topic, None)
 
     def schedule(self) -> None:
-        if not self.scheduled:
-            self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.step)
+        self.connection.bridge.replays.add(self)
 
-    def step(self) -> None:
-        """Read and queue the next lines for at most ``STEP_SECONDS``, or end the
-        catch-up once all committed lines are read; wait for the guest to read when
-        its queue is half full."""
-        self.scheduled = False
+    def step(self) -> bool:
+        """Read and queue the next lines once, or end the catch-up once all
+        committed lines are read; wait for the guest to read when its queue is
+        half full. True when there is more to read now (``ReplayTurns``)."""
         connection = self.connection
-        deadline = time.monotonic() + STEP_SECONDS
-        while connection.catchup is self:  # else closed, or replaced
-            room = connection.outbound_room()
-            if room <= 0:
-                # resume_writing, or the flush of what is queued, schedules the next
-                # step; neither comes for a buffer that stopped just at the transport's limit.
-                if not connection.outgoing and not connection.transport_paused():
-                    self.retry_later()
-                return
-            head = connection.bridge.log.seq
-            started = time.monotonic()
-            try:
-                block = self.cursor.read_block(head, min(room, self.read_bytes))
-            except Expired as exc:
-                connection.log.bind(reason=REPLAY_EXPIRED).warning("replay lost its log", oldest=exc.oldest)
-                connection.close(REPLAY_EXPIRED)
-                return
-            except OSError as exc:  # not readable now: the log's own health shows why
-                connection.log.bind(reason=exc.strerror).warning("replay cannot read the log")
+        if connection.catchup is not self:  # closed, or replaced
+            return False
+        room = connection.outbound_room()
+        if room <= 0:
+            # resume_writing, or the flush of what is queued, schedules the next
+            # step; neither comes for a buffer that stopped just at the transport's limit.
+            if not connection.outgoing and not connection.transport_paused():
                 self.retry_later()
-                return
-            if block:
-                self.deliver(block)
-                self.size_reads(time.monotonic() - started)
-            if self.cursor.after >= head:
-                connection.catchup = None  # live from the next commit on
-                connection.log.info("replay done", replayed=self.replayed, seq=head)
-                if self.handover is not None:
-                    connection.bridge.handover_sent(connection, self.handover)
-            elif not block:  # committed lines not found yet (a rotation under way)
-                self.retry_later()
-                return
-            elif time.monotonic() >= deadline:
-                self.schedule()  # after the loop's other work
-                return
+            return False
+        head = connection.bridge.log.seq
+        started = time.monotonic()
+        try:
+            block = self.cursor.read_block(head, min(room, self.read_bytes))
+        except Expired as exc:
+            connection.log.bind(reason=REPLAY_EXPIRED).warning("replay lost its log", oldest=exc.oldest)
+            connection.close(REPLAY_EXPIRED)
+            return False
+        except OSError as exc:  # not readable now: the log's own health shows why
+            connection.log.bind(reason=exc.strerror).warning("replay cannot read the log")
+            self.retry_later()
+            return False
+        if block:
+            self.deliver(block)
+            self.size_reads(time.monotonic() - started)
+        if self.cursor.after >= head:
+            connection.catchup = None  # live from the next commit on
+            connection.log.info("replay done", replayed=self.replayed, seq=head)
+            if self.handover is not None:
+                connection.bridge.handover_sent(connection, self.handover)
+            return False
+        if not block:  # committed lines not found yet (a rotation under way)
+            self.retry_later()
+            return False
+        return True
 
     def size_reads(self, took: float) -> None:
         """Double the next read while a read takes under a quarter of a step, halve it

@@ -7,9 +7,12 @@ test on its own topics; the tests that restart or rotate get routers of their ow
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import msgspec
@@ -27,6 +30,7 @@ from castra_zmq.replay import (
     topic_needles,
     ts_ms_of_line,
 )
+from castra_zmq.resume import STEP_SECONDS, ReplayTurns
 from castra_zmq.subscriptions import topic_patterns
 
 from .conftest import Router, host_publish, shared_router, wait_for
@@ -129,6 +133,50 @@ def test_records_with_leaves_out_a_line_that_is_not_a_record(tmp_path):
                                 topic_needles(topic_patterns(["t"])))
     assert [record.seq for record in records] == [1, 2, 3]
     assert bad == [b'{"not":"a record","topic":"t","payload":1}\n']
+
+
+class Reader:
+    """A stand-in catch-up for ``ReplayTurns``: ``reads`` reads of ``cost`` seconds each."""
+
+    def __init__(self, name: str, reads: int, cost: float, log: list, turn: list):
+        self.name, self.reads, self.cost, self.log, self.turn = name, reads, cost, log, turn
+        self.scheduled = False
+
+    def step(self) -> bool:
+        end = time.monotonic() + self.cost
+        while time.monotonic() < end:
+            pass
+        self.reads -= 1
+        self.log.append((self.turn[0], self.name))
+        return self.reads > 0
+
+
+def test_replays_of_all_sessions_share_one_step_a_loop_turn_in_turn():
+    """However many sessions replay, a loop turn gives them STEP_SECONDS in all (one
+    read past it at most), one read each round the ring; the next turn goes on where
+    this one stopped, and a catch-up asked for twice is in the ring once."""
+    loop = asyncio.new_event_loop()
+    turn, log = [0], []
+    readers = [Reader(f"s{n}", reads=20, cost=STEP_SECONDS / 8, log=log, turn=turn) for n in range(6)]
+    try:
+        turns = ReplayTurns()
+
+        async def replay():
+            for reader in readers:
+                turns.add(reader)
+                turns.add(reader)
+            while turns.waiting:
+                await asyncio.sleep(0)  # one loop turn: the replays' callback runs in it
+                turn[0] += 1
+
+        loop.run_until_complete(asyncio.wait_for(replay(), 30))
+    finally:
+        loop.close()
+    assert len(log) == 6 * 20 and all(reader.reads == 0 for reader in readers)
+    assert [name for _, name in log[:12]] == [f"s{n}" for n in range(6)] * 2  # each once before any again
+    reads_a_turn = collections.Counter(when for when, _ in log)
+    assert max(reads_a_turn.values()) <= 8 + 1  # 1/8 of a step each: a step's worth and one past it
+    assert len(reads_a_turn) >= 6 * 20 // 9
 
 
 # -- a router ---------------------------------------------------------------------------
