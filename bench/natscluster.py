@@ -26,6 +26,8 @@ from pathlib import Path
 
 _READY_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
+_START_ATTEMPTS = 3
+_PORT_TAKEN = "address already in use"  # in a node's log: it exited, its port was taken
 
 
 def find_nats_server() -> str | None:
@@ -155,7 +157,16 @@ class NatsCluster:
         self.nodes = [NatsNode(server, f"n{index + 1}", directory, ports[3 * index:3 * index + 3],
                                f"{authorization}\n{tls[index]}")
                       for index in range(size)]
-        self.configs = [node.write_config([peer for peer in self.nodes if peer is not node]) for node in self.nodes]
+        self.configs = self.write_configs()
+
+    def write_configs(self) -> list[Path]:
+        return [node.write_config([peer for peer in self.nodes if peer is not node]) for node in self.nodes]
+
+    def take_new_ports(self) -> None:
+        ports = free_ports(3 * len(self.nodes))
+        for index, node in enumerate(self.nodes):
+            node.client_port, node.cluster_port, node.monitor_port = ports[3 * index:3 * index + 3]
+        self.configs = self.write_configs()
 
     @property
     def urls(self) -> list[str]:
@@ -167,6 +178,21 @@ class NatsCluster:
         return ",".join(self.urls)
 
     def start(self) -> NatsCluster:
+        """Start every node; return once the cluster is ready. Another process may
+        bind a port between ``free_ports`` and the node's own bind (clusters started
+        side by side, by test workers): that node exits, and the cluster starts
+        again on new ports, ``_START_ATTEMPTS`` times at most."""
+        for _retry in range(_START_ATTEMPTS - 1):
+            try:
+                return self.start_once()
+            except RuntimeError as exc:
+                if _PORT_TAKEN not in str(exc):
+                    raise
+                self.stop()
+                self.take_new_ports()
+        return self.start_once()
+
+    def start_once(self) -> NatsCluster:
         for node, config in zip(self.nodes, self.configs):
             node.start(config)
         self.wait_ready()

@@ -329,10 +329,18 @@ class Bridge:
             return
         handover = Handover(request, time.monotonic())
         subscribed = [c for c in self.sessions.get(request.vm, ()) if c.own_topic_seq is not None]
-        for connection in subscribed:
+        # A session gets one handover: another request while it is open is of the same
+        # move (the uplink claimed the VM again from a release that carried the first
+        # one on, say), and would send the same lines twice.
+        fresh = [c for c in subscribed if c.moved_from is None]
+        for connection in fresh:
             self.hand_over(connection, handover)
         if not subscribed:
             self.keep(request)
+        elif not fresh:
+            reason = "its session had a handover already"
+            logger.bind(vm=request.vm, reason=reason).info("handover not handed again", claim=request.claim)
+            self.emit_handover(request, HandoverOutcome.DELIVERED, reason=reason)
 
     def keep(self, request: HandoverRequest, reason: str | None = None) -> None:
         """Keep ``request`` for its VM's next session subscribed to its topic."""

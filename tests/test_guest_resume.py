@@ -39,6 +39,7 @@ from castra_zmq.replay import segments
 from castra_zmq.wire import HANDOVER_VERB, HandoverRequest, json_encode
 
 from .conftest import host_publish, wait_for
+from .guest import connect_bus
 from .test_guest import GUEST_CLI, Child, environment, guest_env, run
 
 # -- pure: the answer line, topics, positions ------------------------------------------------
@@ -633,18 +634,38 @@ def test_agent_state_file_default_needs_a_writable_directory(tmp_path, monkeypat
     assert state_file("--state-file", "/x.json") == "/x.json"
 
 
+def ask_handover(router, request: HandoverRequest) -> None:
+    """Send ``request`` to the router's bridge as the uplink sends it (PROTOCOL.md 8.2.1)."""
+    with zmq.Context() as context, context.socket(zmq.DEALER) as uplink:
+        uplink.linger = 1000
+        uplink.connect(Endpoints(router.state_root).journal)
+        uplink.send_multipart([b"", HANDOVER_VERB, json_encode(request)])
+
+
+def test_a_session_is_handed_one_move_once(router):
+    """A second request for a VM whose session got a handover is of the same move
+    (found in CI: the uplink claimed the VM again from a release that carried the
+    first request on, and the bridge sent the lines twice): reported delivered, not sent."""
+    sent = host_publish(router, "vm:twice", 2)
+    with connect_bus(router.port, "twice") as guest:
+        assert guest.subscribe("vm:twice")["status"] == "ok"
+        ask_handover(router, HandoverRequest("twice", after=sent[0] - 1, local_upto=0, claim=1))
+        assert [guest.recv_until(lambda frame: frame["type"] == "message")["seq"] for _ in sent] == sent
+        ask_handover(router, HandoverRequest("twice", after=sent[0] - 1, local_upto=0, claim=2))
+        again = "handover not handed again vm=twice reason=its session had a handover already claim=2"
+        wait_for(lambda: again in router.log_text(), timeout=10, what="the second request answered")
+        with pytest.raises(TimeoutError):
+            guest.recv(timeout=0.5)
+
+
 def test_a_vm_that_moved_here_gets_its_handover_through_the_library(router):
     """What the uplink asks when a VM moves here (PROTOCOL.md 8.2.1), sent to the
     bridge as the uplink sends it: the lines of vm:<vm> the host it left had not
     committed. They are at seqs below where this log ends when the library
     subscribes (its first position here), and still reach the application, once."""
     sent = host_publish(router, "vm:mover", 3)
-    request = HandoverRequest("mover", after=sent[0] - 1, local_upto=0)
-    with zmq.Context() as context, context.socket(zmq.DEALER) as uplink:
-        uplink.linger = 1000
-        uplink.connect(Endpoints(router.state_root).journal)
-        uplink.send_multipart([b"", HANDOVER_VERB, json_encode(request)])
-    wait_for(lambda: "handover kept for the VM's next session" in router.log_text(), timeout=10,
+    ask_handover(router, HandoverRequest("mover", after=sent[0] - 1, local_upto=0))
+    wait_for(lambda: "handover kept for the VM's next session vm=mover" in router.log_text(), timeout=10,
              what="the bridge has the handover")
     with GuestSession("127.0.0.1", router.port, "mover", subscribe=["vm:mover"], **quick()) as bus:
         assert [m["seq"] for m in receive_all(bus, 3)] == sent

