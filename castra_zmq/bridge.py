@@ -56,7 +56,7 @@ from .listener import listener_socket
 from .origins import OriginMarks, rebuild
 from .resume import Catchup, ReplayTurns
 from .session import CLOSE_LINGER, GuestConnection, Phase, ReadPause
-from .subscriptions import SubscriberIndex
+from .subscriptions import SubscriberIndex, topic_patterns
 from .wire import (
     COMMIT_TIMEOUT,
     DUPLICATE,
@@ -118,6 +118,14 @@ class HostPublish(msgspec.Struct, gc=False):
     corr: int
     origin: Origin | None = None
 
+
+
+def had_before_moving(connection: GuestConnection, topic: str, origin: Origin | None) -> bool:
+    """Whether a message of another host (``origin``) to ``connection``'s VM was
+    committed on the host the VM moved here from before it left: that session got
+    it there (``handover``), through ``vm:<vm>`` or a pattern."""
+    return (origin is not None and connection.moved_from is not None and topic == VM_TOPIC_PREFIX + connection.vm
+            and connection.moved_from.had(origin))
 
 class Bridge:
     def __init__(self, settings: Settings):
@@ -302,7 +310,7 @@ class Bridge:
     def subscribe(self, connection: GuestConnection, topic: str) -> None:
         self.subscribers.add(connection, topic)
         self.emit(EventKind.SUBSCRIBE, vm=connection.vm, session=connection.token, topics=sorted(connection.topics))
-        if topic == VM_TOPIC_PREFIX + connection.vm and connection.own_topic_seq is None:
+        if connection.own_topic_seq is None and topic_patterns([topic]).match(VM_TOPIC_PREFIX + connection.vm):
             connection.own_topic_seq = self.log.seq
             handover = self.handovers.take(connection.vm)
             if handover is not None:
@@ -695,16 +703,15 @@ class Bridge:
         moved here is not sent to it again (``handover``)."""
         self.deliveries += 1
         for connection in list(self.subscribers.exact_subscribers(topic)):
-            if connection.sender != sender and connection.catchup is None:
-                if (origin is not None and connection.moved_from is not None and connection.moved_from.had(origin)
-                        and topic == VM_TOPIC_PREFIX + connection.vm):
-                    continue
+            if connection.sender != sender and connection.catchup is None and not had_before_moving(
+                    connection, topic, origin):
                 connection.deliver(frame, self.deliveries)
         private = topic.startswith(VM_TOPIC_PREFIX)
         for sessions in self.subscribers.prefix_subscribers(topic):
             for connection in list(sessions):
                 if (connection.sender != sender and connection.catchup is None
-                        and (not private or self.policy.may_read(connection.vm, topic))):
+                        and (not private or (self.policy.may_read(connection.vm, topic)
+                                             and not had_before_moving(connection, topic, origin)))):
                     connection.deliver(frame, self.deliveries)
 
     # -- periodic work ----------------------------------------------------------------

@@ -14,7 +14,7 @@ is not delivered.
 The bridge holds at most ``HANDOVERS_MAX`` pending handovers, one per VM (a
 newer one replaces it), each for ``HANDOVER_TTL_S``, each at most
 ``MARKS_MAX + 1`` marks (under 40 KiB). The first session of the VM that is
-subscribed to ``vm:<vm>`` (now, or when it subscribes) takes it: a catch-up
+subscribed to ``vm:<vm>`` (exactly or through a pattern; now, or when it subscribes) takes it: a catch-up
 (``resume.Catchup``) reads the log from the start to the seq committed when the
 session subscribed, and queues the lines the handover wants, in seq order before
 what comes live after them; lines after that seq come live as usual, so none is

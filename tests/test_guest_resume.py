@@ -658,6 +658,24 @@ def test_a_session_is_handed_one_move_once(router):
             guest.recv(timeout=0.5)
 
 
+@pytest.mark.parametrize("pattern", ["vm:*", "*"])
+def test_a_handover_goes_to_a_session_subscribed_through_a_pattern(router, pattern):
+    """A session that has its VM's topic through a pattern (``vm:*``: its own topic
+    only without a grant; ``*``) is handed its move's messages as one subscribed to
+    it exactly, in seq order before what comes live."""
+    vm = "pat" + str(len(pattern))
+    sent = host_publish(router, f"vm:{vm}", 2)
+    ask_handover(router, HandoverRequest(vm, after=sent[0] - 1, local_upto=0, claim=1))
+    wait_for(lambda: f"handover kept for the VM's next session vm={vm}" in router.log_text(), timeout=10,
+             what="the bridge has the handover")
+    with connect_bus(router.port, vm) as guest:
+        assert guest.subscribe(pattern)["status"] == "ok"
+        live = host_publish(router, f"vm:{vm}", 1, start=2)
+        got = [guest.recv_until(lambda frame: frame["type"] == "message" and frame["topic"] == f"vm:{vm}")["seq"]
+               for _ in range(3)]
+        assert got == sent + live
+
+
 def test_a_vm_that_moved_here_gets_its_handover_through_the_library(router):
     """What the uplink asks when a VM moves here (PROTOCOL.md 8.2.1), sent to the
     bridge as the uplink sends it: the lines of vm:<vm> the host it left had not
