@@ -120,11 +120,12 @@ class HostPublish(msgspec.Struct, gc=False):
 
 
 
-def had_before_moving(connection: GuestConnection, topic: str, origin: Origin | None) -> bool:
+def had_before_moving(connection: GuestConnection, topic: str, origin: Origin) -> bool:
     """Whether a message of another host (``origin``) to ``connection``'s VM was
     committed on the host the VM moved here from before it left: that session got
-    it there (``handover``), through ``vm:<vm>`` or a pattern."""
-    return (origin is not None and connection.moved_from is not None and topic == VM_TOPIC_PREFIX + connection.vm
+    it there (``handover``), through ``vm:<vm>`` or a pattern. (Callers check
+    ``origin`` first: it is None for every local message.)"""
+    return (connection.moved_from is not None and topic == VM_TOPIC_PREFIX + connection.vm
             and connection.moved_from.had(origin))
 
 class Bridge:
@@ -703,15 +704,15 @@ class Bridge:
         moved here is not sent to it again (``handover``)."""
         self.deliveries += 1
         for connection in list(self.subscribers.exact_subscribers(topic)):
-            if connection.sender != sender and connection.catchup is None and not had_before_moving(
-                    connection, topic, origin):
+            if connection.sender != sender and connection.catchup is None and (
+                    origin is None or not had_before_moving(connection, topic, origin)):
                 connection.deliver(frame, self.deliveries)
         private = topic.startswith(VM_TOPIC_PREFIX)
         for sessions in self.subscribers.prefix_subscribers(topic):
             for connection in list(sessions):
                 if (connection.sender != sender and connection.catchup is None
-                        and (not private or (self.policy.may_read(connection.vm, topic)
-                                             and not had_before_moving(connection, topic, origin)))):
+                        and (not private or (self.policy.may_read(connection.vm, topic) and (
+                            origin is None or not had_before_moving(connection, topic, origin))))):
                     connection.deliver(frame, self.deliveries)
 
     # -- periodic work ----------------------------------------------------------------
