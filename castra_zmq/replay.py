@@ -173,7 +173,7 @@ class Cursor:
         if self.after >= end_seq:
             return b""
         # Mostly the file read last has more: read on there without listing the
-        # directory and reading each log's first line (measured: 105 -> 40 µs a read).
+        # directory and reading each log's first line (measured in-process: 105 -> 26 µs a read).
         block = self._read_from(self.path, end_seq, max_bytes, on_only=True) if self.path is not None else None
         if block is None:
             found = segments(self.directory, self.name)
@@ -203,8 +203,8 @@ class Cursor:
                 return None
             offset = self.place[2] if known else offset_after(fd, size, self.after)
             block = read_block(fd, offset, size, max_bytes)
-            while block and seq_of_line(block[last_line_start(block):]) > end_seq:
-                block = block[:last_line_start(block)]  # past what the caller knows is committed
+            while block and seq_of_line(block[(last := last_line_start(block)):]) > end_seq:
+                block = block[:last]  # past what the caller knows is committed
             self.place = (*file_identity(stat), offset + len(block))
             self.path = path
             return block
