@@ -40,6 +40,15 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return 2 * len(os.sched_getaffinity(0))
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, the longest files first (``tests/schedule.py`` says why)."""
+    if config.getvalue("dist") == "loadfile":
+        from .schedule import LongestFirst
+
+        return LongestFirst(config, log)
+    return None
+
+
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout

@@ -1,0 +1,61 @@
+"""The order in which pytest-xdist hands out test files (``--dist loadfile``): the
+longest first.
+
+xdist hands out the files with the most tests first. Here the files of many tests
+are quick (property tests, the fuzz corpus) and some of few tests are the longest
+(real NATS clusters, memory floods): those were handed out last and ran alone at the
+end of the suite, on one core of two, about 20 s of every interpreter's run.
+
+The scheduler knows only the test ids, not what a test does; so the long files are
+named here, with their seconds (summed ``call``, ``setup`` and ``teardown`` of
+``pytest --durations=0``, four workers on two cores). A file missing here goes after
+them, in xdist's order. A stale figure only moves a file in the queue.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from xdist.scheduler import LoadFileScheduling
+
+LONG_FILES = {
+    "tests/hostile/test_memory.py": 45,
+    "tests/federation/test_handover.py": 35,
+    "tests/test_guest.py": 24,
+    "tests/federation/test_uplink.py": 22,
+    "tests/hostile/test_guest_bounds.py": 20,
+    "tests/test_cli.py": 20,
+    "tests/federation/test_jetstream.py": 15,
+    "tests/faults/test_bridge_stalls.py": 15,
+    "tests/faults/test_queues.py": 13,
+    "tests/test_guest_resume.py": 12,
+    "tests/federation/test_security.py": 12,
+    "tests/federation/test_fleet_tail.py": 11,
+    "tests/federation/test_delivery.py": 11,
+    "tests/federation/test_ownership.py": 11,
+    "tests/test_router.py": 10,
+}
+
+
+class LongestFirst(LoadFileScheduling):
+    """``--dist loadfile`` with the files of ``LONG_FILES`` handed out first, longest
+    first."""
+
+    def schedule(self) -> None:
+        first_call = self.collection is None
+        if first_call:
+            # Filled by LoadScopeScheduling.schedule (files in xdist's order) and
+            # handed out at its end: so reorder the queue as it is filled.
+            self.workqueue = _LongestFirstQueue()
+        super().schedule()
+
+
+class _LongestFirstQueue(OrderedDict):
+    """The work queue: its front (``popitem(last=False)``, all the scheduler takes) is
+    the longest file left in ``LONG_FILES``, then the others in the order queued."""
+
+    def popitem(self, last: bool = True):
+        if last:
+            return super().popitem(last=True)
+        scope = max(self, key=lambda scope: LONG_FILES.get(scope, 0))  # the first of equals
+        return scope, self.pop(scope)
