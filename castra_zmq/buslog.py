@@ -408,14 +408,18 @@ class VmLogs:
         skip = max(0, self.seq + 1 - first_seq)
         writes: dict[AppendFile, bytearray] = collections.defaultdict(bytearray)
         # A commit has few distinct senders and topics: their files are looked up once.
+        # Not a route to a VM with no log: its first publish, later in the commit,
+        # gives it one, and the lines to it after that go there (as ``rebuild`` files them).
         routes: dict[tuple[str, str], list[AppendFile]] = {}
         try:
             for (vm, topic, _), line in itertools.islice(zip(messages, lines), skip, None):
                 handles = routes.get((vm, topic))
                 if handles is None:
-                    handles = routes[vm, topic] = [
-                        handle for name in files_of(vm, topic)
-                        if (handle := self.file(name, keep=writes, sender=name == vm)) is not None]
+                    names = files_of(vm, topic)
+                    handles = [handle for name in names
+                               if (handle := self.file(name, keep=writes, sender=name == vm)) is not None]
+                    if len(handles) == len(names):
+                        routes[vm, topic] = handles
                 for handle in handles:
                     writes[handle] += line
             self._write(writes)

@@ -175,8 +175,7 @@ class Supervisor:
         """Wait for the role's ready line; False if it exits or times out first."""
         fd = role.ready_fd
         try:
-            readable, _, _ = select.select([fd], [], [], _READY_TIMEOUT)
-            ready = bool(readable) and os.read(fd, 64).startswith(b"ready")
+            ready = readable_within(fd, _READY_TIMEOUT) and os.read(fd, 64).startswith(b"ready")
         finally:
             os.close(fd)
         role.state.state = "running" if ready else "failed"
@@ -190,7 +189,7 @@ class Supervisor:
         while not self.stopping:
             self.check_roles()
             # Not a sleep: that goes on after a signal's handler ran.
-            if select.select([self.signalled], [], [], _CHECK_INTERVAL)[0]:
+            if readable_within(self.signalled, _CHECK_INTERVAL):
                 os.read(self.signalled, 64)
         self.stop()
 
@@ -277,10 +276,19 @@ def exits_within(process: subprocess.Popen | RoleProcess, timeout: float) -> boo
             time.sleep(0.01)
         return process.poll() is not None
     try:
-        select.select([exit_fd], [], [], timeout)
+        readable_within(exit_fd, timeout)
     finally:
         os.close(exit_fd)
     return process.poll() is not None
+
+
+def readable_within(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` is readable within ``timeout`` seconds. poll, not select:
+    select refuses a descriptor numbered 1024 or more, which a process with many
+    files open (a test worker, a tool that runs routers) may be given."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def process_runs(pid: int) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import stat
 import subprocess
 import sys
@@ -383,3 +384,22 @@ def test_bash_dev_tcp_guest_handshakes_publishes_and_heartbeats(router):
     router.wait_filed()
     [line] = router.read_log("bashvm.log")
     assert line["payload"] == {"from": "bash"} and line["topic"] == "vm:bashvm"
+
+
+def test_a_descriptor_numbered_past_1023_is_waited_on():
+    """select refuses such descriptors (a test worker that had leaked files got them
+    in ``exits_within``); the supervisor's waits use poll."""
+    from castra_zmq.supervisor import readable_within
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    read_end, write_end = os.pipe()
+    high = os.dup2(read_end, 1500)
+    try:
+        assert readable_within(high, 0.01) is False
+        os.write(write_end, b"x")
+        assert readable_within(high, 5.0) is True
+    finally:
+        for fd in (read_end, write_end, high):
+            os.close(fd)
