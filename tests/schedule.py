@@ -42,10 +42,9 @@ class LongestFirst(LoadFileScheduling):
     first."""
 
     def schedule(self) -> None:
-        first_call = self.collection is None
-        if first_call:
-            # Filled by LoadScopeScheduling.schedule (files in xdist's order) and
-            # handed out at its end: so reorder the queue as it is filled.
+        if self.collection is None:
+            # The first call fills the queue (files in xdist's order), then hands
+            # out work from its front: which the queue below makes the longest file.
             self.workqueue = _LongestFirstQueue()
         super().schedule()
 
