@@ -119,7 +119,6 @@ class HostPublish(msgspec.Struct, gc=False):
     origin: Origin | None = None
 
 
-
 def had_before_moving(connection: GuestConnection, topic: str, origin: Origin) -> bool:
     """Whether a message of another host (``origin``) to ``connection``'s VM was
     committed on the host the VM moved here from before it left: that session got
@@ -127,6 +126,7 @@ def had_before_moving(connection: GuestConnection, topic: str, origin: Origin) -
     ``origin`` first: it is None for every local message.)"""
     return (connection.moved_from is not None and topic == VM_TOPIC_PREFIX + connection.vm
             and connection.moved_from.had(origin))
+
 
 class Bridge:
     def __init__(self, settings: Settings):
