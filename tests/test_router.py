@@ -391,7 +391,8 @@ def test_a_descriptor_numbered_past_1023_is_waited_on():
     in ``exits_within``); the supervisor's waits use poll."""
     from castra_zmq.supervisor import readable_within
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = limits
     if soft <= 1500:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
     read_end, write_end = os.pipe()
@@ -403,3 +404,4 @@ def test_a_descriptor_numbered_past_1023_is_waited_on():
     finally:
         for fd in (read_end, write_end, high):
             os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)  # the worker's own, for the tests after it
