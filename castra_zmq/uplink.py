@@ -81,7 +81,7 @@ from .federation import (
 )
 from .replay import Cursor, Expired
 from .statefs import read_regular, replace_file
-from .uplinkconnect import connect_options, quiet_tls_eof_warning
+from .uplinkconnect import cancel_until_done, connect_options, quiet_tls_eof_warning
 from .uplinkhealth import HealthReport, committed_ms
 from .wire import LogRecord, decode_log_record
 
@@ -182,9 +182,7 @@ class Uplink:
                 if half.done():
                     half.result()  # what ended it: a bug, which the supervisor's restart answers
         finally:
-            for task in (stop, watch, *halves):
-                task.cancel()
-            await asyncio.gather(stop, watch, *halves, return_exceptions=True)
+            await cancel_until_done((stop, watch, *halves))
             if self.connection is not None:
                 await self.connection.close()
             self.bus.close()

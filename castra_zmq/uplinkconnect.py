@@ -23,18 +23,20 @@ again for its connection. Which combinations make sense is checked in
 ``Settings.validate``.
 
 ``quiet_tls_eof_warning`` keeps a bare asyncio warning that TLS connections to NATS
-cause off stderr, where every line is the process's own.
+cause off stderr, where every line is the process's own. ``cancel_until_done`` stops
+the tasks that wait on NATS, which one cancellation does not always do.
 
 Runs in: the supervisor (``castra up``: the check), the uplink role and ``castra bus tail --fleet``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from loguru import logger
@@ -48,6 +50,7 @@ _CREDS_JWT = b"-----BEGIN NATS USER JWT-----"
 _CREDS_SEED = b"-----BEGIN USER NKEY SEED-----"
 _USER_SEED_PREFIX = b"SU"  # an nkey seed of a user: "S" (seed) then "U" (user)
 _TLS_EOF_WARNING = "returning true from eof_received() has no effect when using ssl"
+_CANCEL_AGAIN_S = 0.2  # how long a cancelled task has to end before it is cancelled again
 
 
 def connect_options(settings: Settings, environ: Mapping[str, str] = os.environ) -> dict[str, object]:
@@ -142,3 +145,21 @@ def quiet_tls_eof_warning() -> None:
 
 def _not_tls_eof_warning(record: logging.LogRecord) -> bool:
     return record.getMessage() != _TLS_EOF_WARNING
+
+
+async def cancel_until_done(tasks: Iterable[asyncio.Task], interval: float = _CANCEL_AGAIN_S) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, cancelling again each
+    ``interval`` those still running: before Python 3.12, ``asyncio.wait_for`` (under
+    nats-py's ``next_msg``, and the uplink's own timed waits) drops a cancellation that
+    comes as what it waits for arrives, and returns that instead, so a task following
+    a stream goes on waiting for the next message. Their outcomes are retrieved, not
+    raised."""
+    tasks = set(tasks)
+    pending = {task for task in tasks if not task.done()}
+    done = tasks - pending
+    while pending:
+        for task in pending:
+            task.cancel()
+        finished, pending = await asyncio.wait(pending, timeout=interval)
+        done |= finished
+    await asyncio.gather(*done, return_exceptions=True)

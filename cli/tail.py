@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from castra_zmq import tail as bus_tail
 from castra_zmq.errors import CastraError
 from castra_zmq.replay import Expired
 from castra_zmq.terminal import json_for_terminal, printable
+from castra_zmq.uplinkconnect import cancel_until_done
 from castra_zmq.wire import LogRecord, check_host_name
 
 from .options import (
@@ -252,29 +252,36 @@ def tail_fleet(state_root: Path, servers: list[str] | None, security: dict[str, 
         if shown == 0 and (count > 0 or since is not None) and not as_json:
             no_entries_note()
 
+    connection = None
+
+    async def show() -> None:
+        nonlocal connection, shown
+        connection = await fleettail.connect(settings, notify)
+        entries = fleettail.fleet_entries(connection, fleet_filter, count=count, since=since, follow=follow,
+                                          notify=notify, on_gap=on_gap, caught_up=caught_up)
+        async with contextlib.aclosing(entries):
+            async for entry in entries:
+                click.echo(json_for_terminal(fleettail.json_line(entry)) if as_json
+                           else format_record(entry.record, color, utc, host=entry.origin.host))
+                shown += 1
+
     async def run() -> None:
-        nonlocal shown
-        task = asyncio.current_task()
+        """``show`` until it ends, or until Ctrl-C or SIGTERM, the normal end of a follow."""
+        interrupted = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):  # even when the shell started it with SIGINT ignored
-            loop.add_signal_handler(signum, task.cancel)
-        connection = None
+            loop.add_signal_handler(signum, interrupted.set)
+        showing = asyncio.create_task(show())
+        waiting = asyncio.create_task(interrupted.wait())
         try:
-            connection = await fleettail.connect(settings, notify)
-            entries = fleettail.fleet_entries(connection, fleet_filter, count=count, since=since, follow=follow,
-                                              notify=notify, on_gap=on_gap, caught_up=caught_up)
-            async with contextlib.aclosing(entries):
-                async for entry in entries:
-                    click.echo(json_for_terminal(fleettail.json_line(entry)) if as_json
-                               else format_record(entry.record, color, utc, host=entry.origin.host))
-                    shown += 1
-        except asyncio.CancelledError:  # Ctrl-C or SIGTERM: the normal end of a follow
-            if sys.version_info >= (3, 11):
-                task.uncancel()
+            await asyncio.wait((showing, waiting), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            await cancel_until_done((showing, waiting))
             if connection is not None:
                 with contextlib.suppress(*fleettail.NATS_FAILURES):
                     await asyncio.wait_for(connection.close(), 2)
+        if not interrupted.is_set():
+            showing.result()  # what ended it: its error, or None
 
     try:
         asyncio.run(run())
